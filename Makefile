@@ -1,0 +1,25 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup test test-fast bench lock clean
+
+setup:
+	bash scripts/setup.sh
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) benchmarks/reward.py
+
+# Re-resolve every dependency (one resolve, torch pinned) and write the constraints file.
+lock:
+	rm -rf /tmp/umo-lock && python3.11 -m venv /tmp/umo-lock
+	/tmp/umo-lock/bin/pip install --quiet -e ".[test]"
+	/tmp/umo-lock/bin/pip freeze --exclude-editable | grep -v '^-e' | sed -E 's/^torch==([0-9.]+)\+.*/torch==\1/' | sort > constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Creates .venv (Python 3.11) and installs umo with its test extras in ONE pip resolve, constrained by
+# constraints.txt, so torch stays at the exact pinned CPU/CUDA build that pip finds locally and nothing
+# upgrades it behind our back. Idempotent: a second run with unchanged inputs returns in a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv=${UMO_VENV:-.venv}
+extras=${UMO_EXTRAS:-test}
+py=${PYTHON:-}
+if [ -z "$py" ]; then
+  for candidate in python3.11 python3; do
+    if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+      py=$candidate; break
+    fi
+  done
+fi
+[ -n "$py" ] || { echo "setup: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+
+stamp="$venv/.umo-installed"
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)-$extras
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+  -c constraints.txt -e ".[$extras]"
+"$venv/bin/python" -c 'import torch; assert torch.__version__.split("+")[0] == "2.13.0", torch.__version__'
+echo "$want" > "$stamp"

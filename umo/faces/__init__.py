@@ -1,0 +1,1 @@
+"""The face pipeline: detect (no grad) -> align (differentiable warp) -> embed (ArcFace)."""
