@@ -1,0 +1,70 @@
+"""params.yaml loading: defaults, overrides, and clear errors for unknown keys and wrong types."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from umo.config import Config, ConfigError, load_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repo_params_match_schema_defaults():
+    """The checked-in params.yaml loads, and says exactly what the dataclass defaults say (one truth)."""
+    assert to_dict(load_config(ROOT / "params.yaml")) == to_dict(Config())
+
+
+def test_overrides_are_typed(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("reward:\n  kind: mimr\n")
+    config = load_config(params, ["reward.kind=sir", "reward.matched_weight=2", "faces.detector.input_size=[64, 96]"])
+    assert config.reward.kind == "sir"
+    assert config.reward.matched_weight == 2.0 and isinstance(config.reward.matched_weight, float)
+    assert config.faces.detector.input_size == [64, 96]
+    assert config.faces.detector.pack is None
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("reward:\n  kindd: sir\n", r"params.yaml: unknown key reward.kindd \(known keys of reward: kind,"),
+        ("rewards: {}\n", "unknown key rewards"),
+        ("reward:\n  kind: ppo\n", r"reward.kind: expected one of \['mimr', 'sir'\], got 'ppo'"),
+        ("reward:\n  max_faces: 2.5\n", "reward.max_faces: expected an integer, got 2.5"),
+        ("reward:\n  max_faces: 0\n", "reward.max_faces: expected >= 1, got 0"),
+        ("reward:\n  matched_weight: yes\n", "reward.matched_weight: expected a number, got True"),
+        ("faces:\n  detector:\n    det_thresh: 1.5\n", r"faces.detector.det_thresh: expected a value in \[0, 1\]"),
+        ("faces:\n  detector: 3\n", "faces.detector: expected a mapping"),
+        ("faces:\n  detector:\n    input_size: [100, 64]\n", "input_size: expected"),
+        ("- 1\n- 2\n", "expected a mapping at the top level"),
+        ("reward: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_params_name_file_and_key(tmp_path, text, message):
+    params = tmp_path / "params.yaml"
+    params.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(params)
+    assert "params.yaml" in str(info.value)
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(None, ["reward.kind"])
+    with pytest.raises(ConfigError, match="reward.kind is a value, not a section"):
+        load_config(None, ["reward.kind=sir", "reward.kind.x=1"])
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_cli_help_and_config(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "umo.cli", *a], capture_output=True, text=True, cwd=ROOT)
+    out = run("--help")
+    assert out.returncode == 0 and "config" in out.stdout and "faces" in out.stdout
+    out = run("config", "-S", "reward.kind=sir")
+    assert out.returncode == 0 and yaml.safe_load(out.stdout)["reward"]["kind"] == "sir"
+    out = run("config", "-S", "reward.kindd=sir")
+    assert out.returncode == 2 and "unknown key reward.kindd" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,218 @@
+"""Typed configuration: one dataclass per concern, loaded from params.yaml, validated on load.
+
+params.yaml is the single source of settings (DVC tracks it as `params`). Every key must be known: a typo
+such as `reward.kindd` is an error naming the file and the key, never a silently ignored setting. CLI
+overrides use dotted keys (`-S reward.kind=sir`), parsed as YAML scalars, and go through the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params file or override that does not match the configuration schema."""
+
+
+# ---------------------------------------------------------------------------------------------------- schema
+
+
+@dataclass
+class DetectorConfig:
+    """Face detector: an insightface model pack (SCRFD/RetinaFace ONNX with 5 landmarks)."""
+
+    root: str = "models/faces"
+    """Model root folder; never downloaded from anywhere."""
+    pack: str | None = None
+    """Sub-folder of `root` holding the pack (e.g. buffalo_l); null = the ONNX files are in `root`."""
+    det_thresh: float = 0.5
+    """Minimum detection score, in [0, 1]."""
+    nms_thresh: float = 0.4
+    """IoU above which a lower-scored box is suppressed, in [0, 1]."""
+    input_size: list[int] | None = None
+    """Detector input [width, height]; null = the image size rounded up to a multiple of 32."""
+
+    def __post_init__(self) -> None:
+        _check_unit("det_thresh", self.det_thresh)
+        _check_unit("nms_thresh", self.nms_thresh)
+        if self.input_size is not None and (
+            len(self.input_size) != 2 or min(self.input_size) <= 0 or any(s % 32 for s in self.input_size)
+        ):
+            raise ConfigError(f"input_size: expected [width, height], positive multiples of 32, got {self.input_size}")
+
+
+@dataclass
+class EmbedderConfig:
+    """Reward embedder: ArcFace IResNet (arcface_torch state dict, .pth or .safetensors)."""
+
+    path: str = "models/faces/arcface_r50.safetensors"
+    arch: Literal["r18", "r34", "r50", "r100"] = "r50"
+
+
+@dataclass
+class JudgeConfig:
+    """Evaluation judge: an insightface ONNX recognizer, a different model from the reward embedder."""
+
+    root: str = "models/faces"
+    pack: str | None = None
+
+
+@dataclass
+class FacesConfig:
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    min_face_size: float = 0.0
+    """Faces whose shorter box side is below this many pixels are ignored (0 = keep all)."""
+
+    def __post_init__(self) -> None:
+        if self.min_face_size < 0:
+            raise ConfigError(f"min_face_size: expected >= 0, got {self.min_face_size}")
+
+
+@dataclass
+class RewardConfig:
+    """The identity reward of ReReFL (PAPER.md, 'The rewards')."""
+
+    kind: Literal["mimr", "sir"] = "mimr"
+    """mimr: multi-identity matching reward; sir: per-identity best similarity (the ablation baseline)."""
+    matched_weight: float = 1.0
+    """MIMR weight of Hungarian-assigned (reference, face) pairs."""
+    unmatched_weight: float = -1.0
+    """MIMR weight of every other pair."""
+    reference_source: Literal["cached", "target_faces"] = "cached"
+    """cached: reference embeddings from data prep; target_faces: faces of the target image (public code)."""
+    max_faces: int = 8
+    """At most this many generated faces per image are scored (highest detection scores first)."""
+
+    def __post_init__(self) -> None:
+        if self.max_faces < 1:
+            raise ConfigError(f"max_faces: expected >= 1, got {self.max_faces}")
+
+
+@dataclass
+class Config:
+    """Everything in params.yaml."""
+
+    seed: int = 0
+    faces: FacesConfig = field(default_factory=FacesConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+def _check_unit(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name}: expected a value in [0, 1], got {value}")
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read params.yaml (None = defaults only), apply dotted `key=value` overrides, validate everything."""
+    source = "defaults" if path is None else str(path)
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: params file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    for item in overrides:
+        apply_override(data, item)
+    return from_dict(Config, data, source=source)
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in a nested dict in place; the value is parsed as a YAML scalar (1e-5, true, null)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r}: expected dotted.key=value")
+    parts = key.strip().split(".")
+    node = data
+    for depth, part in enumerate(parts[:-1], start=1):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth])} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def from_dict(cls: type, data: Any, *, source: str = "params", prefix: str = "") -> Any:
+    """Build dataclass `cls` from plain data, rejecting unknown keys and wrong types with the key's full name."""
+    where = prefix.rstrip(".") or "<top level>"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {prefix}{unknown[0]!s} (known keys of {where}: {', '.join(sorted(fields))})"
+        )
+    kwargs = {name: _coerce(hints[name], value, source, f"{prefix}{name}") for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {prefix}{err}") from None
+
+
+def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, source=source, prefix=f"{key}.")
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, source, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{source}: {key}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{source}: {key}: expected one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(item_tp, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config field {key}: unsupported annotation {tp!r}")  # a schema bug, not user input
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The plain-data form of a config (what params.yaml would hold), for logging and `umo config`."""
+    return dataclasses.asdict(config)
