@@ -66,7 +66,7 @@ def similarity_transforms(
     Returns (matrices, valid):
       matrices: (K, 2, 3) float64, M with template_px = M[:, :2] @ source_px + M[:, 2] (cv2.warpAffine's M);
                 all-NaN for invalid faces so that using one by mistake is loud (`warp_faces` refuses it).
-      valid:    (K,) bool; False for non-finite landmarks, (near-)collinear or coincident landmarks, a fitted
+      valid:    (K,) bool; False for non-finite (or > 1e6 px) landmarks, (near-)collinear or coincident landmarks, a fitted
                 scale that is not finite and > 0, or (with image_hw) landmarks outside the image.
     Never raises for degenerate faces: the caller skips and counts them.
     """
@@ -78,7 +78,8 @@ def similarity_transforms(
     k = lmk.shape[0]
     dst = ARCFACE_TEMPLATE * (image_size / 112.0)
 
-    valid = np.isfinite(lmk).all(axis=(1, 2))
+    # Coordinates beyond 1e6 px are garbage from a broken detector, and would overflow the squares below.
+    valid = (np.isfinite(lmk) & (np.abs(lmk) < 1e6)).all(axis=(1, 2))
     # Replace unusable rows by the template itself so the batched linear algebra below sees no NaN/inf
     # (no RuntimeWarnings, no LinAlgError); their results are discarded through `valid`.
     src = np.where(valid[:, None, None], lmk, dst[None])
@@ -119,7 +120,7 @@ def similarity_transforms(
 
 
 def _normalized_theta(matrices: torch.Tensor, src_hw: tuple[int, int], size: int) -> torch.Tensor:
-    """(K, 2, 3) source->template pixel matrices -> (K, 2, 3) affine_grid thetas (template -> source, normalized).
+    """(K, 2, 3) source->template pixel matrices -> (K, 2, 3) normalized template->source affine_grid thetas.
 
     With align_corners=False, pixel center i of an axis of length L has normalized coordinate (2i + 1)/L - 1;
     theta = N_src @ M^-1 @ N_dst^-1 in homogeneous 3x3 form, computed in float64.
@@ -131,7 +132,8 @@ def _normalized_theta(matrices: torch.Tensor, src_hw: tuple[int, int], size: int
     inv = torch.linalg.inv(torch.cat([m, bottom], dim=1))  # template px -> source px
     n_src = m.new_tensor([[2.0 / w, 0.0, 1.0 / w - 1.0], [0.0, 2.0 / h, 1.0 / h - 1.0], [0.0, 0.0, 1.0]])
     # normalized template coordinate u -> template pixel (u + 1) * S / 2 - 1/2
-    n_dst_inv = m.new_tensor([[size / 2.0, 0.0, (size - 1) / 2.0], [0.0, size / 2.0, (size - 1) / 2.0], [0, 0, 1.0]])
+    half, off = size / 2.0, (size - 1) / 2.0
+    n_dst_inv = m.new_tensor([[half, 0.0, off], [0.0, half, off], [0.0, 0.0, 1.0]])
     return (n_src @ inv @ n_dst_inv)[:, :2]
 
 
@@ -147,7 +149,8 @@ def warp_faces(
     images:      (B, C, H, W) float (any range, any device; float32 or float64).
     image_index: (K,) integer, which image each face comes from, in [0, B).
     matrices:    (K, 2, 3) source->template pixel matrices (from `similarity_transforms`, valid faces only);
-                 numpy or torch, converted to the images' device; must be finite and invertible.
+                 numpy or torch on any device; must be finite and invertible. They carry no gradient (the
+                 landmarks come from a detector run without one).
     size:        output side S in pixels (the matrices must target an S x S template).
 
     Returns (K, C, S, S) in the images' dtype: bilinear samples, zeros outside the source, matching
@@ -155,10 +158,14 @@ def warp_faces(
     K = 0 gives an empty (0, C, S, S) tensor (no graph: there is nothing to differentiate).
     """
     if images.ndim != 4 or not images.is_floating_point():
-        raise ValueError(f"images must be a (B, C, H, W) float tensor, got {tuple(images.shape)} {images.dtype}")
+        raise ValueError(
+            f"images must be a (B, C, H, W) float tensor, got {tuple(images.shape)} {images.dtype}"
+        )
     b, c, h, w = images.shape
-    mats = torch.as_tensor(matrices, device=images.device)
-    image_index = torch.as_tensor(image_index, device=images.device)
+    # The K matrices and indices are tiny: validate them and build theta on the CPU in float64 (exact enough
+    # for any image size, and available where the accelerator lacks float64), then move theta once.
+    mats = torch.as_tensor(matrices).detach().to("cpu", torch.float64)
+    image_index = torch.as_tensor(image_index).detach().cpu()
     if mats.ndim != 3 or mats.shape[1:] != (2, 3):
         raise ValueError(f"matrices must be (K, 2, 3), got {tuple(mats.shape)}")
     if image_index.ndim != 1 or image_index.shape[0] != mats.shape[0] or image_index.is_floating_point():
@@ -172,9 +179,12 @@ def warp_faces(
     if int(image_index.min()) < 0 or int(image_index.max()) >= b:
         raise ValueError(f"image_index values must be in [0, {b}), got {image_index.tolist()}")
     if not bool(torch.isfinite(mats).all()):
-        raise ValueError("matrices contain NaN/inf: pass only the faces marked valid by similarity_transforms")
+        raise ValueError(
+            "matrices contain NaN/inf: pass only the faces marked valid by similarity_transforms"
+        )
 
-    theta = _normalized_theta(mats, (h, w), size).to(images.dtype)
-    src = images.index_select(0, image_index.long())  # (K, C, H, W); gradients scatter back to the B images
+    theta = _normalized_theta(mats, (h, w), size).to(device=images.device, dtype=images.dtype)
+    # (K, C, H, W); gradients scatter back to the B images
+    src = images.index_select(0, image_index.to(device=images.device, dtype=torch.long))
     grid = F.affine_grid(theta, [k, c, size, size], align_corners=False)
     return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
