@@ -45,3 +45,66 @@ def export_recognizer_onnx(model: nn.Module, path: str | Path, *, image_size: in
     tmp.replace(path)
     model.train(was_training)
     return path
+
+
+# insightface's SCRFD layout with keypoints: strides 8, 16, 32 with 2 anchors per cell (9 outputs).
+SCRFD_STRIDES = (8, 16, 32)
+SCRFD_ANCHORS = 2
+_SCRFD_LAST_DIMS = {"score": 1, "bbox": 4, "kps": 10}
+
+
+def _check_detector_outputs(outs: object, height: int, width: int) -> None:
+    """Raise ValueError unless `outs` are SCRFD's 9 batched outputs for one (height, width) image."""
+    if not isinstance(outs, (tuple, list)) or len(outs) != 3 * len(SCRFD_STRIDES):
+        n = len(outs) if isinstance(outs, (tuple, list)) else type(outs).__name__
+        raise ValueError(f"detector must return {3 * len(SCRFD_STRIDES)} tensors (SCRFD: scores, bbox, kps "
+                         f"for strides {SCRFD_STRIDES}), got {n}")
+    for i, out in enumerate(outs):
+        kind = list(_SCRFD_LAST_DIMS)[i // len(SCRFD_STRIDES)]
+        stride = SCRFD_STRIDES[i % len(SCRFD_STRIDES)]
+        expected = (1, (height // stride) * (width // stride) * SCRFD_ANCHORS, _SCRFD_LAST_DIMS[kind])
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"detector output {i} ({kind}, stride {stride}) must have shape "
+                             f"(B, H/s*W/s*2, {_SCRFD_LAST_DIMS[kind]}) = {expected} for a {height}x{width} "
+                             f"input, got {got}")
+
+
+def export_detector_onnx(model: nn.Module, path: str | Path, *,
+                         example_size: tuple[int, int] = (256, 256)) -> Path:
+    """Export a face detector as an insightface-routable SCRFD ONNX (9 outputs, batched) and return its path.
+
+    model: (B, 3, H, W) float32, RGB normalized as (pixel - 127.5) / 128, H and W multiples of 32 ->
+    9 tensors in SCRFD order: scores for strides 8, 16, 32 (B, H/s * W/s * 2, 1) in [0, 1], then bbox
+    (B, ..., 4), then kps (B, ..., 10); distances in stride units from anchor centers (x = col*s, y = row*s),
+    2 anchors per cell. Outputs are named score_8 ... kps_32; batch, height and width are dynamic axes.
+    example_size: (height, width) traced with; multiples of 32. The module's outputs are checked on it first.
+    """
+    height, width = (int(v) for v in example_size)
+    if height <= 0 or width <= 0 or height % 32 or width % 32:
+        raise ValueError(f"detector example_size must be positive multiples of 32, got {example_size}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    dummy = torch.zeros(1, 3, height, width)
+    with torch.no_grad():
+        _check_detector_outputs(model(dummy), height, width)
+    output_names = [f"{kind}_{s}" for kind in _SCRFD_LAST_DIMS for s in SCRFD_STRIDES]
+    dynamic_axes = {"input": {0: "batch", 2: "height", 3: "width"}}
+    dynamic_axes |= {name: {0: "batch", 1: f"anchors_{name.rsplit('_', 1)[1]}"} for name in output_names}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(tmp),
+            input_names=["input"],
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            **_EXPORT_KW,
+        )
+    tmp.replace(path)
+    model.train(was_training)
+    return path
