@@ -100,7 +100,7 @@ def run_batched(reward: MatchingReward, images: torch.Tensor, refs: list[torch.T
         rewards = reward.score(emb, owner, refs)[0]
     with clock("backward"):
         (-rewards.sum()).backward()
-    return float(rewards.sum())
+    return float(rewards.detach().sum())
 
 
 def run_loop(detector: FaceDetector, embedder: ArcFaceEmbedder, images: torch.Tensor,
@@ -122,7 +122,7 @@ def run_loop(detector: FaceDetector, embedder: ArcFaceEmbedder, images: torch.Te
             r = matching_reward(ref @ gen.T)
         with clock("backward"):
             (-r).backward()
-        total += float(r)
+        total += float(r.detach())
     return total
 
 

@@ -216,12 +216,17 @@ class ArcFaceEmbedder(nn.Module):
     Parameters never require grad, but gradients flow to the input faces (that is how the reward reaches
     the generated pixels). The module is pinned to eval mode: `.train()` is a no-op, because BatchNorm
     statistics must never be updated from generated faces (and dropout must stay off).
+
+    channels_last: run the convolutions in NHWC. Measured on 2 CPU cores, r50 forward + backward of 24
+    faces takes 3.4 s instead of 4.1 s (benchmarks/reward.py); GPUs' tensor cores prefer NHWC as well.
     """
 
-    def __init__(self, backbone: nn.Module, *, image_size: int = 112) -> None:
+    def __init__(self, backbone: nn.Module, *, image_size: int = 112, channels_last: bool = True) -> None:
         super().__init__()
         self.backbone = backbone
         self.image_size = image_size
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.backbone.to(memory_format=self.memory_format)
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         super().train(False)
@@ -244,7 +249,7 @@ class ArcFaceEmbedder(nn.Module):
         param = next(self.backbone.parameters())
         if faces.shape[0] == 0:
             return faces.new_zeros((0, self.num_features), dtype=param.dtype)
-        emb = self.backbone(faces.to(param.dtype))
+        emb = self.backbone(faces.to(param.dtype).contiguous(memory_format=self.memory_format))
         return F.normalize(emb, dim=1, eps=1e-12)
 
 

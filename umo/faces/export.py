@@ -25,25 +25,34 @@ def export_recognizer_onnx(model: nn.Module, path: str | Path, *, image_size: in
     """Export a face embedder (N, 3, S, S) RGB in [-1, 1] -> (N, D) as an insightface-routable recognizer."""
     if image_size < 112 or image_size % 16:
         raise ValueError(f"recognizer image_size must be >= 112 and a multiple of 16, got {image_size}")
+    return _export(
+        model,
+        torch.zeros(1, 3, image_size, image_size),
+        path,
+        output_names=["embedding"],
+        dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}},
+    )
+
+
+def _export(model: nn.Module, dummy: torch.Tensor, path: str | Path, *, output_names: list[str],
+            dynamic_axes: dict[str, dict[int, str]]) -> Path:
+    """torch.onnx.export in eval mode to `path.tmp`, then rename: a reader never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
     was_training = model.training
     model.eval()
-    dummy = torch.zeros(1, 3, image_size, image_size)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            model,
-            (dummy,),
-            str(tmp),
-            input_names=["input"],
-            output_names=["embedding"],
-            dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}},
-            **_EXPORT_KW,
-        )
-    tmp.replace(path)
-    model.train(was_training)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                model, (dummy,), str(tmp), input_names=["input"], output_names=output_names,
+                dynamic_axes=dynamic_axes, **_EXPORT_KW,
+            )
+        tmp.replace(path)
+    finally:
+        model.train(was_training)
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -83,28 +92,14 @@ def export_detector_onnx(model: nn.Module, path: str | Path, *,
     height, width = (int(v) for v in example_size)
     if height <= 0 or width <= 0 or height % 32 or width % 32:
         raise ValueError(f"detector example_size must be positive multiples of 32, got {example_size}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    dummy = torch.zeros(1, 3, height, width)
     was_training = model.training
     model.eval()
-    dummy = torch.zeros(1, 3, height, width)
     with torch.no_grad():
-        _check_detector_outputs(model(dummy), height, width)
+        outs = model(dummy)
+    model.train(was_training)
+    _check_detector_outputs(outs, height, width)
     output_names = [f"{kind}_{s}" for kind in _SCRFD_LAST_DIMS for s in SCRFD_STRIDES]
     dynamic_axes = {"input": {0: "batch", 2: "height", 3: "width"}}
     dynamic_axes |= {name: {0: "batch", 1: f"anchors_{name.rsplit('_', 1)[1]}"} for name in output_names}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            model,
-            (dummy,),
-            str(tmp),
-            input_names=["input"],
-            output_names=output_names,
-            dynamic_axes=dynamic_axes,
-            **_EXPORT_KW,
-        )
-    tmp.replace(path)
-    model.train(was_training)
-    return path
+    return _export(model, dummy, path, output_names=output_names, dynamic_axes=dynamic_axes)

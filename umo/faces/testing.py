@@ -24,19 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# ArcFace 112x112 alignment template (insightface `arcface_dst`): left eye, right eye, nose, left mouth,
-# right mouth, in pixels of the 112 crop.
-ARCFACE_TEMPLATE_112 = np.array(
-    [
-        [38.2946, 51.6963],
-        [73.5318, 51.5014],
-        [56.0252, 71.7366],
-        [41.5493, 92.3655],
-        [70.7299, 92.2041],
-    ],
-    dtype=np.float32,
-)
-NOSE = 2
+from umo.faces.align import ARCFACE_TEMPLATE
+
+NOSE = 2  # index of the nose tip in ARCFACE_TEMPLATE
 
 # SCRFD input normalization: (pixel - MEAN) / STD, RGB, NCHW.
 INPUT_MEAN = 127.5
@@ -58,7 +48,7 @@ def face_landmarks(center_xy: Sequence[float], face_size: float) -> np.ndarray:
     [100.0, 50.0]
     """
     center = np.asarray(center_xy, dtype=np.float32).reshape(2)
-    offsets = (ARCFACE_TEMPLATE_112 - ARCFACE_TEMPLATE_112[NOSE]) * (float(face_size) / 112.0)
+    offsets = (ARCFACE_TEMPLATE - ARCFACE_TEMPLATE[NOSE]) * (float(face_size) / 112.0)
     return (offsets + center).astype(np.float32)
 
 
