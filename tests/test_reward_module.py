@@ -191,3 +191,28 @@ def test_bad_references(reward_parts, references):
         reward(images, [references[:, :128]])
     with pytest.raises(ValueError, match="expected 'mimr' or 'sir'"):
         MatchingReward(*reward_parts, kind="ppo")
+
+
+def test_degenerate_landmarks_are_skipped_and_counted(reward_parts, references):
+    """Collinear, coincident or non-finite landmarks (a detector can emit them) never crash the reward."""
+    from umo.faces.types import Detections
+
+    detector, embedder = reward_parts
+    reward = MatchingReward(detector, embedder)
+    images = to_tensor([scene([1, 2, 3])]).requires_grad_(True)
+    (good,) = reward.detect(images)[0]
+    bad = np.stack([
+        np.stack([np.linspace(60, 100, 5), np.full(5, 120.0)], axis=1),  # collinear
+        np.full((5, 2), 128.0),  # one point
+        np.full((5, 2), np.nan),  # non-finite
+    ]).astype(np.float32)
+    det = Detections(
+        np.concatenate([good.boxes, np.tile(good.boxes[:1], (3, 1))]),
+        np.concatenate([good.landmarks, bad]),
+        np.concatenate([good.scores, np.full(3, 0.9, np.float32)]),
+    )
+    faces, owner, skipped = reward.align(images, [det])
+    assert skipped == 3 and faces.shape == (3, 3, 112, 112) and owner.tolist() == [0, 0, 0]
+    rewards = reward.score(reward.embed(faces), owner, [references])[0]
+    rewards.sum().backward()
+    assert torch.isfinite(rewards).all() and torch.isfinite(images.grad).all()
