@@ -60,7 +60,7 @@ def test_identities_in_place_score_highest(reward_parts, references):
     }
     images = to_tensor([scene(ids, seed=k) for k, ids in enumerate(cases.values())])
     refs = [references] * len(cases)
-    out = mimr(images, refs)
+    out = mimr.compute(images, refs)
     assert out.faces.tolist() == [3, 3, 3, 2]
     r = dict(zip(cases, out.rewards.tolist()))
     assert r["in place"] > r["duplicated"] + 1e-3
@@ -72,7 +72,7 @@ def test_identities_in_place_score_highest(reward_parts, references):
     w[0, 0] = w[2, 1] = 1
     assert r["absent"] == pytest.approx(float((w * sim).mean()), abs=1e-5)
     # SIR scores each reference alone: its best face. A reference with no face of its own loses.
-    s = dict(zip(cases, sir(images, refs).rewards.tolist()))
+    s = dict(zip(cases, sir(images, refs).tolist()))
     assert s["in place"] > max(s["duplicated"], s["stranger"], s["absent"])
     # Parts add up to the reward.
     torch.testing.assert_close(out.matched + out.unmatched, out.rewards.detach())
@@ -82,7 +82,7 @@ def test_gradients_reach_face_pixels_only(reward_parts, references):
     detector, embedder = reward_parts
     reward = MatchingReward(detector, embedder)
     images = to_tensor([scene([1, 2, 3]), random_background(5, SIZE, SIZE)]).requires_grad_(True)
-    out = reward(images, [references, references])
+    out = reward.compute(images, [references, references])
     assert out.faces.tolist() == [3, 0]
     assert float(out.rewards[1].detach()) == 0.0
     out.rewards.sum().backward()
@@ -99,8 +99,8 @@ def test_batched_equals_one_by_one(reward_parts, references):
     reward = MatchingReward(detector, embedder)
     images = to_tensor([scene([1, 2, 3]), scene([3, 1, None], seed=1), scene([2, 2, 2], seed=2)])
     refs = [references, references[:2], references[1:]]
-    batched = reward(images, refs).rewards
-    single = torch.cat([reward(images[i : i + 1], refs[i : i + 1]).rewards for i in range(3)])
+    batched = reward(images, refs)
+    single = torch.cat([reward(images[i : i + 1], refs[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
 
 
@@ -132,14 +132,14 @@ def test_target_faces_mode(reward_parts):
     target = to_tensor([scene([1, 2, 3])])
     refs = reward.embed_references(target)
     assert refs[0].shape == (3, 512) and not refs[0].requires_grad
-    same = reward(target, refs).rewards
-    swapped = reward(to_tensor([scene([1, 1, 3])]), refs).rewards
+    same = reward(target, refs)
+    swapped = reward(to_tensor([scene([1, 1, 3])]), refs)
     assert float(same) > float(swapped)
     (largest,) = reward.embed_references(target, largest_only=True)
     assert largest.shape == (1, 512)
     empty = reward.embed_references(to_tensor([random_background(3, SIZE, SIZE)]))
     assert empty[0].shape[0] == 0
-    assert float(reward(target, empty).rewards) == 0.0
+    assert float(reward(target, empty)) == 0.0
 
 
 def test_faces_outside_the_image_are_skipped_and_counted(reward_parts, references):
@@ -147,7 +147,7 @@ def test_faces_outside_the_image_are_skipped_and_counted(reward_parts, reference
     reward = MatchingReward(detector, embedder)
     # A face whose nose sits 8 px from the left edge: its left eye and mouth landmarks fall outside the image.
     image = scene([1, 2], slots=[(8.0, 128.0), (128.0, 128.0)])
-    out = reward(to_tensor([image]), [references])
+    out = reward.compute(to_tensor([image]), [references])
     assert out.skipped["degenerate"] == 1
     assert out.faces.tolist() == [1]
     assert torch.isfinite(out.rewards).all()
@@ -156,9 +156,9 @@ def test_faces_outside_the_image_are_skipped_and_counted(reward_parts, reference
 def test_max_faces_and_min_face_size(reward_parts, references):
     detector, embedder = reward_parts
     images = to_tensor([scene([1, 2, 3])])
-    out = MatchingReward(detector, embedder, max_faces=2)(images, [references])
+    out = MatchingReward(detector, embedder, max_faces=2).compute(images, [references])
     assert out.faces.tolist() == [2] and out.skipped["over_max"] == 1
-    out = MatchingReward(detector, embedder, min_face_size=FACE + 1)(images, [references])
+    out = MatchingReward(detector, embedder, min_face_size=FACE + 1).compute(images, [references])
     assert out.faces.tolist() == [0] and out.skipped["small"] == 3 and float(out.rewards) == 0.0
 
 

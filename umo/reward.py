@@ -296,9 +296,14 @@ class MatchingReward(nn.Module):
             torch.stack(rewards), torch.stack(matched), torch.stack(unmatched), counts.to(device), sims,
         )
 
-    def forward(self, images: torch.Tensor, references: Sequence[torch.Tensor]) -> RewardOutput:
+    def forward(self, images: torch.Tensor, references: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Rewards (B,), differentiable w.r.t. `images`; see `compute` for the arguments and the details."""
+        return self.compute(images, references).rewards
+
+    def compute(self, images: torch.Tensor, references: Sequence[torch.Tensor]) -> RewardOutput:
         """images: (B, 3, H, W) float in [-1, 1]; references: B tensors (M_i, D), L2-normalized embeddings of
-        sample i's reference identities (M_i may be 0). Returns `RewardOutput` (rewards (B,) etc.)."""
+        sample i's reference identities (M_i may be 0). Returns `RewardOutput`: rewards (B,), their matched
+        and unmatched parts, faces per image, similarity matrices and skipped-face counts."""
         check_images(images)
         refs = self._check_references(references, images.shape[0], images.device)
         detections, skipped = self.detect(images)
