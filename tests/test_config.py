@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -68,3 +69,30 @@ def test_cli_help_and_config(tmp_path):
     assert out.returncode == 0 and yaml.safe_load(out.stdout)["reward"]["kind"] == "sir"
     out = run("config", "-S", "reward.kindd=sir")
     assert out.returncode == 2 and "unknown key reward.kindd" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_faces_detect(tmp_path, capsys):
+    """`umo faces detect` loads the configured pack through the real loader and prints JSON per image."""
+    import json
+
+    import cv2
+
+    from umo.cli import main
+    from umo.faces.export import export_detector_onnx
+    from umo.faces.testing import MarkerDetector, identity_patch, paste_faces, random_background
+
+    export_detector_onnx(MarkerDetector(face_size=64), tmp_path / "pack" / "det_marker.onnx")
+    image, landmarks = paste_faces(random_background(0, 192, 256), [(identity_patch(1, 64), (96.0, 96.0))], 64)
+    cv2.imwrite(str(tmp_path / "one.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    params = tmp_path / "params.yaml"
+    params.write_text(f"faces:\n  detector:\n    root: {tmp_path}\n    pack: pack\n")
+
+    status = main(["faces", "detect", "--params", str(params), str(tmp_path / "one.png"), str(tmp_path / "broken.png")])
+    assert status == 1  # the broken file is reported, the good one still detected
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    (face,) = json.loads(line)["faces"]
+    np.testing.assert_allclose(face["landmarks"], landmarks[0], atol=1.0)
+
+    params.write_text(f"faces:\n  detector:\n    root: {tmp_path / 'nowhere'}\n")
+    assert main(["faces", "detect", "--params", str(params), str(tmp_path / "one.png")]) == 2
