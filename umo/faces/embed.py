@@ -15,6 +15,7 @@ import logging
 import pickle
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -28,12 +29,30 @@ from umo.faces.types import Detections
 
 log = logging.getLogger(__name__)
 
-ARCH_LAYERS: dict[str, tuple[int, int, int, int]] = {
-    "r18": (2, 2, 2, 2),
-    "r34": (3, 4, 6, 3),
-    "r50": (3, 4, 14, 3),
-    "r100": (3, 13, 30, 3),
+
+
+@dataclass(frozen=True)
+class IResNetSpec:
+    """An IResNet's shape. layers: blocks in layer1..4; widths: channels of layer1..4 (the stem has
+    widths[0]); stem_stride: stride of the first 3x3 conv (1 in arcface_torch)."""
+
+    layers: tuple[int, int, int, int]
+    widths: tuple[int, int, int, int] = (64, 128, 256, 512)
+    stem_stride: int = 1
+
+
+ARCHS: dict[str, IResNetSpec] = {
+    "r18": IResNetSpec((2, 2, 2, 2)),
+    "r34": IResNetSpec((3, 4, 6, 3)),
+    "r50": IResNetSpec((3, 4, 14, 3)),
+    "r100": IResNetSpec((3, 13, 30, 3)),
+    # Toy-world embedders, small enough to train on one CPU thread in a couple of minutes
+    # (umo.toyworld.embedders). Same module and parameter names as arcface_torch, a quarter of the widths,
+    # and a stride-2 stem: 112x112 input, 4x4 final map. Not real-face models.
+    "toy_r10": IResNetSpec((1, 1, 1, 1), (16, 32, 64, 128), stem_stride=2),
+    "toy_r18": IResNetSpec((2, 2, 2, 2), (16, 32, 64, 128), stem_stride=2),
 }
+ARCH_LAYERS: dict[str, tuple[int, int, int, int]] = {name: spec.layers for name, spec in ARCHS.items()}
 
 # ---------------------------------------------------------------------------------------------------------
 # The backbone (names and structure exactly as arcface_torch's iresnet.py)
@@ -103,6 +122,8 @@ class IResNet(nn.Module):
 
     `fp16` is accepted for signature compatibility with arcface_torch but ignored: arcface_torch only uses it
     to autocast the trunk during training; the reward runs in whatever dtype the module and input have.
+    `widths`, `stem_stride` and `image_size` (keyword-only, not in arcface_torch) size the toy archs; the
+    defaults are arcface_torch's network, whose final map is 7x7 at 112 px.
     """
 
     fc_scale = 7 * 7
@@ -118,10 +139,20 @@ class IResNet(nn.Module):
         width_per_group: int = 64,
         replace_stride_with_dilation: Sequence[bool] | None = None,
         fp16: bool = False,
+        *,
+        widths: Sequence[int] = (64, 128, 256, 512),
+        stem_stride: int = 1,
+        image_size: int = 112,
     ) -> None:
         super().__init__()
+        if len(widths) != 4:
+            raise ValueError(f"widths must give the channels of the 4 layers, got {tuple(widths)}")
         self.fp16 = fp16
-        self.inplanes = 64
+        side = image_size
+        for stride in (stem_stride, 2, 2, 2, 2):  # 3x3 convs with padding 1: ceil(side / stride)
+            side = (side - 1) // stride + 1
+        self.fc_scale = side * side
+        self.inplanes = widths[0]
         self.dilation = 1
         if replace_stride_with_dilation is None:
             replace_stride_with_dilation = [False, False, False]
@@ -132,17 +163,17 @@ class IResNet(nn.Module):
             )
         self.groups = groups
         self.base_width = width_per_group
-        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=3, stride=stem_stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(self.inplanes, eps=1e-05)
         self.prelu = nn.PReLU(self.inplanes)
-        self.layer1 = self._make_layer(block, 64, layers[0], stride=2)
+        self.layer1 = self._make_layer(block, widths[0], layers[0], stride=2)
         dilate = replace_stride_with_dilation
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2, dilate=dilate[0])
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2, dilate=dilate[1])
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=dilate[2])
-        self.bn2 = nn.BatchNorm2d(512 * block.expansion, eps=1e-05)
+        self.layer2 = self._make_layer(block, widths[1], layers[1], stride=2, dilate=dilate[0])
+        self.layer3 = self._make_layer(block, widths[2], layers[2], stride=2, dilate=dilate[1])
+        self.layer4 = self._make_layer(block, widths[3], layers[3], stride=2, dilate=dilate[2])
+        self.bn2 = nn.BatchNorm2d(widths[3] * block.expansion, eps=1e-05)
         self.dropout = nn.Dropout(p=dropout, inplace=True)
-        self.fc = nn.Linear(512 * block.expansion * self.fc_scale, num_features)
+        self.fc = nn.Linear(widths[3] * block.expansion * self.fc_scale, num_features)
         self.features = nn.BatchNorm1d(num_features, eps=1e-05)
         nn.init.constant_(self.features.weight, 1.0)
         self.features.weight.requires_grad = False
@@ -198,11 +229,18 @@ class IResNet(nn.Module):
         return x
 
 
+def _unknown_arch(arch: str) -> ValueError:
+    return ValueError(f"unknown IResNet arch {arch!r}; choose one of {sorted(ARCHS, key=len)}")
+
+
 def iresnet(arch: str, *, num_features: int = 512, **kw) -> IResNet:
-    """Build an arcface_torch IResNet by name: "r18", "r34", "r50" or "r100" (random init, train mode)."""
-    if arch not in ARCH_LAYERS:
-        raise ValueError(f"unknown IResNet arch {arch!r}; choose one of {sorted(ARCH_LAYERS, key=len)}")
-    return IResNet(IBasicBlock, ARCH_LAYERS[arch], num_features=num_features, **kw)
+    """Build an IResNet by name (random init, train mode): arcface_torch's "r18", "r34", "r50", "r100", or
+    the toy world's "toy_r10", "toy_r18" (see ARCHS)."""
+    if arch not in ARCHS:
+        raise _unknown_arch(arch)
+    spec = ARCHS[arch]
+    return IResNet(IBasicBlock, spec.layers, num_features=num_features, widths=spec.widths,
+                   stem_stride=spec.stem_stride, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -316,6 +354,14 @@ def _layer_counts(keys: Sequence[str]) -> tuple[int, int, int, int]:
     return tuple(counts)  # type: ignore[return-value]
 
 
+def _layer_widths(sd: Mapping[str, torch.Tensor]) -> tuple[int, ...] | None:
+    """Channels of layer1..layer4 as seen in a state dict (output channels of each layer's first conv)."""
+    keys = [f"layer{i}.0.conv1.weight" for i in range(1, 5)]
+    if not all(k in sd and sd[k].ndim == 4 for k in keys):
+        return None
+    return tuple(int(sd[k].shape[0]) for k in keys)
+
+
 def load_arcface(
     path: str | Path,
     arch: str,
@@ -328,14 +374,16 @@ def load_arcface(
     path: `.pth`/`.pt` (read with `weights_only=True`: only tensors, never code) or `.safetensors`; a plain
           state dict, or one nested under "state_dict"/"model"/"backbone"/"state_dict_backbone", with an
           optional DDP "module." prefix.
-    arch: "r18" | "r34" | "r50" | "r100"; a checkpoint of another depth is an error naming the depth it has.
+    arch: "r18" | "r34" | "r50" | "r100" | "toy_r10" | "toy_r18" (ARCHS); a checkpoint of another depth or
+          other layer widths is an error naming what it has. The stem stride is not in the weights: the
+          arch name is what says it.
     num_features: embedding size D; None = read from `fc.weight`.
     Only missing BatchNorm `num_batches_tracked` counters are tolerated (older exports drop them; they
     never affect eval); every other missing/unexpected key or shape mismatch is an error naming the file.
     """
     path = Path(path)
-    if arch not in ARCH_LAYERS:
-        raise ValueError(f"unknown IResNet arch {arch!r}; choose one of {sorted(ARCH_LAYERS, key=len)}")
+    if arch not in ARCHS:
+        raise _unknown_arch(arch)
     if not path.is_file():
         raise FileNotFoundError(
             f"ArcFace checkpoint not found: {path} (point the config at a local .pth/.safetensors)"
@@ -350,12 +398,16 @@ def load_arcface(
         num_features = int(sd["fc.weight"].shape[0])
 
     counts = _layer_counts(list(sd))
-    if counts != ARCH_LAYERS[arch] and any(counts):
-        guess = next((a for a, lay in ARCH_LAYERS.items() if lay == counts), None)
+    widths = _layer_widths(sd)
+    spec = ARCHS[arch]
+    if any(counts) and (counts != spec.layers or (widths is not None and widths != spec.widths)):
+        guess = next((a for a, sp in ARCHS.items()
+                      if sp.layers == counts and (widths is None or sp.widths == widths)), None)
         looks = f"looks like {guess}" if guess else "matches no known arch"
         raise ValueError(
-            f"{path}: checkpoint has blocks per layer {list(counts)} ({looks}), "
-            f"not {arch} {list(ARCH_LAYERS[arch])}"
+            f"{path}: checkpoint has blocks per layer {list(counts)} and widths "
+            f"{list(widths) if widths else '?'} ({looks}), "
+            f"not {arch} {list(spec.layers)} with widths {list(spec.widths)}"
         )
 
     with torch.device("meta"):  # shapes only: the real values come from the checkpoint
