@@ -56,6 +56,9 @@ def _export(model: nn.Module, dummy: torch.Tensor, path: str | Path, *, output_n
     return path
 
 
+# insightface's SCRFD input: RGB, NCHW, (pixel - SCRFD_INPUT_MEAN) / SCRFD_INPUT_STD (its SCRFD class's constants).
+SCRFD_INPUT_MEAN = 127.5
+SCRFD_INPUT_STD = 128.0
 # insightface's SCRFD layout with keypoints: strides 8, 16, 32 with 2 anchors per cell (9 outputs).
 SCRFD_STRIDES = (8, 16, 32)
 SCRFD_ANCHORS = 2

@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from umo.faces.align import ARCFACE_TEMPLATE
+from umo.faces.export import SCRFD_INPUT_MEAN, SCRFD_INPUT_STD
 
 NOSE = 2  # index of the nose tip in ARCFACE_TEMPLATE
 
 # SCRFD input normalization: (pixel - MEAN) / STD, RGB, NCHW.
-INPUT_MEAN = 127.5
-INPUT_STD = 128.0
+INPUT_MEAN, INPUT_STD = SCRFD_INPUT_MEAN, SCRFD_INPUT_STD
 
 # Textures keep the greenness G - (R + B) / 2 at or below this (pixel units); the marker has 255.
 # MarkerDetector's mask ramps from 48 to 248, so nothing but the marker (and its resampled edges) responds.

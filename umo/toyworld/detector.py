@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from umo.faces.detect import FaceDetector
-from umo.faces.export import SCRFD_ANCHORS, SCRFD_STRIDES, export_detector_onnx
+from umo.faces.export import SCRFD_ANCHORS, SCRFD_INPUT_MEAN, SCRFD_INPUT_STD, SCRFD_STRIDES, export_detector_onnx
 from umo.toyworld.identity import Identity, make_identity
 from umo.toyworld.render import MAX_FACES, Scene, render_scene
 
@@ -35,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 DETECTOR_FILE = "det_toy_scrfd.onnx"  # the name says it is the toy world's, not a real SCRFD
 SCENE_SIZE = (256, 256)  # (height, width) of training scenes
-INPUT_MEAN, INPUT_STD = 127.5, 128.0  # SCRFD normalization, RGB
 # Face-box size ranges (max side, px) per stride; faces are 40..110 px on 256 px scenes. The ranges overlap
 # so that a face near a boundary is a positive on both levels: with disjoint ranges such faces got
 # scores just under 0.5 on either level (recall 0.954 -> misses all within 5 px of a boundary).
@@ -204,7 +203,7 @@ def render_training_set(world_seed: int, ids: range, n_scenes: int, seed: int
 def _to_input(images: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 RGB -> (B, 3, H, W) float32 (pixel - 127.5) / 128."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
-    return (x - INPUT_MEAN) / INPUT_STD
+    return (x - SCRFD_INPUT_MEAN) / SCRFD_INPUT_STD
 
 
 # ---------------------------------------------------------------- train / evaluate / build
