@@ -216,3 +216,23 @@ def test_degenerate_landmarks_are_skipped_and_counted(reward_parts, references):
     rewards = reward.score(reward.embed(faces), owner, [references])[0]
     rewards.sum().backward()
     assert torch.isfinite(rewards).all() and torch.isfinite(images.grad).all()
+
+
+def test_from_config_loads_the_configured_files(tmp_path, references):
+    """params.yaml -> MatchingReward: the detector pack and the embedder checkpoint through the real loaders."""
+    from safetensors.torch import save_file
+
+    from umo.config import load_config
+
+    export_detector_onnx(MarkerDetector(face_size=FACE), tmp_path / "pack" / "det_marker.onnx")
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in iresnet("r18").state_dict().items()}, str(tmp_path / "r18.safetensors"))
+    config = load_config(None, [
+        f"faces.detector.root={tmp_path}", "faces.detector.pack=pack",
+        f"faces.embedder.path={tmp_path / 'r18.safetensors'}", "faces.embedder.arch=r18",
+        "reward.kind=sir", "reward.max_faces=2",
+    ])
+    reward = MatchingReward.from_config(config.faces, config.reward)
+    assert reward.kind == "sir" and reward.max_faces == 2
+    out = reward.compute(to_tensor([scene([1, 2, 3])]), [references])
+    assert out.faces.tolist() == [2] and out.skipped["over_max"] == 1

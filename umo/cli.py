@@ -37,11 +37,7 @@ def cmd_faces_detect(args: argparse.Namespace) -> int:
 
     from umo.faces.detect import FaceDetector
 
-    config = load_config(args.params, args.overrides).faces.detector
-    detector = FaceDetector.from_model_root(
-        config.root, config.pack, det_thresh=config.det_thresh, nms_thresh=config.nms_thresh,
-        input_size=tuple(config.input_size) if config.input_size else None,
-    )
+    detector = FaceDetector.from_config(load_config(args.params, args.overrides).faces.detector)
     status = 0
     for path in args.images:
         bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)

@@ -208,11 +208,7 @@ class MatchingReward(nn.Module):
         from umo.faces.detect import FaceDetector
         from umo.faces.embed import load_arcface
 
-        det = faces.detector
-        detector = FaceDetector.from_model_root(
-            det.root, det.pack, det_thresh=det.det_thresh, nms_thresh=det.nms_thresh,
-            input_size=tuple(det.input_size) if det.input_size else None,
-        )
+        detector = FaceDetector.from_config(faces.detector)
         embedder = load_arcface(faces.embedder.path, faces.embedder.arch)
         return cls(
             detector, embedder, kind=reward.kind, matched_weight=reward.matched_weight,
@@ -265,7 +261,7 @@ class MatchingReward(nn.Module):
         batch = len(references)
         device = embeddings.device
         rewards, matched, unmatched, sims = [], [], [], []
-        counts = torch.bincount(owner, minlength=batch) if owner.numel() else torch.zeros(batch, dtype=torch.long)
+        counts = torch.bincount(owner, minlength=batch)  # an empty owner gives zeros
         for i, refs in enumerate(references):
             faces = embeddings[owner == i]
             if refs.shape[0] == 0 or faces.shape[0] == 0:  # no reference or no face: 0 and no gradient

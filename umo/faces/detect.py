@@ -153,6 +153,15 @@ class FaceDetector:
                            [f.name for f in detectors], chosen.name)
         return cls(chosen, **kwargs)
 
+    @classmethod
+    def from_config(cls, config) -> "FaceDetector":
+        """Load the pack named by a `umo.config.DetectorConfig` (root, pack, det_thresh, nms_thresh,
+        input_size [width, height] or None)."""
+        return cls.from_model_root(
+            config.root, config.pack, det_thresh=config.det_thresh, nms_thresh=config.nms_thresh,
+            input_size=tuple(config.input_size) if config.input_size else None,
+        )
+
     # ---------------------------------------------------------------- input handling
 
     @staticmethod
