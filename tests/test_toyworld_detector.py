@@ -13,6 +13,7 @@ import pytest
 import torch
 from insightface.model_zoo.scrfd import SCRFD
 
+from umo.config import ToyDetectorConfig
 from umo.faces.detect import FaceDetector
 from umo.faces.export import export_detector_onnx
 from umo.faces.types import Detections
@@ -20,19 +21,20 @@ from umo.toyworld.detector import (
     DETECTOR_FILE,
     SCENE_SIZE,
     ToyDetector,
-    _scene,
-    _to_input,
     assign_targets,
     cell_centers,
     detection_loss,
     detection_metrics,
     flip_scene,
     greedy_match,
+    random_scene,
     render_training_set,
+    to_detector_input,
     train_detector,
 )
 
-TINY = dict(train_ids=range(0, 20), steps=30, batch=4, seed=0, log_every=0, n_scenes=8, width=8)
+TINY = ToyDetectorConfig(steps=30, batch=4, seed=0, n_scenes=8, width=8)
+IDS = range(0, 20)
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +48,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def scenes():
     rng, cache = np.random.default_rng(3), {}
-    return [_scene(0, range(0, 20), rng, cache) for _ in range(6)]
+    return [random_scene(0, range(0, 20), rng, cache) for _ in range(6)]
 
 
 def test_targets_decode_back_to_boxes_and_landmarks(scenes):
@@ -73,20 +75,20 @@ def test_flip_keeps_left_eye_on_the_image_left(scenes):
 
 
 def test_short_training_lowers_the_loss_and_changes_every_parameter():
-    torch.manual_seed(TINY["seed"])
-    init = ToyDetector(TINY["width"])  # train_detector seeds torch the same way before building its model
-    model = train_detector(0, **TINY)
+    torch.manual_seed(TINY.seed)
+    init = ToyDetector(TINY.width)  # train_detector seeds torch the same way before building its model
+    model = train_detector(0, train_ids=IDS, config=TINY, log_every=0)
     for (name, before), after in zip(init.state_dict().items(), model.state_dict().values()):
         if name.endswith("num_batches_tracked"):
             continue
         assert not torch.equal(before, after), f"{name} did not change"
 
-    images, boxes, kps = render_training_set(0, range(0, 20), 8, seed=TINY["seed"] * 7919)
+    images, boxes, kps = render_training_set(0, range(0, 20), 8, seed=TINY.seed * 7919)
     centers, strides = cell_centers(*SCENE_SIZE)
     targets = [assign_targets(b, k, centers, strides) for b, k in zip(boxes, kps)]
     pos = torch.from_numpy(np.stack([t[0] for t in targets]))
     tgt = torch.from_numpy(np.stack([t[1] for t in targets]))
-    x = _to_input(images)
+    x = to_detector_input(images)
     with torch.no_grad():
         loss_before = detection_loss(copy.deepcopy(init).train().forward_raw(x), pos, tgt)["total"]
         loss_after = detection_loss(copy.deepcopy(model).train().forward_raw(x), pos, tgt)["total"]
@@ -96,8 +98,8 @@ def test_short_training_lowers_the_loss_and_changes_every_parameter():
 def test_training_is_deterministic():
     torch.use_deterministic_algorithms(True)
     try:
-        a = train_detector(0, **TINY).state_dict()
-        b = train_detector(0, **TINY).state_dict()
+        a = train_detector(0, train_ids=IDS, config=TINY, log_every=0).state_dict()
+        b = train_detector(0, train_ids=IDS, config=TINY, log_every=0).state_dict()
     finally:
         torch.use_deterministic_algorithms(False)
     assert a.keys() == b.keys()
@@ -115,9 +117,9 @@ def test_export_routes_to_insightface_scrfd_and_matches_torch(tmp_path, scenes):
 
     images = np.stack([sc.image for sc in scenes[:2]])
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    onnx_outs = sess.run(None, {"input": _to_input(images).numpy()})
+    onnx_outs = sess.run(None, {"input": to_detector_input(images).numpy()})
     with torch.no_grad():
-        torch_outs = model(_to_input(images))
+        torch_outs = model(to_detector_input(images))
     for o, t in zip(onnx_outs, torch_outs):
         np.testing.assert_allclose(o, t.numpy(), atol=1e-4)
     out = det.detect(images)

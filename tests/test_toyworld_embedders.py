@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from umo.config import ToyEmbedderConfig
 from umo.faces.embed import OnnxRecognizer, iresnet, load_arcface
 from umo.faces.export import export_recognizer_onnx
 from umo.toyworld.embedders import (
     ArcFaceHead,
-    TrainConfig,
     aligned_faces,
     build_embedders,
     embed,
@@ -29,8 +30,8 @@ def faces():
     return aligned_faces(0, range(4), 4, seed=0)
 
 
-def tiny(arch: str = "toy_r10", seed: int = 0) -> TrainConfig:
-    return TrainConfig(arch=arch, num_features=32, epochs=1, batch=16, lr=3e-3, seed=seed)
+def tiny(arch: str = "toy_r10", seed: int = 0) -> ToyEmbedderConfig:
+    return ToyEmbedderConfig(arch=arch, num_features=32, epochs=1, batch=16, lr=3e-3, seed=seed)
 
 
 def test_aligned_faces_shapes_and_determinism(faces):
@@ -68,7 +69,7 @@ def test_training_lowers_the_loss_and_moves_every_parameter(faces):
     cfg = tiny()
     torch.manual_seed(cfg.seed)
     before = {k: v.clone() for k, v in iresnet(cfg.arch, num_features=cfg.num_features).named_parameters()}
-    model, losses = train_embedder(crops, labels, TrainConfig(**{**cfg.__dict__, "epochs": 8}))
+    model, losses = train_embedder(crops, labels, dataclasses.replace(cfg, epochs=8))
     assert len(losses) == 8 and losses[-1] < losses[0]
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -134,13 +135,14 @@ def test_tar_at_far_by_hand():
     assert math.isnan(tar_at_far(genuine, impostor, 0.1))
 
 
-def test_build_embedders_writes_both_files(tmp_path):
+def test_build_embedders_writes_both_files_and_measures_them(tmp_path):
     cfg = dict(num_features=16, epochs=1, batch=8)
-    res = build_embedders(tmp_path, 0, reward=TrainConfig(arch="toy_r10", seed=1, **cfg),
-                          judge=TrainConfig(arch="toy_r10", seed=2, **cfg), n_train=3, n_test=2,
-                          per_id=2, per_test_id=2)
-    assert (tmp_path / "arcface_toy_r10.safetensors").is_file()
-    assert (tmp_path / "judge_toy_r10.onnx").is_file()
-    assert -1.0 <= res["score_corr"] <= 1.0
-    load_arcface(res["reward_path"], "toy_r10")
-    OnnxRecognizer(res["judge_path"])
+    reward_path, judge_path = tmp_path / "arcface_toy_r10.safetensors", tmp_path / "judge" / "judge_toy_r10.onnx"
+    res = build_embedders(0, reward=ToyEmbedderConfig(arch="toy_r10", seed=1, **cfg), reward_path=reward_path,
+                          judge=ToyEmbedderConfig(arch="toy_r10", seed=2, **cfg), judge_path=judge_path,
+                          train_ids=range(3), test_ids=range(3, 5), per_id=2, per_test_id=2,
+                          metadata={"umo.world": "toy"})
+    assert -1.0 <= res["score_corr"] < 1.0  # two seeds: two different models
+    assert (res["n_genuine"], res["n_impostor"]) == (2, 4)
+    load_arcface(reward_path, "toy_r10")
+    OnnxRecognizer(judge_path)

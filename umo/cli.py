@@ -56,6 +56,29 @@ def cmd_faces_detect(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_toyworld_build(args: argparse.Namespace) -> int:
+    """Build (or reuse) the toy world; print its quality table; exit 1 when below the quality gates."""
+    from umo.toyworld.build import ToyWorldError, build_toyworld, load_toyworld, quality_table
+
+    config = load_config(args.params, args.overrides).toyworld
+    try:
+        result = build_toyworld(args.out, config, workers=args.workers, force=args.force)
+    except ToyWorldError as err:
+        log.error("%s", err)
+        try:
+            print(quality_table(json.loads((args.out / "toy_quality.json").read_text())))
+        except (OSError, ValueError, KeyError):
+            pass
+        return 1
+    world = result.world
+    print(quality_table(world.quality))
+    built = {k: round(v, 1) for k, v in result.seconds.items()}
+    print(f"\ntoy world in {world.root} (reused: {', '.join(result.reused) or 'nothing'}; seconds: {built})")
+    print("use its face models with:", " ".join(f"-S {o}" for o in world.faces_overrides()))
+    load_toyworld(world.root)  # what downstream stages will do: refuse anything incomplete
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="umo",
@@ -76,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("images", nargs="+", type=Path, help="image files")
     p.set_defaults(func=cmd_faces_detect)
+
+    toy = sub.add_parser("toyworld", help="the offline synthetic world (toy identities and face models)")
+    toy_sub = toy.add_subparsers(dest="toyworld_command", metavar="ACTION", required=True)
+    p = toy_sub.add_parser("build", help="write the raw collection and train the toy face models (cached)")
+    _add_config_args(p)
+    p.add_argument("--out", type=Path, required=True, help="output folder (reused as a cache)")
+    p.add_argument("--workers", type=int, default=2, help="parallel build processes (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="rebuild every part even when cached")
+    p.set_defaults(func=cmd_toyworld_build)
     return parser
 
 

@@ -21,8 +21,11 @@ from torch import nn
 _EXPORT_KW = dict(dynamo=False, do_constant_folding=True, opset_version=17)
 
 
-def export_recognizer_onnx(model: nn.Module, path: str | Path, *, image_size: int = 112) -> Path:
-    """Export a face embedder (N, 3, S, S) RGB in [-1, 1] -> (N, D) as an insightface-routable recognizer."""
+def export_recognizer_onnx(model: nn.Module, path: str | Path, *, image_size: int = 112,
+                           metadata: dict[str, str] | None = None) -> Path:
+    """Export a face embedder (N, 3, S, S) RGB in [-1, 1] -> (N, D) as an insightface-routable recognizer.
+
+    metadata: written as the model's metadata_props (e.g. {"umo.world": "toy"}); loaders ignore it."""
     if image_size < 112 or image_size % 16:
         raise ValueError(f"recognizer image_size must be >= 112 and a multiple of 16, got {image_size}")
     return _export(
@@ -31,12 +34,15 @@ def export_recognizer_onnx(model: nn.Module, path: str | Path, *, image_size: in
         path,
         output_names=["embedding"],
         dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}},
+        metadata=metadata,
     )
 
 
 def _export(model: nn.Module, dummy: torch.Tensor, path: str | Path, *, output_names: list[str],
-            dynamic_axes: dict[str, dict[int, str]]) -> Path:
-    """torch.onnx.export in eval mode to `path.tmp`, then rename: a reader never sees a half-written file."""
+            dynamic_axes: dict[str, dict[int, str]], metadata: dict[str, str] | None = None) -> Path:
+    """torch.onnx.export in eval mode to `path.tmp`, then rename: a reader never sees a half-written file.
+
+    metadata: key/value strings stored in the ONNX model's metadata_props (sorted, so bytes are stable)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -49,6 +55,12 @@ def _export(model: nn.Module, dummy: torch.Tensor, path: str | Path, *, output_n
                 model, (dummy,), str(tmp), input_names=["input"], output_names=output_names,
                 dynamic_axes=dynamic_axes, **_EXPORT_KW,
             )
+        if metadata:
+            import onnx
+
+            proto = onnx.load(str(tmp))
+            onnx.helper.set_model_props(proto, dict(sorted(metadata.items())))
+            onnx.save(proto, str(tmp))
         tmp.replace(path)
     finally:
         model.train(was_training)
@@ -82,8 +94,8 @@ def _check_detector_outputs(outs: object, height: int, width: int) -> None:
                              f"input, got {got}")
 
 
-def export_detector_onnx(model: nn.Module, path: str | Path, *,
-                         example_size: tuple[int, int] = (256, 256)) -> Path:
+def export_detector_onnx(model: nn.Module, path: str | Path, *, example_size: tuple[int, int] = (256, 256),
+                         metadata: dict[str, str] | None = None) -> Path:
     """Export a face detector as an insightface-routable SCRFD ONNX (9 outputs, batched) and return its path.
 
     model: (B, 3, H, W) float32, RGB normalized as (pixel - 127.5) / 128, H and W multiples of 32 ->
@@ -91,6 +103,7 @@ def export_detector_onnx(model: nn.Module, path: str | Path, *,
     (B, ..., 4), then kps (B, ..., 10); distances in stride units from anchor centers (x = col*s, y = row*s),
     2 anchors per cell. Outputs are named score_8 ... kps_32; batch, height and width are dynamic axes.
     example_size: (height, width) traced with; multiples of 32. The module's outputs are checked on it first.
+    metadata: as in export_recognizer_onnx.
     """
     height, width = (int(v) for v in example_size)
     if height <= 0 or width <= 0 or height % 32 or width % 32:
@@ -105,4 +118,4 @@ def export_detector_onnx(model: nn.Module, path: str | Path, *,
     output_names = [f"{kind}_{s}" for kind in _SCRFD_LAST_DIMS for s in SCRFD_STRIDES]
     dynamic_axes = {"input": {0: "batch", 2: "height", 3: "width"}}
     dynamic_axes |= {name: {0: "batch", 1: f"anchors_{name.rsplit('_', 1)[1]}"} for name in output_names}
-    return _export(model, dummy, path, output_names=output_names, dynamic_axes=dynamic_axes)
+    return _export(model, dummy, path, output_names=output_names, dynamic_axes=dynamic_axes, metadata=metadata)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from umo.config import ToyDetectorConfig
 from umo.faces.detect import FaceDetector
 from umo.faces.export import SCRFD_ANCHORS, SCRFD_INPUT_MEAN, SCRFD_INPUT_STD, SCRFD_STRIDES, export_detector_onnx
 from umo.toyworld.identity import Identity, make_identity
@@ -172,8 +172,9 @@ def detection_loss(raw: torch.Tensor, pos: torch.Tensor, target: torch.Tensor) -
 # ---------------------------------------------------------------- data
 
 
-def _scene(world_seed: int, ids: range, rng: np.random.Generator, cache: dict[int, Identity]) -> Scene:
-    """A scene of 1..4 distinct identities drawn from `ids`."""
+def random_scene(world_seed: int, ids: range, rng: np.random.Generator,
+                 cache: dict[int, Identity]) -> Scene:
+    """A SCENE_SIZE scene of 1..4 distinct identities drawn from `ids` (`cache` keeps built identities)."""
     k = int(rng.integers(1, MAX_FACES + 1))
     chosen = rng.choice(len(ids), size=min(k, len(ids)), replace=False)
     people = []
@@ -192,15 +193,15 @@ def render_training_set(world_seed: int, ids: range, n_scenes: int, seed: int
     cache: dict[int, Identity] = {}
     images = np.empty((n_scenes, *SCENE_SIZE, 3), np.uint8)
     boxes, kps = [], []
-    for i in tqdm(range(n_scenes), desc="render detector scenes", leave=False):
-        sc = _scene(world_seed, ids, rng, cache)
+    for i in tqdm(range(n_scenes), desc="render detector scenes", leave=False, disable=None):
+        sc = random_scene(world_seed, ids, rng, cache)
         images[i] = sc.image
         boxes.append(sc.boxes)
         kps.append(sc.landmarks)
     return images, boxes, kps
 
 
-def _to_input(images: np.ndarray) -> torch.Tensor:
+def to_detector_input(images: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 RGB -> (B, 3, H, W) float32 (pixel - 127.5) / 128."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
     return (x - SCRFD_INPUT_MEAN) / SCRFD_INPUT_STD
@@ -209,43 +210,30 @@ def _to_input(images: np.ndarray) -> torch.Tensor:
 # ---------------------------------------------------------------- train / evaluate / build
 
 
-@dataclass(frozen=True)
-class DetectorTrainConfig:
-    """Settings of `train_detector` (defaults: the toy-world build, ~2-3 min on one CPU thread)."""
+def train_detector(world_seed: int, *, train_ids: range, config: ToyDetectorConfig,
+                   log_every: int = 100) -> ToyDetector:
+    """Train a ToyDetector on pre-rendered scenes of `train_ids` (random mirror); deterministic per config.
 
-    steps: int = 600  # optimizer steps (800 gave no gain: recall 0.954 vs 0.956, landmarks 3.0 vs 3.1 px)
-    batch: int = 16  # scenes per step
-    n_scenes: int = 1500  # pre-rendered training scenes (each also seen mirrored); 11 ms each to render
-    lr: float = 3e-3  # AdamW peak learning rate (cosine decay to 0 after a 5% warm-up)
-    weight_decay: float = 1e-4
-    width: int = 32  # ToyDetector base channel count
-
-
-def train_detector(world_seed: int, *, train_ids: range, steps: int, batch: int, seed: int,
-                   log_every: int = 100, n_scenes: int | None = None, lr: float = 3e-3,
-                   weight_decay: float = 1e-4, width: int = 32) -> ToyDetector:
-    """Train a ToyDetector on pre-rendered scenes of `train_ids` (random mirror); deterministic per seed.
-
-    Scenes are rendered once (n_scenes, default min(1500, steps * batch)) from
-    default_rng((seed, world_seed)); the model init and batch order come from torch.manual_seed(seed).
-    Returns the model in eval mode.
+    config.n_scenes scenes are rendered once from default_rng(seed * 7919 + world_seed); the model init
+    and batch order come from torch.manual_seed(config.seed). Returns the model in eval mode.
     """
+    seed, steps, batch = config.seed, config.steps, config.batch
     torch.manual_seed(seed)
-    n_scenes = n_scenes or min(1500, steps * batch)
+    n_scenes = config.n_scenes
     t0 = time.perf_counter()
     images, boxes, kps = render_training_set(world_seed, train_ids, n_scenes, seed=seed * 7919 + world_seed)
     logger.info("rendered %d detector training scenes in %.1f s", n_scenes, time.perf_counter() - t0)
     centers, strides = cell_centers(*SCENE_SIZE)
     targets = [assign_targets(b, k, centers, strides) for b, k in zip(boxes, kps)]
-    model = ToyDetector(width)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    model = ToyDetector(config.width)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(i, steps) / steps)))
     gen = torch.Generator().manual_seed(seed)
     model.train()
     t0 = time.perf_counter()
-    bar = tqdm(range(steps), desc="train toy detector", leave=False)
+    bar = tqdm(range(steps), desc="train toy detector", leave=False, disable=None)
     for step in bar:
         idx = torch.randint(0, n_scenes, (batch,), generator=gen).tolist()
         flip = torch.rand(batch, generator=gen) < 0.5
@@ -259,7 +247,7 @@ def train_detector(world_seed: int, *, train_ids: range, steps: int, batch: int,
             batch_imgs.append(img)
             batch_pos.append(p)
             batch_tgt.append(t)
-        x = _to_input(np.stack(batch_imgs))
+        x = to_detector_input(np.stack(batch_imgs))
         losses = detection_loss(model.forward_raw(x), torch.from_numpy(np.stack(batch_pos)),
                                 torch.from_numpy(np.stack(batch_tgt)))
         opt.zero_grad(set_to_none=True)
@@ -336,28 +324,26 @@ def evaluate_detector(detector: str | Path | FaceDetector, world_seed: int, test
         detector = FaceDetector(detector, det_thresh=det_thresh)
     rng = np.random.default_rng((seed, world_seed))
     cache: dict[int, Identity] = {}
-    scenes = [_scene(world_seed, test_ids, rng, cache) for _ in range(n_scenes)]
+    scenes = [random_scene(world_seed, test_ids, rng, cache) for _ in range(n_scenes)]
     dets = []
     for i in range(0, n_scenes, batch):
         dets += detector.detect([sc.image for sc in scenes[i : i + batch]])
     return detection_metrics(dets, scenes)
 
 
-def build_detector(out_dir: str | Path, world_seed: int, *, train_ids: range = range(0, 400),
-                   config: DetectorTrainConfig = DetectorTrainConfig(), seed: int = 0) -> Path:
-    """Train the toy detector and export it to out_dir / DETECTOR_FILE; returns the path.
+def build_detector(out_dir: str | Path, world_seed: int, *, train_ids: range, config: ToyDetectorConfig,
+                   metadata: dict[str, str] | None = None) -> Path:
+    """Train the toy detector and export it to out_dir / DETECTOR_FILE (ONNX metadata_props = metadata).
 
-    Deterministic: same arguments -> same ONNX bytes on one machine (deterministic algorithms are switched
-    on for the run and restored after; they cost nothing measurable for these CPU convolutions).
+    Deterministic: same arguments and numeric environment -> same ONNX bytes (deterministic algorithms
+    are switched on for the run and restored after; they cost nothing measurable for these CPU convs).
     """
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        model = train_detector(world_seed, train_ids=train_ids, steps=config.steps, batch=config.batch,
-                               seed=seed, n_scenes=config.n_scenes, lr=config.lr,
-                               weight_decay=config.weight_decay, width=config.width)
+        model = train_detector(world_seed, train_ids=train_ids, config=config)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
-    path = export_detector_onnx(model, Path(out_dir) / DETECTOR_FILE, example_size=SCENE_SIZE)
+    path = export_detector_onnx(model, Path(out_dir) / DETECTOR_FILE, example_size=SCENE_SIZE, metadata=metadata)
     logger.info("toy detector written to %s", path)
     return path

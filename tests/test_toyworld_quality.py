@@ -1,0 +1,76 @@
+"""The small toy world's models do their jobs on FRESH scenes of held-out identities, through the real loaders:
+the detector counts the people, the embedders separate identities, and the matching reward prefers the
+right references."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from umo.config import load_config
+from umo.faces.detect import FaceDetector
+from umo.faces.embed import OnnxRecognizer, load_arcface
+from umo.reward import MatchingReward
+from umo.toyworld.detector import random_scene
+from umo.toyworld.embedders import aligned_faces, to_input
+from umo.toyworld.identity import make_identity
+from umo.toyworld.render import render_scene
+
+
+def held_out(world) -> range:
+    return range(world.config.n_train_identities, world.config.n_identities)
+
+
+def test_detector_counts_the_people_in_fresh_scenes(toy_world):
+    detector = FaceDetector.from_model_root(toy_world.models, "toy_detector")
+    rng, cache = np.random.default_rng(2024), {}
+    scenes = [random_scene(toy_world.config.world_seed, held_out(toy_world), rng, cache) for _ in range(40)]
+    detections = detector.detect([s.image for s in scenes])
+    counts = np.array([len(d) for d in detections])
+    truth = np.array([len(s.boxes) for s in scenes])
+    assert set(truth.tolist()) == {1, 2, 3, 4}  # every crowd size is exercised
+    assert (counts == truth).mean() >= 0.9, list(zip(counts, truth))
+
+
+def test_both_embedders_separate_held_out_identities(toy_world):
+    ids = held_out(toy_world)[:20]
+    crops, labels = aligned_faces(toy_world.config.world_seed, ids, 4, seed=77)  # fresh renders
+    reward = load_arcface(toy_world.reward_path, toy_world.config.reward.arch)
+    with torch.no_grad():
+        by_reward = reward(to_input(crops)).numpy()
+    by_judge = OnnxRecognizer.from_model_root(toy_world.models, "toy_judge").embed_aligned(crops)
+    same = labels[:, None] == labels[None, :]
+    off_diagonal = ~np.eye(len(labels), dtype=bool)
+    for emb in (by_reward, by_judge):
+        sim = emb @ emb.T
+        genuine, impostor = sim[same & off_diagonal].mean(), sim[~same].mean()
+        assert genuine - impostor > 0.4, (genuine, impostor)
+        # nearest other face is the same identity for nearly every face
+        nearest = np.where(off_diagonal, sim, -np.inf).argmax(axis=1)
+        assert (labels[nearest] == labels).mean() >= 0.9
+
+
+def test_matching_reward_prefers_the_right_references(toy_world):
+    config = load_config(None, toy_world.faces_overrides())
+    reward = MatchingReward.from_config(config.faces, config.reward)
+    seed = toy_world.config.world_seed
+    rng = np.random.default_rng(5)
+    ids = list(held_out(toy_world))
+    people = [make_identity(seed, i) for i in ids[:3]]
+    others = [make_identity(seed, i) for i in ids[3:6]]
+    scene = render_scene(seed, people, rng, (256, 256))
+
+    def refs(who):
+        portraits = [render_scene(seed, [p], rng, (256, 256)).image for p in who]
+        x = torch.from_numpy(np.stack(portraits)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return torch.cat(reward.embed_references(x, largest_only=True))
+
+    image = torch.from_numpy(scene.image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    out = reward.compute(image.repeat(2, 1, 1, 1), [refs(people), refs(others)])
+    assert out.faces.tolist() == [3, 3]
+    right, wrong = out.similarities
+    # each reference's most similar face is a different face (a clean assignment), and clearly similar
+    assert sorted(right.argmax(dim=1).tolist()) == [0, 1, 2]
+    assert right.max(dim=1).values.min() > max(0.3, wrong.max())
+    # MIMR = (sum of assigned - sum of the other 6) / 9: the right references earn clearly more
+    assert out.rewards[0] > out.rewards[1] + 0.05, out.rewards

@@ -1,0 +1,442 @@
+"""`umo toyworld build`: the whole toy world in one folder, deterministic, cached and quality-gated.
+
+Layout of the output folder (every name says toy):
+
+    toy_raw/                      raw collection: group folders of PNGs + captions.jsonl, toyworld.json
+    toy_raw_truth.jsonl           its ground truth (boxes, landmarks, identities), kept apart
+    models/faces/toy_detector/    an insightface-style pack: det_toy_scrfd.onnx (SCRFD layout)
+    models/faces/toy_judge/       judge_<arch>.onnx (insightface recognizer): the evaluation judge
+    models/faces/arcface_<arch>.safetensors   the reward embedder (arcface_torch state dict)
+    toy_quality.json              held-out quality and the gates it was held to
+    toyworld_build.json           the manifest, written last: config, cache keys, sha256 of every file
+
+The build has three parts, each run in its own spawned process (two at a time by default): the raw
+collection, the detector (train, export, measure) and the embedders (train both, save, measure).
+
+Determinism. Every part runs single-threaded with deterministic algorithms, in a pinned numeric
+environment (`portable_numerics_env`): ATen kernels at their AVX2 level, oneDNN capped at AVX2, MKL in
+conditional-numerical-reproducibility mode for AVX2 and numpy's AVX-512 loops off. Same seed and settings
+-> the same bytes, on this machine and (by construction, not verifiable here) on any x86-64 CPU with AVX2
+running the same pinned library versions; the versions are part of every cache key.
+
+Cache. A part is reused when the manifest already holds it under the same key (its settings, the world
+seed, a hash of the toy-world and face-package sources, library versions and the numeric environment)
+and every file it lists still has its recorded sha256. Anything else rebuilds that part only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import platform
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from umo import __version__
+from umo.config import ToyWorldConfig, from_dict, to_dict
+
+log = logging.getLogger(__name__)
+
+NOTICE = ("TOY WORLD: synthetic cartoon identities and small face models trained on them. Not real people, "
+          "not real face models; for offline runs and tests only.")
+TOY_METADATA = {"umo.world": "toy", "umo.notice": NOTICE}
+MANIFEST_FILE = "toyworld_build.json"
+QUALITY_FILE = "toy_quality.json"
+RAW_DIR = "toy_raw"
+TRUTH_FILE = "toy_raw_truth.jsonl"
+MODELS_DIR = "models/faces"
+DETECTOR_PACK = "toy_detector"
+JUDGE_PACK = "toy_judge"
+FORMAT_VERSION = 1
+PARTS = ("embedders", "detector", "collection")  # submission order: longest first
+
+
+class ToyWorldError(RuntimeError):
+    """A toy world folder that is incomplete, corrupted or below its quality gates."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Numeric environment and cache keys
+# ---------------------------------------------------------------------------------------------------------
+
+
+def portable_numerics_env() -> dict[str, str]:
+    """Environment for a build process: one thread, and on x86-64 every library pinned to AVX2 kernels.
+
+    Must be in place before torch / numpy load (the build sets it for its spawned processes only).
+    """
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        env |= {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+        try:
+            from numpy._core._multiarray_umath import __cpu_dispatch__
+        except ImportError:  # numpy < 2
+            from numpy.core._multiarray_umath import __cpu_dispatch__
+        wide = [f for f in __cpu_dispatch__ if "512" in f or f == "X86_V4"]
+        if wide:
+            env["NPY_DISABLE_CPU_FEATURES"] = " ".join(wide)
+    return env
+
+
+@contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def sources_hash() -> str:
+    """sha256 of the sources that shape the toy world's bytes (umo/toyworld and umo/faces)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted([*root.glob("toyworld/*.py"), *root.glob("faces/*.py")]):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import cv2
+    import numpy
+    import onnx
+    import safetensors
+    import torch
+
+    return {"torch": torch.__version__, "numpy": numpy.__version__, "onnx": onnx.__version__,
+            "opencv": cv2.__version__, "safetensors": safetensors.__version__}
+
+
+def _part_settings(name: str, cfg: ToyWorldConfig) -> dict[str, Any]:
+    """The settings a part's bytes depend on (its cache key covers exactly these)."""
+    c = to_dict(cfg)
+    common = {"world_seed": cfg.world_seed, "n_identities": cfg.n_identities}
+    if name == "collection":
+        return common | {"collection": c["collection"]}
+    if name == "detector":
+        return common | {"n_train_identities": cfg.n_train_identities, "detector": c["detector"],
+                         "eval_scenes": cfg.quality.eval_scenes}
+    if name == "embedders":
+        return common | {k: c[k] for k in ("n_train_identities", "faces_per_identity", "test_faces_per_identity",
+                                           "reward", "judge")}
+    raise ValueError(f"unknown toy world part {name!r}")
+
+
+def part_keys(cfg: ToyWorldConfig) -> dict[str, str]:
+    """Cache key of each part: sha256 of its settings, the sources, library versions and numerics."""
+    shared = {"format": FORMAT_VERSION, "sources": sources_hash(), "versions": _versions(),
+              "numerics": portable_numerics_env()}
+    return {name: hashlib.sha256(json.dumps(shared | {"part": name, "settings": _part_settings(name, cfg)},
+                                            sort_keys=True).encode()).hexdigest() for name in PARTS}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Paths
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToyWorld:
+    """A built toy world: where each artifact lies, and its measured quality."""
+
+    root: Path
+    config: ToyWorldConfig
+    quality: dict[str, Any]
+
+    @property
+    def raw(self) -> Path:
+        return self.root / RAW_DIR
+
+    @property
+    def truth(self) -> Path:
+        return self.root / TRUTH_FILE
+
+    @property
+    def models(self) -> Path:
+        return self.root / MODELS_DIR
+
+    @property
+    def detector_path(self) -> Path:
+        from umo.toyworld.detector import DETECTOR_FILE
+
+        return self.models / DETECTOR_PACK / DETECTOR_FILE
+
+    @property
+    def reward_path(self) -> Path:
+        from umo.toyworld.embedders import reward_file
+
+        return self.models / reward_file(self.config.reward)
+
+    @property
+    def judge_path(self) -> Path:
+        from umo.toyworld.embedders import judge_file
+
+        return self.models / JUDGE_PACK / judge_file(self.config.judge)
+
+    def part_files(self, name: str) -> list[Path]:
+        """Every file a part wrote (sorted), for hashing."""
+        if name == "collection":
+            found = sorted(p for p in self.raw.rglob("*") if p.is_file()) if self.raw.is_dir() else []
+            return found + [self.truth]
+        if name == "detector":
+            return [self.detector_path]
+        if name == "embedders":
+            return [self.reward_path, self.judge_path]
+        raise ValueError(f"unknown toy world part {name!r}")
+
+    def faces_overrides(self) -> list[str]:
+        """`-S` overrides pointing params.yaml's `faces` section at this world's models."""
+        return [
+            f"faces.detector.root={self.models}", f"faces.detector.pack={DETECTOR_PACK}",
+            f"faces.embedder.path={self.reward_path}", f"faces.embedder.arch={self.config.reward.arch}",
+            f"faces.judge.root={self.models}", f"faces.judge.pack={JUDGE_PACK}",
+        ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parts (each runs in a spawned process with the portable environment)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _init_process(level: int) -> None:
+    """Spawned build processes log like the parent (progress of long parts stays visible)."""
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s [%(processName)s]: %(message)s")
+
+
+def _run_part(name: str, root: str, cfg_data: dict[str, Any]) -> dict[str, Any]:
+    """Build one part into `root`; returns {"metrics": {...}, "seconds": float}."""
+    import torch
+
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    cfg = from_dict(ToyWorldConfig, cfg_data, source="toyworld build")
+    world = ToyWorld(Path(root), cfg, {})
+    train_ids = range(cfg.n_train_identities)
+    test_ids = range(cfg.n_train_identities, cfg.n_identities)
+    t0 = time.perf_counter()
+    metrics: dict[str, Any] = {}
+    if name == "collection":
+        from umo.toyworld.collection import write_raw_collection
+
+        shutil.rmtree(world.raw, ignore_errors=True)
+        world.truth.unlink(missing_ok=True)
+        c = cfg.collection
+        meta = write_raw_collection(world.raw, world_seed=cfg.world_seed, n_groups=c.n_groups,
+                                    images_per_group=tuple(c.images_per_group), cast_size=tuple(c.cast_size),
+                                    n_identities=cfg.n_identities, image_size=tuple(c.image_size),
+                                    truth_path=world.truth)
+        metrics = {k: meta[k] for k in ("n_groups", "n_images", "n_faces", "n_identities")}
+    elif name == "detector":
+        from umo.faces.detect import FaceDetector
+        from umo.toyworld.detector import build_detector, evaluate_detector
+
+        build_detector(world.detector_path.parent, cfg.world_seed, train_ids=train_ids, config=cfg.detector,
+                       metadata=TOY_METADATA)
+        # Measured through the real loading path: the pack folder, insightface's router, our batched SCRFD.
+        detector = FaceDetector.from_model_root(world.models, DETECTOR_PACK)
+        metrics = evaluate_detector(detector, cfg.world_seed, test_ids, n_scenes=cfg.quality.eval_scenes)
+    elif name == "embedders":
+        from umo.toyworld.embedders import build_embedders
+
+        result = build_embedders(cfg.world_seed, reward=cfg.reward, reward_path=world.reward_path,
+                                 judge=cfg.judge, judge_path=world.judge_path, train_ids=train_ids,
+                                 test_ids=test_ids, per_id=cfg.faces_per_identity,
+                                 per_test_id=cfg.test_faces_per_identity, metadata=TOY_METADATA)
+        metrics = {k: v for k, v in result.items() if not k.endswith("_s")}
+    else:
+        raise ValueError(f"unknown toy world part {name!r}")
+    return {"metrics": metrics, "seconds": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quality
+# ---------------------------------------------------------------------------------------------------------
+
+
+def assess_quality(parts: dict[str, dict[str, Any]], cfg: ToyWorldConfig) -> dict[str, Any]:
+    """Gather the held-out metrics of the detector and embedders and check them against cfg.quality."""
+    det, emb = parts["detector"]["metrics"], parts["embedders"]["metrics"]
+    q = cfg.quality
+    measured = {
+        "detector_precision": det["precision"],
+        "detector_recall": det["recall"],
+        "detector_landmark_error_px": det["lmk_mean"],
+        "detector_eval_faces": int(det["n_faces"]),
+        "reward_tar_at_far_1e-3": emb["tar@far1e-3"],
+        "judge_tar_at_far_1e-3": emb["b_tar@far1e-3"],
+        "reward_eer": emb["eer"],
+        "judge_eer": emb["b_eer"],
+        "reward_judge_score_correlation": emb["score_corr"],
+        "verification_pairs": {"genuine": emb["n_genuine"], "impostor": emb["n_impostor"]},
+    }
+    gates = {
+        "detector_precision": q.min_precision, "detector_recall": q.min_recall,
+        "reward_tar_at_far_1e-3": q.min_tar, "judge_tar_at_far_1e-3": q.min_tar,
+    }
+    # nan (e.g. too few impostor pairs for FAR 1e-3) is stored as null and fails its gate
+    measured = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in measured.items()}
+    failures = [f"{k} {_fmt(measured[k])} < {v}" for k, v in gates.items()
+                if measured[k] is None or not measured[k] >= v]
+    return {"world": "toy", "measured": measured, "gates": gates, "passed": not failures, "failures": failures}
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def quality_table(quality: dict[str, Any]) -> str:
+    """The quality report as a fixed-width text table."""
+    m, gates = quality["measured"], quality["gates"]
+    rows = [("metric (held-out)", "value", "gate", "")]
+    for key in ("detector_precision", "detector_recall", "detector_landmark_error_px",
+                "reward_tar_at_far_1e-3", "judge_tar_at_far_1e-3", "reward_eer", "judge_eer",
+                "reward_judge_score_correlation"):
+        gate = gates.get(key)
+        ok = "" if gate is None else ("ok" if m[key] is not None and m[key] >= gate else "FAIL")
+        rows.append((key, _fmt(m[key]), "" if gate is None else f">= {gate}", ok))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Build and load
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _atomic_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _read_manifest(root: Path) -> dict[str, Any] | None:
+    path = root / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        log.warning("%s is not valid JSON (%s); rebuilding everything", path, err)
+        return None
+    return data if isinstance(data, dict) and data.get("world") == "toy" else None
+
+
+def _cached(world: ToyWorld, name: str, key: str, manifest: dict[str, Any] | None) -> bool:
+    entry = (manifest or {}).get("parts", {}).get(name)
+    if not entry or entry.get("key") != key:
+        return False
+    files = {p.relative_to(world.root).as_posix(): p for p in world.part_files(name)}
+    if set(files) != set(entry.get("files", {})):
+        return False
+    return all(p.is_file() and file_sha256(p) == entry["files"][rel] for rel, p in files.items())
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    world: ToyWorld
+    reused: tuple[str, ...]
+    """Parts taken from the cache."""
+    seconds: dict[str, float]
+    """Wall time of each part built now, and 'total'."""
+
+
+def build_toyworld(out: str | Path, cfg: ToyWorldConfig, *, workers: int = 2, force: bool = False) -> BuildResult:
+    """Build (or reuse) the toy world in `out`; see the module docstring. Raises ToyWorldError when the
+    result is below cfg.quality's gates (the manifest records that, so loading it is refused too)."""
+    t_start = time.perf_counter()
+    root = Path(out).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    world = ToyWorld(root, cfg, {})
+    keys = part_keys(cfg)
+    manifest = None if force else _read_manifest(root)
+    reused = tuple(n for n in PARTS if _cached(world, n, keys[n], manifest))
+    parts: dict[str, dict[str, Any]] = {n: manifest["parts"][n] for n in reused} if manifest else {}
+    todo = [n for n in PARTS if n not in reused]
+    for name in reused:
+        log.info("toy world: %s reused from the cache (%s)", name, root)
+    seconds: dict[str, float] = {}
+    error: BaseException | None = None
+    if todo:
+        log.info("toy world: building %s in %s (%d processes)", ", ".join(todo), root, min(workers, len(todo)))
+        with _environment(portable_numerics_env()), ProcessPoolExecutor(
+                max(1, min(workers, len(todo))), mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_process, initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
+            futures = {n: pool.submit(_run_part, n, str(root), to_dict(cfg)) for n in todo}
+            for name, future in futures.items():
+                try:
+                    out_part = future.result()
+                except BaseException as err:  # keep the parts that did finish, then re-raise
+                    log.error("toy world: part %s failed: %s", name, err)
+                    error = error or err
+                    continue
+                seconds[name] = out_part["seconds"]
+                files = {p.relative_to(root).as_posix(): file_sha256(p) for p in world.part_files(name)}
+                parts[name] = {"key": keys[name], "files": files, "metrics": out_part["metrics"]}
+                log.info("toy world: %s built in %.0f s", name, out_part["seconds"])
+    quality = assess_quality(parts, cfg) if error is None else None
+    manifest = {
+        "world": "toy", "notice": NOTICE, "format_version": FORMAT_VERSION, "umo_version": __version__,
+        "config": to_dict(cfg), "versions": _versions(), "numerics": portable_numerics_env(),
+        "parts": dict(sorted(parts.items())), "quality": quality,
+    }
+    if quality is not None:
+        _atomic_json(root / QUALITY_FILE, quality)
+    _atomic_json(root / MANIFEST_FILE, manifest)  # the pointer: written last
+    if error is not None:
+        raise error
+    seconds["total"] = time.perf_counter() - t_start
+    world = ToyWorld(root, cfg, quality)
+    if not quality["passed"]:
+        raise ToyWorldError(f"{root}: toy world below its quality gates: {'; '.join(quality['failures'])}")
+    return BuildResult(world, reused, seconds)
+
+
+def load_toyworld(root: str | Path, *, verify: bool = False) -> ToyWorld:
+    """Open a built toy world; refuses one that is incomplete or below its quality gates.
+
+    verify: also re-hash every file against the manifest (slower; catches edited or corrupted files).
+    """
+    root = Path(root).expanduser().resolve()
+    manifest = _read_manifest(root)
+    if manifest is None:
+        raise ToyWorldError(f"{root}: no toy world here ({MANIFEST_FILE} missing or unreadable); "
+                            f"run `umo toyworld build --out {root}`")
+    quality = manifest.get("quality")
+    if not quality or set(manifest.get("parts", {})) != set(PARTS):
+        raise ToyWorldError(f"{root}: toy world build is incomplete; run `umo toyworld build --out {root}` again")
+    if not quality["passed"]:
+        raise ToyWorldError(f"{root}: toy world below its quality gates: {'; '.join(quality['failures'])}")
+    cfg = from_dict(ToyWorldConfig, manifest["config"], source=str(root / MANIFEST_FILE))
+    world = ToyWorld(root, cfg, quality)
+    for name, entry in manifest["parts"].items():
+        for rel, digest in entry["files"].items():
+            path = root / rel
+            if not path.is_file():
+                raise ToyWorldError(f"{path}: missing (listed in {root / MANIFEST_FILE})")
+            if verify and file_sha256(path) != digest:
+                raise ToyWorldError(f"{path}: sha256 differs from {root / MANIFEST_FILE}; rebuild the toy world")
+    return world
