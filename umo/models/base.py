@@ -1,0 +1,113 @@
+"""The generator protocol: what the ReReFL trainer and the evaluator may ask of a multi-reference generator.
+
+A rectified-flow (flow-matching) model with x_t = (1 - sigma) * x0 + sigma * noise and velocity
+v = noise - x0, so that
+    x0_hat(x_t, v, sigma) = x_t - sigma * v                      (PAPER.md, ReReFL)
+    Euler step:  x_{next} = x_t + (sigma_next - sigma) * v
+Every family (FLUX.2 [klein] first; FLUX.1 + UNO-style tokens, OmniGen, Qwen-Image-Edit later) is one module
+implementing `Generator`; nothing outside umo/models knows about tokens, packing or VAEs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Conditioning:
+    """Everything that stays constant over the sampler steps of one batch (computed once, no grad).
+
+    prompt:         (B, L, D) text embeddings;           prompt_ids: (B, L, 4) their positions
+    references:     (B, R, C) reference-image tokens or None;  reference_ids: (B, R, 4)
+    latent_ids:     (B, N, 4) positions of the generated image's tokens
+    height, width:  generated image size in pixels
+    extra:          family-specific constants (e.g. a reference key/value cache)
+    """
+
+    prompt: torch.Tensor
+    prompt_ids: torch.Tensor
+    references: torch.Tensor | None
+    reference_ids: torch.Tensor | None
+    latent_ids: torch.Tensor
+    height: int
+    width: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.prompt.shape[0])
+
+    @property
+    def num_reference_tokens(self) -> int:
+        return 0 if self.references is None else int(self.references.shape[1])
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """A multi-reference flow-matching generator (see the module docstring for the maths)."""
+
+    transformer: nn.Module
+    """The denoiser; the LoRA is attached to it."""
+
+    def condition(self, prompts: Sequence[str], references: Sequence[Sequence[torch.Tensor]], *,
+                  height: int, width: int) -> Conditioning:
+        """Encode prompts and each sample's reference images ((3, h, w) in [-1, 1]) once per batch."""
+        ...
+
+    def initial_latents(self, cond: Conditioning, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pure noise x_1, shaped as `velocity` expects."""
+        ...
+
+    def sigmas(self, num_steps: int, cond: Conditioning) -> torch.Tensor:
+        """The sampler's noise levels, num_steps + 1 values from 1 down to 0 (the family's own shift)."""
+        ...
+
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning) -> torch.Tensor:
+        """v(x_t, sigma | prompt, references), the same shape as latents."""
+        ...
+
+    def decode(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Latents -> images (B, 3, H, W) in [-1, 1], differentiable."""
+        ...
+
+
+def predict_x0(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """x0_hat = x_t - sigma * v (rectified flow).
+
+    >>> predict_x0(torch.tensor([1.0]), torch.tensor([2.0]), 0.25)
+    tensor([0.5000])
+    """
+    return latents - _expand(sigma, latents) * velocity
+
+
+def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor | float,
+               sigma_next: torch.Tensor | float) -> torch.Tensor:
+    """One Euler step of the flow ODE from sigma to sigma_next (< sigma).
+
+    >>> euler_step(torch.tensor([1.0]), torch.tensor([2.0]), 0.5, 0.25)
+    tensor([0.5000])
+    """
+    return latents + (_expand(sigma_next, latents) - _expand(sigma, latents)) * velocity
+
+
+def _expand(sigma: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
+    """A scalar stays a scalar; a (B,) tensor broadcasts over the remaining dimensions of `like`."""
+    if isinstance(sigma, torch.Tensor) and sigma.ndim == 1:
+        return sigma.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+    return sigma
+
+
+@torch.no_grad()
+def sample(model: Generator, cond: Conditioning, num_steps: int, *, generator: torch.Generator | None = None,
+           latents: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain Euler sampling from noise to x0 (no guidance); returns the final latents."""
+    x = model.initial_latents(cond, generator) if latents is None else latents
+    sig = model.sigmas(num_steps, cond)
+    for i in range(num_steps):
+        x = euler_step(x, model.velocity(x, sig[i], cond), sig[i], sig[i + 1])
+    return x

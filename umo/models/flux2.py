@@ -1,0 +1,211 @@
+"""FLUX.2 [klein] through diffusers: the first `Generator` family, multi-reference natively.
+
+Loaded from a local diffusers folder (`Flux2KleinPipeline` layout: transformer/, vae/, text_encoder/,
+tokenizer/, scheduler/) with `local_files_only=True`: weights are never downloaded. The pipeline's own
+helpers do the token bookkeeping (patchify, pack, position ids, VAE batch-norm statistics), so our
+sampler sees exactly the tensors `Flux2KleinPipeline.__call__` builds:
+
+- prompt: Qwen3 chat template -> hidden states of `text_layers` stacked -> (B, L, 3 * hidden);
+- references: each image VAE-encoded (mode of the posterior), patchified 2x2, normalized by the VAE's
+  batch-norm statistics, packed and concatenated after the image tokens, at time coordinates 10, 20, ...;
+- velocity: the transformer on [image tokens, reference tokens], keeping the image tokens' output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from umo.models.base import Conditioning
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEXT_LAYERS = (9, 18, 27)  # diffusers' klein default (Qwen3-4B hidden states)
+EXPECTED_LAYOUT = "a diffusers Flux2KleinPipeline folder: model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/"
+
+
+def _pipeline_cls():
+    from diffusers import Flux2KleinPipeline
+
+    return Flux2KleinPipeline
+
+
+class Flux2KleinGenerator:
+    """`umo.models.base.Generator` for FLUX.2 [klein] (see the module docstring).
+
+    pipe: a loaded Flux2KleinPipeline (its modules are used, its __call__ is not).
+    text_layers: text-encoder hidden states stacked into the prompt embedding.
+    max_sequence_length: prompt tokens (padded / truncated), as the pipeline's argument.
+    guidance_scale: classifier-free guidance on the empty prompt when > 1 (the base klein pipeline uses 4;
+    the distilled one none); the two branches run as one doubled batch.
+    """
+
+    family = "flux2_klein"
+
+    def __init__(self, pipe, *, text_layers: Sequence[int] = DEFAULT_TEXT_LAYERS,
+                 max_sequence_length: int = 512, guidance_scale: float = 1.0) -> None:
+        self.pipe = pipe
+        self.guidance_scale = float(guidance_scale)
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        self.text_encoder = pipe.text_encoder
+        self.tokenizer = pipe.tokenizer
+        self.scheduler = pipe.scheduler
+        self.text_layers = tuple(int(i) for i in text_layers)
+        self.max_sequence_length = int(max_sequence_length)
+        n_hidden = int(self.text_encoder.config.num_hidden_layers)
+        if max(self.text_layers) > n_hidden:
+            raise ValueError(f"text_layers {list(self.text_layers)}: the text encoder has only {n_hidden} layers")
+        self.scale = int(pipe.vae_scale_factor) * 2  # pixels per image token side (VAE 8x, then 2x2 patches)
+        for module in (self.vae, self.text_encoder, self.transformer):
+            module.requires_grad_(False)
+        self.vae.eval()
+        self.text_encoder.eval()
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, text_layers: Sequence[int] | None = None,
+                        max_sequence_length: int = 512, guidance_scale: float = 1.0,
+                        dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> "Flux2KleinGenerator":
+        """Load a local Flux2KleinPipeline folder. text_layers None: the folder's tiny marker if it has one
+        (umo.models.tiny), else diffusers' default (9, 18, 27). Raises FileNotFoundError naming the folder."""
+        path = Path(path).expanduser()
+        index_file = path / "model_index.json"
+        if not index_file.is_file():
+            raise FileNotFoundError(f"generator folder {path}: no model_index.json (expected {EXPECTED_LAYOUT}); "
+                                    "weights are never downloaded, put them there")
+        index = json.loads(index_file.read_text())
+        if text_layers is None:
+            text_layers = index.get("umo_tiny", {}).get("text_layers_used", DEFAULT_TEXT_LAYERS)
+        pipe = _pipeline_cls().from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(device)
+        log.info("generator %s loaded from %s (%s)", cls.family, path, "tiny test model" if "umo_tiny" in index
+                 else index.get("_class_name"))
+        return cls(pipe, text_layers=text_layers, max_sequence_length=max_sequence_length,
+                   guidance_scale=guidance_scale)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    # ------------------------------------------------------------------ conditioning
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, D) prompt embeddings and (B, L, 4) text position ids."""
+        embeds = self.pipe._get_qwen3_prompt_embeds(
+            self.text_encoder, self.tokenizer, list(prompts), dtype=self.transformer.dtype, device=self.device,
+            max_sequence_length=self.max_sequence_length, hidden_states_layers=self.text_layers)
+        return embeds, self.pipe._prepare_text_ids(embeds).to(self.device)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(K, 3, h, w) in [-1, 1] -> (K, 4C, h/16, w/16) normalized, patchified latents (posterior mode)."""
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import retrieve_latents
+
+        latents = retrieve_latents(self.vae.encode(images.to(self.device, self.vae.dtype)), sample_mode="argmax")
+        latents = self.pipe._patchify_latents(latents)
+        mean, std = self._bn_stats(latents)
+        return (latents - mean) / std
+
+    def encode_references(self, references: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample, its reference images (3, h, w) in [-1, 1] -> (B, R, C) tokens and (B, R, 4) ids.
+
+        All samples of a batch must have the same number of references with the same sizes (the data
+        loader buckets by that); sizes must be multiples of 16 px.
+        """
+        counts = {len(r) for r in references}
+        shapes = {tuple(tuple(img.shape) for img in r) for r in references}
+        if len(counts) != 1 or len(shapes) != 1:
+            raise ValueError(f"references: every sample of a batch needs the same number and sizes of references "
+                             f"(bucket the batch), got counts {sorted(counts)} and {len(shapes)} size layouts")
+        for img in references[0]:
+            if img.ndim != 3 or img.shape[0] != 3 or img.shape[1] % self.scale or img.shape[2] % self.scale:
+                raise ValueError(f"reference image: expected (3, h, w) with h, w multiples of {self.scale}, "
+                                 f"got {tuple(img.shape)}")
+        n_ref = len(references[0])
+        flat = torch.stack([img for r in references for img in r])  # (B * M, 3, h, w); same size by the check
+        latents = self.encode_images(flat)
+        per_image = [lat[None] for lat in latents[:n_ref]]
+        ids = self.pipe._prepare_image_ids(per_image).to(self.device)  # (1, R, 4): t = 10, 20, ...
+        tokens = self.pipe._pack_latents(latents)  # (B * M, hw, C)
+        tokens = tokens.reshape(len(references), n_ref * tokens.shape[1], tokens.shape[2])
+        return tokens.to(self.transformer.dtype), ids.expand(len(references), -1, -1)
+
+    def condition(self, prompts: Sequence[str], references: Sequence[Sequence[torch.Tensor]], *,
+                  height: int, width: int) -> Conditioning:
+        if len(prompts) != len(references):
+            raise ValueError(f"{len(prompts)} prompts but {len(references)} reference lists")
+        if height % self.scale or width % self.scale:
+            raise ValueError(f"image size {height}x{width}: height and width must be multiples of {self.scale}")
+        prompt, prompt_ids = self.encode_prompt(prompts)
+        refs, ref_ids = self.encode_references(references) if references and len(references[0]) else (None, None)
+        shape = (len(prompts), 1, height // self.scale, width // self.scale)
+        latent_ids = self.pipe._prepare_latent_ids(torch.empty(shape, device="meta")).to(self.device)
+        cond = Conditioning(prompt, prompt_ids, refs, ref_ids, latent_ids, height, width)
+        if self.guidance_scale > 1.0:
+            cond.extra["negative"] = self.encode_prompt([""] * len(prompts))
+        return cond
+
+    # ------------------------------------------------------------------ sampling
+
+    def initial_latents(self, cond: Conditioning, generator: torch.Generator | None = None) -> torch.Tensor:
+        channels = int(self.transformer.config.in_channels)
+        n = cond.latent_ids.shape[1]
+        noise = torch.randn((cond.batch_size, n, channels), generator=generator, device="cpu", dtype=torch.float32)
+        return noise.to(self.device)
+
+    def sigmas(self, num_steps: int, cond: Conditioning) -> torch.Tensor:
+        """The klein pipeline's schedule: linspace(1, 1/T, T) shifted by its empirical mu, then 0."""
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        mu = compute_empirical_mu(image_seq_len=cond.latent_ids.shape[1], num_steps=num_steps)
+        self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu, device="cpu")
+        return self.scheduler.sigmas.to(torch.float32).clone()
+
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning) -> torch.Tensor:
+        n, b = latents.shape[1], latents.shape[0]
+        hidden, ids = latents, cond.latent_ids
+        if cond.references is not None:
+            hidden = torch.cat([latents, cond.references.to(latents.dtype)], dim=1)
+            ids = torch.cat([cond.latent_ids, cond.reference_ids], dim=1)
+        t = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).reshape(-1)
+        t = t.expand(b) if t.numel() == 1 else t
+        prompt, prompt_ids = cond.prompt, cond.prompt_ids
+        negative = cond.extra.get("negative")
+        if negative is not None:  # both guidance branches in one forward
+            hidden, ids, t = hidden.repeat(2, 1, 1), ids.repeat(2, 1, 1), t.repeat(2)
+            prompt, prompt_ids = torch.cat([prompt, negative[0]]), torch.cat([prompt_ids, negative[1]])
+        dtype = self.transformer.dtype
+        out = self.transformer(hidden_states=hidden.to(dtype), timestep=t.to(dtype), guidance=None,
+                               encoder_hidden_states=prompt.to(dtype), txt_ids=prompt_ids, img_ids=ids,
+                               return_dict=False)[0][:, :n].to(latents.dtype)
+        if negative is not None:
+            cond_v, uncond_v = out[:b], out[b:]
+            return uncond_v + self.guidance_scale * (cond_v - uncond_v)
+        return out
+
+    def decode(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Packed latents -> images (B, 3, H, W) clamped to [-1, 1]; differentiable (no torch.no_grad here)."""
+        h, w = cond.height // self.scale, cond.width // self.scale
+        x = latents.transpose(1, 2).reshape(latents.shape[0], latents.shape[2], h, w)  # ids are row-major
+        mean, std = self._bn_stats(x)
+        x = self.pipe._unpatchify_latents(x * std + mean)
+        image = self.vae.decode(x.to(self.vae.dtype), return_dict=False)[0]
+        return image.float().clamp(-1.0, 1.0)
+
+    def _bn_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bn = self.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(like.device, like.dtype)
+        return mean, std
