@@ -35,3 +35,11 @@ def toy_world():
 
     cache = Path(os.environ.get("UMO_TEST_CACHE", ROOT / ".cache")) / "toy-world-small"
     return build_toyworld(cache, from_dict(ToyWorldConfig, SMALL_WORLD, source="tests/conftest.py")).world
+
+
+@pytest.fixture(scope="session")
+def tiny_generator_dir(tmp_path_factory):
+    """A tiny seeded FLUX.2 [klein] pipeline folder written in the real diffusers layout (~1 s)."""
+    from umo.models.tiny import write_tiny_flux2
+
+    return write_tiny_flux2(tmp_path_factory.mktemp("generator") / "tiny_flux2")

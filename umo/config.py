@@ -99,6 +99,48 @@ class RewardConfig:
 
 
 @dataclass
+class GeneratorConfig:
+    """The multi-reference generator the LoRA is trained on (a local diffusers folder; never downloaded)."""
+
+    family: Literal["flux2_klein"] = "flux2_klein"
+    path: str = "artifacts/models/generator"
+    """Local diffusers pipeline folder (the embedded default writes a tiny one here)."""
+    text_layers: list[int] | None = None
+    """Text-encoder hidden states stacked as the prompt embedding; null = the tiny model's or [9, 18, 27]."""
+    max_sequence_length: int = 512
+    guidance_scale: float = 1.0
+    """Classifier-free guidance when > 1 (base klein: 4; distilled klein: 1)."""
+    resolution: list[int] = field(default_factory=lambda: [64, 64])
+    """Generated [height, width] in pixels, multiples of 16."""
+
+    def __post_init__(self) -> None:
+        if len(self.resolution) != 2 or min(self.resolution) <= 0 or any(v % 16 for v in self.resolution):
+            raise ConfigError(f"resolution: expected [height, width], positive multiples of 16, got {self.resolution}")
+        if self.guidance_scale < 1.0:
+            raise ConfigError(f"guidance_scale: expected >= 1 (1 = no guidance), got {self.guidance_scale}")
+
+
+@dataclass
+class LoraConfig:
+    """The trained LoRA (peft), saved in the diffusers LoRA format."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: [
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+        "attn.to_qkv_mlp_proj", "attn.to_out"])
+    """Linear layers matched by dotted-name suffix (FLUX.2: double-block attention q/k/v/out of both streams,
+    single-block fused qkv+mlp input and output)."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"rank: expected >= 1, got {self.rank}")
+        if not self.target_modules:
+            raise ConfigError("target_modules: expected at least one module name")
+
+
+@dataclass
 class ToyCollectionConfig:
     """The toy world's raw image collection (groups of images, as from one album or video)."""
 
@@ -209,6 +251,8 @@ class Config:
     seed: int = 0
     faces: FacesConfig = field(default_factory=FacesConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     toyworld: ToyWorldConfig = field(default_factory=ToyWorldConfig)
 
 

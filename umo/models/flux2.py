@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from umo.models.base import Conditioning
+from umo.models.tiny import TINY_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +83,14 @@ class Flux2KleinGenerator:
             raise FileNotFoundError(f"generator folder {path}: no model_index.json (expected {EXPECTED_LAYOUT}); "
                                     "weights are never downloaded, put them there")
         index = json.loads(index_file.read_text())
+        tiny_file = path / TINY_MARKER
+        tiny = json.loads(tiny_file.read_text()) if tiny_file.is_file() else None
         if text_layers is None:
-            text_layers = index.get("umo_tiny", {}).get("text_layers_used", DEFAULT_TEXT_LAYERS)
-        pipe = _pipeline_cls().from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+            text_layers = tiny["text_layers_used"] if tiny else DEFAULT_TEXT_LAYERS
+        pipe = _pipeline_cls().from_pretrained(path, local_files_only=True, dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)
-        log.info("generator %s loaded from %s (%s)", cls.family, path, "tiny test model" if "umo_tiny" in index
+        log.info("generator %s loaded from %s (%s)", cls.family, path, "tiny test model" if tiny
                  else index.get("_class_name"))
         return cls(pipe, text_layers=text_layers, max_sequence_length=max_sequence_length,
                    guidance_scale=guidance_scale)

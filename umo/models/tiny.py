@@ -2,7 +2,7 @@
 
 For tests and the embedded default: `write_tiny_flux2(dir)` saves a complete `Flux2KleinPipeline` folder
 (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/) exactly as a real checkpoint
-is laid out, so the generator loads it through the same code path (`from_pretrained`, local files only) as
+is laid out, plus umo_tiny.json saying it is a tiny test model, so the generator loads it through the same code path (`from_pretrained`, local files only) as
 real weights. Nothing is downloaded: the tokenizer is a byte-level BPE built in memory (no merges; every
 byte is a token) with a Qwen-style chat template.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 TINY_TEXT_LAYERS = (1, 2, 3)  # hidden-state indices stacked as the prompt embedding (real klein: 9, 18, 27)
-TINY_MARKER = "umo_tiny"  # written into model_index.json so nobody mistakes it for real weights
+TINY_MARKER = "umo_tiny.json"  # written beside model_index.json so nobody mistakes it for real weights
 
 # Qwen3's chat template reduced to what the klein pipeline uses: one user turn, the generation prompt and
 # an empty thinking block when enable_thinking is false.
@@ -106,10 +106,9 @@ def write_tiny_flux2(out_dir: str | Path, config: TinyFlux2Config = TinyFlux2Con
     shutil.rmtree(tmp, ignore_errors=True)
     pipe = Flux2KleinPipeline(**tiny_components(config), is_distilled=False)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    index = json.loads((tmp / "model_index.json").read_text())
-    index[TINY_MARKER] = {**asdict(config), "text_layers_used": list(TINY_TEXT_LAYERS),
-                          "note": "tiny random weights for tests; not a real model"}
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    marker = {**asdict(config), "text_layers_used": list(TINY_TEXT_LAYERS),
+              "note": "tiny random weights for tests and the embedded default; not a real model"}
+    (tmp / TINY_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.replace(out_dir)

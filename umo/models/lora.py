@@ -1,0 +1,102 @@
+"""LoRA on the generator's transformer through peft, saved in the diffusers LoRA format.
+
+`add_lora` attaches a peft adapter to the named Linear layers (the standard init: A random, B zero, so the
+model starts exactly at the base weights). `save_lora` writes `pytorch_lora_weights.safetensors` with
+the pipeline class's own `save_lora_weights` (keys `transformer.<module>.lora_A.weight`, plus the adapter
+config as metadata), so any diffusers pipeline of the family reads it with `load_lora_weights`.
+Only LoRA tensors are ever written; the base model is never saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight name
+ADAPTER = "default"
+
+
+def lora_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Full names of the nn.Linear modules whose name ends with one of `patterns` at a dot boundary.
+
+    >>> m = nn.Module(); m.attn = nn.Module(); m.attn.to_q = nn.Linear(2, 2); m.attn.to_out = nn.ModuleList([nn.Linear(2, 2)])
+    >>> lora_targets(m, ["to_q", "to_out.0", "to_out"])
+    ['attn.to_q', 'attn.to_out.0']
+    """
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and any(name == p or name.endswith("." + p) for p in patterns):
+            found.append(name)
+    if not found:
+        raise ValueError(f"LoRA target_modules {list(patterns)} match no Linear layer of {type(model).__name__}")
+    return found
+
+
+def add_lora(model: nn.Module, *, rank: int, alpha: float, target_modules: Sequence[str], dropout: float = 0.0,
+             seed: int | None = None) -> list[str]:
+    """Attach a LoRA adapter (peft) to `model`'s matching Linear layers; returns the adapted module names.
+
+    Only the LoRA parameters require grad afterwards. `seed` fixes the random init of the A matrices.
+    """
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    targets = lora_targets(model, target_modules)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        init_lora_weights=True)
+    model.requires_grad_(False)
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model.add_adapter(config, adapter_name=ADAPTER)
+    else:
+        model.add_adapter(config, adapter_name=ADAPTER)
+    n = sum(p.numel() for p in lora_parameters(model))
+    log.info("LoRA rank %d alpha %g on %d layers: %.2fM trainable parameters", rank, alpha, len(targets), n / 1e6)
+    return targets
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable LoRA parameters (in a stable order)."""
+    return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors in peft naming (`<module>.lora_A.weight`), detached copies on the CPU."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in
+            get_peft_model_state_dict(model, adapter_name=ADAPTER).items()}
+
+
+def save_lora(model: nn.Module, out_dir: str | Path, *, pipeline_cls=None) -> Path:
+    """Write the adapter to out_dir/pytorch_lora_weights.safetensors in the diffusers LoRA format.
+
+    Written into a temporary folder and moved into place, so readers never see a partial file.
+    pipeline_cls: the diffusers pipeline class whose `save_lora_weights` to use (default Flux2KleinPipeline).
+    """
+    if pipeline_cls is None:
+        from diffusers import Flux2KleinPipeline as pipeline_cls
+    from peft.utils import get_peft_model_state_dict  # noqa: F401  (peft must be present)
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = model.peft_config[ADAPTER]
+    metadata = config.to_dict()
+    metadata["target_modules"] = sorted(metadata["target_modules"])
+    pipeline_cls.save_lora_weights(tmp, transformer_lora_layers=lora_state_dict(model), weight_name=LORA_FILE,
+                                   safe_serialization=True, transformer_lora_adapter_metadata=metadata)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (tmp / LORA_FILE).replace(out_dir / LORA_FILE)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir / LORA_FILE
