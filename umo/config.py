@@ -141,6 +141,29 @@ class LoraConfig:
 
 
 @dataclass
+class TrainConfig:
+    """ReReFL (PAPER.md, Algorithm 1). Defaults suit the embedded default's tiny generator; the paper's
+    values are in the comments of params.yaml."""
+
+    sampler_steps: int = 8
+    """T: steps of the sampler the gradient step is drawn from (paper: 25 for UNO, 50 for OmniGen2)."""
+    grad_step_range: list[int] = field(default_factory=lambda: [1, 4])
+    """[T_s, T_e]: the gradient step, counted as remaining steps (paper: [1, 10] / [1, 20])."""
+    diff_weight: float = 1.0
+    """lambda: weight of the supervised flow-matching loss L_diff (paper: 1)."""
+    learning_rate: float = 1e-4
+    """AdamW on the LoRA (paper: 5e-6 at rank 512)."""
+    weight_decay: float = 0.0
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        lo_hi = self.grad_step_range
+        if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1] <= self.sampler_steps:
+            raise ConfigError(f"grad_step_range: expected [T_s, T_e] with 1 <= T_s <= T_e <= sampler_steps "
+                              f"({self.sampler_steps}), got {lo_hi}")
+
+
+@dataclass
 class ToyCollectionConfig:
     """The toy world's raw image collection (groups of images, as from one album or video)."""
 
@@ -253,6 +276,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     toyworld: ToyWorldConfig = field(default_factory=ToyWorldConfig)
 
 

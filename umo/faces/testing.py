@@ -26,6 +26,7 @@ from torch import nn
 
 from umo.faces.align import ARCFACE_TEMPLATE
 from umo.faces.export import SCRFD_INPUT_MEAN, SCRFD_INPUT_STD
+from umo.faces.types import Detections
 
 NOSE = 2  # index of the nose tip in ARCFACE_TEMPLATE
 
@@ -233,3 +234,23 @@ class MarkerDetector(nn.Module):
             outs_bbox.append(self._anchors_flat(box0, box0, 4))
             outs_kps.append(self._anchors_flat(kps0, kps0, 10))
         return (*outs_score, *outs_bbox, *outs_kps)
+
+
+class FixedFaces:
+    """A stand-in detector that reports the same faces at known places in every image.
+
+    For training tests on a generator that cannot draw faces yet (a tiny random one): the reward then
+    embeds whatever the generator paints at those places, and its gradient teaches it to paint the
+    references there. centers: nose positions (x, y) px; face_size: face side px (landmarks from
+    `face_landmarks`). Same interface as `FaceDetector.detect_tensor`.
+    """
+
+    def __init__(self, centers: Sequence[Sequence[float]], face_size: float) -> None:
+        self.landmarks = np.stack([face_landmarks(c, face_size) for c in centers]).astype(np.float32)
+        half = face_size / 2
+        self.boxes = np.array([[x - half, y - half, x + half, y + half] for x, y in centers], np.float32)
+        self.scores = np.linspace(0.99, 0.9, len(centers)).astype(np.float32)
+
+    def detect_tensor(self, images: torch.Tensor) -> list[Detections]:
+        return [Detections(self.boxes.copy(), self.landmarks.copy(), self.scores.copy())
+                for _ in range(images.shape[0])]

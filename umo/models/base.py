@@ -59,12 +59,20 @@ class Generator(Protocol):
         """Encode prompts and each sample's reference images ((3, h, w) in [-1, 1]) once per batch."""
         ...
 
+    def encode(self, images: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Target images (B, 3, H, W) in [-1, 1] -> clean latents x0 shaped as `velocity` expects (no grad)."""
+        ...
+
     def initial_latents(self, cond: Conditioning, generator: torch.Generator | None = None) -> torch.Tensor:
         """Pure noise x_1, shaped as `velocity` expects."""
         ...
 
     def sigmas(self, num_steps: int, cond: Conditioning) -> torch.Tensor:
         """The sampler's noise levels, num_steps + 1 values from 1 down to 0 (the family's own shift)."""
+        ...
+
+    def shift(self, u: torch.Tensor, num_steps: int, cond: Conditioning) -> torch.Tensor:
+        """Uniform times in (0, 1) -> training noise levels with the family's timestep shift."""
         ...
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning) -> torch.Tensor:

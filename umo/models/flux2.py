@@ -119,6 +119,13 @@ class Flux2KleinGenerator:
         mean, std = self._bn_stats(latents)
         return (latents - mean) / std
 
+    def encode(self, images: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Target images (B, 3, H, W) in [-1, 1] at cond's size -> packed clean latents x0 (B, N, C), no grad."""
+        if tuple(images.shape[2:]) != (cond.height, cond.width):
+            raise ValueError(f"target images are {tuple(images.shape[2:])}, the batch generates "
+                             f"{(cond.height, cond.width)}")
+        return self.pipe._pack_latents(self.encode_images(images)).float()
+
     def encode_references(self, references: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per sample, its reference images (3, h, w) in [-1, 1] -> (B, R, C) tokens and (B, R, 4) ids.
 
@@ -175,6 +182,14 @@ class Flux2KleinGenerator:
         mu = compute_empirical_mu(image_seq_len=cond.latent_ids.shape[1], num_steps=num_steps)
         self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu, device="cpu")
         return self.scheduler.sigmas.to(torch.float32).clone()
+
+    def shift(self, u: torch.Tensor, num_steps: int, cond: Conditioning) -> torch.Tensor:
+        """Uniform times u in (0, 1) -> noise levels with the sampler's shift for this resolution and T
+        (the base model's timestep shift, used to draw training times for L_diff)."""
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+        mu = compute_empirical_mu(image_seq_len=cond.latent_ids.shape[1], num_steps=num_steps)
+        return self.scheduler.time_shift(mu, 1.0, u.clamp(1e-4, 1 - 1e-4))
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning) -> torch.Tensor:
         n, b = latents.shape[1], latents.shape[0]

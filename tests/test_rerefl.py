@@ -1,0 +1,96 @@
+"""The ReReFL step on the tiny FLUX.2 [klein] generator with the toy world's reward embedder.
+
+The tiny random generator cannot draw faces, so the reward's detector is `FixedFaces` (faces at known places);
+everything after detection is the real reward: differentiable warp, the toy ArcFace embedder, MIMR.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from umo.config import LoraConfig
+from umo.faces.embed import load_arcface
+from umo.faces.testing import FixedFaces
+from umo.models.flux2 import Flux2KleinGenerator
+from umo.models.lora import add_lora, lora_parameters
+from umo.reward import MatchingReward
+from umo.toyworld.identity import make_identity
+from umo.toyworld.render import render_portrait
+from umo.train.rerefl import Batch, rerefl_step
+
+SIZE = 128
+STEP = dict(sampler_steps=8, height=SIZE, width=SIZE)
+
+
+@pytest.fixture()
+def setup(tiny_generator_dir, toy_world):
+    torch.manual_seed(0)
+    gen = Flux2KleinGenerator.from_pretrained(tiny_generator_dir)
+    lora = LoraConfig(rank=4, alpha=4.0)
+    add_lora(gen.transformer, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules, seed=0)
+    embedder = load_arcface(toy_world.reward_path, toy_world.config.reward.arch)
+    reward = MatchingReward(FixedFaces([(36, 64), (92, 64)], 48), embedder)
+    rng = np.random.default_rng(0)
+    held_out = toy_world.config.n_train_identities
+    portraits = [render_portrait(make_identity(0, held_out + k), rng, (SIZE, SIZE)).image for k in (3, 7)]
+    refs = torch.from_numpy(np.stack(portraits)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    embeddings = torch.cat(reward.embed_references(refs, largest_only=True))
+    small_refs = torch.nn.functional.interpolate(refs, size=(64, 64), mode="area")
+    batch = Batch(["two people side by side"], [list(small_refs)], [embeddings], torch.zeros(1, 3, SIZE, SIZE))
+    return gen, reward, batch
+
+
+def fixed_draws() -> torch.Generator:
+    return torch.Generator().manual_seed(123)
+
+
+def test_reward_on_a_fixed_batch_rises_and_every_lora_parameter_moves(setup):
+    gen, reward, batch = setup
+    base = {k: v.clone() for k, v in gen.transformer.state_dict().items() if "lora_" not in k}
+    lora_before = {n: p.detach().clone() for n, p in gen.transformer.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(lora_parameters(gen.transformer), lr=3e-3, weight_decay=0.0)
+
+    def evaluate() -> float:
+        with torch.no_grad():
+            return float(rerefl_step(gen, reward, batch, grad_step_range=[2, 2], diff_weight=0.0,
+                                     generator=fixed_draws(), **STEP).reward)
+
+    before = evaluate()
+    for _ in range(30):  # the same draws every step: gradient ascent on exactly the evaluated reward
+        out = rerefl_step(gen, reward, batch, grad_step_range=[2, 2], diff_weight=0.0, generator=fixed_draws(),
+                          **STEP)
+        assert out.faces.tolist() == [2]
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    after = evaluate()
+    assert after > before + 0.03, (before, after)
+
+    for name, p in gen.transformer.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(p.detach(), lora_before[name]), f"{name} did not change"
+    for key, value in gen.transformer.state_dict().items():  # the base model never changes
+        if "lora_" not in key:
+            assert torch.equal(value, base[key]), key
+
+
+def test_loss_is_lambda_diff_minus_reward_and_draws_are_replayable(setup):
+    gen, reward, batch = setup
+    a = rerefl_step(gen, reward, batch, grad_step_range=[1, 4], diff_weight=0.5, generator=fixed_draws(), **STEP)
+    b = rerefl_step(gen, reward, batch, grad_step_range=[1, 4], diff_weight=0.5, generator=fixed_draws(), **STEP)
+    assert float(a.loss.detach()) == pytest.approx(0.5 * float(a.diff_loss) - float(a.reward), abs=1e-6)
+    assert float(a.diff_loss) > 0 and 1 <= a.grad_step <= 4
+    assert a.scalars() == b.scalars()  # one RNG drives every draw: a resumed run replays them
+    assert a.reward == pytest.approx(float(a.matched + a.unmatched), abs=1e-6)
+    a.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in gen.transformer.named_parameters() if p.requires_grad and "lora_B" in n)
+
+
+def test_grad_step_range_counts_remaining_steps(setup):
+    gen, reward, batch = setup
+    seen = {rerefl_step(gen, reward, batch, grad_step_range=[8, 8], diff_weight=0.0,
+                        generator=torch.Generator().manual_seed(s), **STEP).sigma for s in range(2)}
+    assert seen == {1.0}  # t = T remaining steps: the gradient step is the very first, at sigma 1

@@ -1,0 +1,1 @@
+"""ReReFL training: the step (`rerefl`), and the accelerate loop around it."""

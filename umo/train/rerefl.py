@@ -1,0 +1,113 @@
+"""One ReReFL step (PAPER.md, Algorithm 1), on any `umo.models.Generator`.
+
+    1. L_diff: flow matching on the sample's target image, x_t = (1 - s) x0 + s * noise, target
+       v = noise - x0, MSE; s drawn uniformly and shifted as the base model's sampler shifts.
+    2. t ~ U{T_s..T_e}, counted as REMAINING steps of a T-step sampler.
+    3. From pure noise, sample with the current weights and no gradient down to step t (index T - t).
+    4. One transformer call at step t WITH gradient; x0_hat = x_t - sigma_t * v; VAE decode with gradient.
+    5. R = reward(image; cached reference embeddings) (MIMR or SIR); loss = lambda * L_diff - mean(R).
+
+Gradient path: LoRA <- the step-t forward <- VAE decode <- the reward's differentiable warp <- embedder.
+No gradient through the earlier sampler steps, detection, the assignment or the reference embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from umo.models.base import Generator, euler_step, predict_x0
+
+
+@dataclass
+class Batch:
+    """B training samples, bucketed so that they share a reference layout.
+
+    prompts: B captions; references: per sample its reference images (3, h, w) in [-1, 1] (the generator's
+    conditioning); reference_embeddings: per sample (M_i, D) L2-normalized identity embeddings (cached by
+    data prep; the reward's side); targets: (B, 3, H, W) in [-1, 1], the sample's real image (for L_diff).
+    """
+
+    prompts: list[str]
+    references: list[list[torch.Tensor]]
+    reference_embeddings: list[torch.Tensor]
+    targets: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n = len(self.prompts)
+        if not (len(self.references) == len(self.reference_embeddings) == self.targets.shape[0] == n):
+            raise ValueError(f"batch: {n} prompts, {len(self.references)} reference lists, "
+                             f"{len(self.reference_embeddings)} embedding sets, {self.targets.shape[0]} targets")
+
+
+@dataclass
+class StepOutput:
+    """What one ReReFL step computed; `loss` carries the gradient, the rest is detached for logging."""
+
+    loss: torch.Tensor
+    diff_loss: torch.Tensor
+    reward: torch.Tensor  # mean over the batch
+    matched: torch.Tensor
+    unmatched: torch.Tensor
+    faces: torch.Tensor  # (B,) faces scored per sample
+    grad_step: int  # t, remaining steps
+    sigma: float  # noise level of the gradient step
+    images: torch.Tensor = field(repr=False)  # (B, 3, H, W) decoded x0_hat, detached
+
+    def scalars(self) -> dict[str, float]:
+        return {"loss": float(self.loss.detach()), "diff_loss": float(self.diff_loss),
+                "reward": float(self.reward), "reward_matched": float(self.matched),
+                "reward_unmatched": float(self.unmatched), "faces_per_sample": float(self.faces.float().mean()),
+                "grad_step": float(self.grad_step), "sigma": self.sigma}
+
+
+def draw_grad_step(grad_step_range: Sequence[int], generator: torch.Generator) -> int:
+    """t ~ uniform integer in [T_s, T_e] (inclusive)."""
+    lo, hi = int(grad_step_range[0]), int(grad_step_range[1])
+    return int(torch.randint(lo, hi + 1, (1,), generator=generator))
+
+
+def rerefl_step(model: Generator, reward, batch: Batch, *, sampler_steps: int, grad_step_range: Sequence[int],
+                diff_weight: float, height: int, width: int, generator: torch.Generator) -> StepOutput:
+    """Compute the ReReFL loss of one batch (see the module docstring); call .backward() on `.loss`.
+
+    reward: a `umo.reward.MatchingReward` (or anything with its `compute(images, references)`).
+    generator: the torch RNG for every random draw of the step (noise, t, L_diff time), so a resumed run
+    replays the same draws.
+    """
+    device = batch.targets.device
+    cond = model.condition(batch.prompts, batch.references, height=height, width=width)
+    b = cond.batch_size
+
+    # 1. L_diff on the targets
+    diff_loss = torch.zeros((), device=device)
+    if diff_weight:
+        x0 = model.encode(batch.targets, cond)
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        s = model.shift(torch.rand(b, generator=generator), sampler_steps, cond).to(x0)
+        x_t = (1 - s.view(-1, 1, 1)) * x0 + s.view(-1, 1, 1) * noise
+        diff_loss = F.mse_loss(model.velocity(x_t, s, cond).float(), (noise - x0).float())
+
+    # 2-3. t and the no-grad approach to it
+    t = draw_grad_step(grad_step_range, generator)
+    sigmas = model.sigmas(sampler_steps, cond)
+    k = sampler_steps - t  # sampler steps taken before the gradient step
+    x = model.initial_latents(cond, generator)
+    with torch.no_grad():
+        for i in range(k):
+            x = euler_step(x, model.velocity(x, sigmas[i], cond), sigmas[i], sigmas[i + 1])
+
+    # 4. the gradient step, x0_hat, decode
+    sigma = sigmas[k]
+    x0_hat = predict_x0(x, model.velocity(x, sigma, cond), sigma)
+    images = model.decode(x0_hat, cond)
+
+    # 5. reward and loss
+    out = reward.compute(images, [e.to(images.device) for e in batch.reference_embeddings])
+    loss = diff_weight * diff_loss - out.rewards.mean()
+    return StepOutput(loss=loss, diff_loss=diff_loss.detach(), reward=out.rewards.detach().mean(),
+                      matched=out.matched.mean(), unmatched=out.unmatched.mean(), faces=out.faces, grad_step=t,
+                      sigma=float(sigma), images=images.detach())
