@@ -1,0 +1,38 @@
+"""infra/accelerate: every launch config parses with accelerate's own strict loader and says what its name says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.utils import DistributedType
+
+CONFIGS = Path(__file__).resolve().parents[1] / "infra" / "accelerate"
+
+EXPECTED = {
+    "single_gpu.yaml": (DistributedType.NO, 1, 1),
+    "ddp_8gpu.yaml": (DistributedType.MULTI_GPU, 8, 1),
+    "fsdp_8gpu.yaml": (DistributedType.FSDP, 8, 1),
+    "multinode_2x8.yaml": (DistributedType.MULTI_GPU, 16, 2),
+}
+
+
+def test_every_config_is_covered():
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_parses_with_accelerate(name):
+    config = load_config_from_file(str(CONFIGS / name))  # raises on unknown keys
+    kind, processes, machines = EXPECTED[name]
+    assert config.distributed_type == kind
+    assert (config.num_processes, config.num_machines) == (processes, machines)
+    assert config.mixed_precision == "bf16" and not config.use_cpu
+    if kind == DistributedType.FSDP:
+        layers = config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")
+        import diffusers.models.transformers.transformer_flux2 as flux2
+
+        assert all(hasattr(flux2, cls) for cls in layers)  # the wrap classes exist in diffusers
+    if machines > 1:
+        assert config.main_process_port and config.rdzv_backend == "c10d"
