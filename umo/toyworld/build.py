@@ -43,6 +43,7 @@ from typing import Any, Iterator
 
 from umo import __version__
 from umo.config import ToyWorldConfig, from_dict, to_dict
+from umo.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -330,9 +331,7 @@ def quality_table(quality: dict[str, Any]) -> str:
 
 
 def _atomic_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _read_manifest(root: Path) -> dict[str, Any] | None:

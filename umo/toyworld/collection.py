@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from tqdm import tqdm
 
 from umo.toyworld.background import SCENE_SETTINGS
 from umo.toyworld.identity import MAX_IDENTITIES, make_identity
+from umo.io import atomic_write_bytes
 from umo.toyworld.render import MAX_FACES, Scene, render_scene
 
 log = logging.getLogger(__name__)
@@ -68,12 +68,6 @@ class GroupPlan:
 def default_truth_path(out_dir: Path) -> Path:
     """Where the ground truth of `out_dir` goes by default: next to it, never inside it."""
     return out_dir.parent / f"{out_dir.name}_truth.jsonl"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _jsonl(rows: list[dict[str, Any]]) -> bytes:
@@ -233,7 +227,7 @@ def write_raw_collection(
         ):
             group_dir = out_dir / plan.name
             group_dir.mkdir(exist_ok=True)
-            _atomic_write(group_dir / row["image"], png)
+            atomic_write_bytes(group_dir / row["image"], png)
             captions[plan.name].append({"image": row["image"], "caption": row["caption"]})
             truth.append(row)
             n_images += 1
@@ -242,8 +236,8 @@ def write_raw_collection(
         if pool:
             pool.shutdown()
     for plan in plans:
-        _atomic_write(out_dir / plan.name / CAPTIONS_FILE, _jsonl(captions[plan.name]))
-    _atomic_write(truth_path, _jsonl(truth))
+        atomic_write_bytes(out_dir / plan.name / CAPTIONS_FILE, _jsonl(captions[plan.name]))
+    atomic_write_bytes(truth_path, _jsonl(truth))
 
     identities = sorted({i for p in plans for i in p.cast})
     meta: dict[str, Any] = {
@@ -258,7 +252,7 @@ def write_raw_collection(
         "image_size": [int(image_size[0]), int(image_size[1])],
         "note": NOTE,
     }
-    _atomic_write(out_dir / METADATA_FILE, (json.dumps(meta, sort_keys=True, indent=2) + "\n").encode())
+    atomic_write_bytes(out_dir / METADATA_FILE, (json.dumps(meta, sort_keys=True, indent=2) + "\n").encode())
     log.info(
         "toy world: wrote %d images in %d groups to %s (truth: %s)", n_images, len(plans), out_dir, truth_path
     )
