@@ -58,7 +58,7 @@ def cmd_faces_detect(args: argparse.Namespace) -> int:
 
 def cmd_toyworld_build(args: argparse.Namespace) -> int:
     """Build (or reuse) the toy world; print its quality table; exit 1 when below the quality gates."""
-    from umo.toyworld.build import ToyWorldError, build_toyworld, load_toyworld, quality_table
+    from umo.toyworld.build import ToyWorldError, build_toyworld, quality_table
 
     config = load_config(args.params, args.overrides).toyworld
     try:
@@ -75,7 +75,6 @@ def cmd_toyworld_build(args: argparse.Namespace) -> int:
     built = {k: round(v, 1) for k, v in result.seconds.items()}
     print(f"\ntoy world in {world.root} (reused: {', '.join(result.reused) or 'nothing'}; seconds: {built})")
     print("use its face models with:", " ".join(f"-S {o}" for o in world.faces_overrides()))
-    load_toyworld(world.root)  # what downstream stages will do: refuse anything incomplete
     return 0
 
 

@@ -85,7 +85,6 @@ def save_lora(model: nn.Module, out_dir: str | Path, *, pipeline_cls=None) -> Pa
     """
     if pipeline_cls is None:
         from diffusers import Flux2KleinPipeline as pipeline_cls
-    from peft.utils import get_peft_model_state_dict  # noqa: F401  (peft must be present)
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")

@@ -295,10 +295,7 @@ def build_embedders(
     times["judge_train_s"] = time.perf_counter() - t0
     del model, train_x
 
-    reward_model = load_arcface(reward_path, reward.arch, num_features=reward.num_features)
-    with torch.no_grad():
-        emb_reward = torch.cat([reward_model(to_input(test_x[i : i + 256]))
-                                for i in range(0, len(test_x), 256)]).numpy()
+    emb_reward = embed(load_arcface(reward_path, reward.arch, num_features=reward.num_features), test_x)
     emb_judge = OnnxRecognizer(judge_path).embed_aligned(test_x)
     result = verification_metrics(emb_reward, test_y, emb_judge) | times
     log.info("toy embedders: %s", result)
