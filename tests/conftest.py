@@ -43,3 +43,15 @@ def tiny_generator_dir(tmp_path_factory):
     from umo.models.tiny import write_tiny_flux2
 
     return write_tiny_flux2(tmp_path_factory.mktemp("generator") / "tiny_flux2")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (SQLite store, local artifacts); yields its URI."""
+    from servers import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()

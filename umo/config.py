@@ -112,10 +112,14 @@ class GeneratorConfig:
     """Classifier-free guidance when > 1 (base klein: 4; distilled klein: 1)."""
     resolution: list[int] = field(default_factory=lambda: [64, 64])
     """Generated [height, width] in pixels, multiples of 16."""
+    reference_resolution: list[int] = field(default_factory=lambda: [64, 64])
+    """[height, width] every reference image is resized to before encoding, multiples of 16."""
 
     def __post_init__(self) -> None:
-        if len(self.resolution) != 2 or min(self.resolution) <= 0 or any(v % 16 for v in self.resolution):
-            raise ConfigError(f"resolution: expected [height, width], positive multiples of 16, got {self.resolution}")
+        for name in ("resolution", "reference_resolution"):
+            value = getattr(self, name)
+            if len(value) != 2 or min(value) <= 0 or any(v % 16 for v in value):
+                raise ConfigError(f"{name}: expected [height, width], positive multiples of 16, got {value}")
         if self.guidance_scale < 1.0:
             raise ConfigError(f"guidance_scale: expected >= 1 (1 = no guidance), got {self.guidance_scale}")
 
@@ -155,12 +159,55 @@ class TrainConfig:
     """AdamW on the LoRA (paper: 5e-6 at rank 512)."""
     weight_decay: float = 0.0
     gradient_checkpointing: bool = False
+    """Recompute the transformer blocks in backward (non-reentrant, so DDP sees each parameter once)."""
+    mixed_precision: Literal["no", "bf16"] = "bf16"
+    """bf16: frozen weights in bf16 and autocast, LoRA and optimizer in fp32 (GPU only; CPU runs fp32)."""
+    max_steps: int = 200
+    """Optimizer steps in all."""
+    batch_size: int = 1
+    """Samples per process per micro-batch (samples of a batch share their number of references)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step; the total batch is batch_size x processes x this (paper: 8)."""
+    max_grad_norm: float = 1.0
+    """Clip the LoRA gradient to this global L2 norm (0 = no clipping; the norm is logged either way)."""
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    warmup_steps: int = 10
+    ema_decay: float | None = None
+    """Exponential moving average of the LoRA (e.g. 0.999); the final LoRA is the average when set."""
+    checkpoint_every: int = 50
+    """Save a resumable checkpoint every N optimizer steps (and at the end)."""
+    checkpoints_total_limit: int = 3
+    """Keep the newest N checkpoints; older ones are deleted after a new one is complete."""
+    log_every: int = 1
+    """Log scalars to MLflow every N optimizer steps."""
+    sample_every: int = 50
+    """Log the decoded x0_hat images of the step as a grid to MLflow every N optimizer steps (0 = never)."""
+    max_nonfinite_steps: int = 5
+    """A non-finite loss or gradient skips the step (counted); this many in a row abort the run."""
 
     def __post_init__(self) -> None:
         lo_hi = self.grad_step_range
         if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1] <= self.sampler_steps:
             raise ConfigError(f"grad_step_range: expected [T_s, T_e] with 1 <= T_s <= T_e <= sampler_steps "
                               f"({self.sampler_steps}), got {lo_hi}")
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every",
+                     "checkpoints_total_limit", "log_every", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        for name in ("learning_rate", "max_grad_norm", "warmup_steps", "sample_every", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay: expected null or a value in (0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking (the main process of a run logs; the others never touch MLflow)."""
+
+    tracking_uri: str | None = None
+    """null = $MLFLOW_TRACKING_URI, else a local SQLite store at artifacts/mlflow/mlflow.db."""
+    experiment: str = "umo"
 
 
 @dataclass
@@ -277,6 +324,7 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     toyworld: ToyWorldConfig = field(default_factory=ToyWorldConfig)
 
 

@@ -1,9 +1,15 @@
-"""Atomic file writes: readers see the old file or the new one, never half of one."""
+"""Atomic file writes: readers see the old file (or folder) or the new one, never half of one."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -12,3 +18,66 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """`obj` as indented JSON with sorted keys (stable bytes for DVC), written atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_safetensors(tensors: Mapping[str, Any], path: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write torch tensors as safetensors, atomically.
+
+    `metadata` goes into the header as ONE entry, "umo" = its JSON with sorted keys: safetensors keeps header
+    metadata in a hash map whose order changes from process to process, so several entries would make the
+    bytes of identical files differ.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    header = {"umo": json.dumps(dict(metadata), sort_keys=True)} if metadata else None
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
+    os.replace(tmp, path)
+    return path
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, Any]:
+    """The "umo" header entry written by `save_safetensors` ({} when there is none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta["umo"]) if "umo" in meta else {}
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it replaces `path` in one rename.
+
+    On an exception the temporary folder is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.old")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -53,6 +53,8 @@ class Generator(Protocol):
 
     transformer: nn.Module
     """The denoiser; the LoRA is attached to it."""
+    denoiser: nn.Module
+    """What `velocity` calls: `transformer` itself, or the DDP/FSDP wrapper a trainer puts around it."""
 
     def condition(self, prompts: Sequence[str], references: Sequence[Sequence[torch.Tensor]], *,
                   height: int, width: int) -> Conditioning:

@@ -53,6 +53,7 @@ class Flux2KleinGenerator:
         self.pipe = pipe
         self.guidance_scale = float(guidance_scale)
         self.transformer = pipe.transformer
+        self.denoiser = pipe.transformer  # what velocity() calls: the transformer or its DDP/FSDP wrapper
         self.vae = pipe.vae
         self.text_encoder = pipe.text_encoder
         self.tokenizer = pipe.tokenizer
@@ -205,7 +206,7 @@ class Flux2KleinGenerator:
             hidden, ids, t = hidden.repeat(2, 1, 1), ids.repeat(2, 1, 1), t.repeat(2)
             prompt, prompt_ids = torch.cat([prompt, negative[0]]), torch.cat([prompt_ids, negative[1]])
         dtype = self.transformer.dtype
-        out = self.transformer(hidden_states=hidden.to(dtype), timestep=t.to(dtype), guidance=None,
+        out = self.denoiser(hidden_states=hidden.to(dtype), timestep=t.to(dtype), guidance=None,
                                encoder_hidden_states=prompt.to(dtype), txt_ids=prompt_ids, img_ids=ids,
                                return_dict=False)[0][:, :n].to(latents.dtype)
         if negative is not None:

@@ -99,3 +99,24 @@ def save_lora(model: nn.Module, out_dir: str | Path, *, pipeline_cls=None) -> Pa
     (tmp / LORA_FILE).replace(out_dir / LORA_FILE)
     shutil.rmtree(tmp, ignore_errors=True)
     return out_dir / LORA_FILE
+
+
+def load_lora(model: nn.Module, path: str | Path) -> None:
+    """Load a LoRA file written by `save_lora` into `model`'s adapter (same targets and rank), exactly.
+
+    Raises ValueError naming the file when its tensors do not fit the adapter (missing or unexpected keys).
+    """
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    prefix = "transformer."
+    state = {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
+    expected = set(lora_state_dict(model))
+    if set(state) != expected:
+        extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
+        raise ValueError(f"{path}: LoRA tensors do not fit the model's adapter: {len(missing)} missing "
+                         f"(first {missing[:2]}), {len(extra)} unexpected (first {extra[:2]})")
+    result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"{path}: unexpected LoRA keys {result.unexpected_keys[:3]}")

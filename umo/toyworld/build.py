@@ -43,7 +43,7 @@ from typing import Any, Iterator
 
 from umo import __version__
 from umo.config import ToyWorldConfig, from_dict, to_dict
-from umo.io import atomic_write_bytes
+from umo.io import atomic_write_bytes, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -145,14 +145,6 @@ def part_keys(cfg: ToyWorldConfig) -> dict[str, str]:
               "numerics": portable_numerics_env()}
     return {name: hashlib.sha256(json.dumps(shared | {"part": name, "settings": _part_settings(name, cfg)},
                                             sort_keys=True).encode()).hexdigest() for name in PARTS}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -353,7 +345,7 @@ def _cached(world: ToyWorld, name: str, key: str, manifest: dict[str, Any] | Non
     files = {p.relative_to(world.root).as_posix(): p for p in world.part_files(name)}
     if set(files) != set(entry.get("files", {})):
         return False
-    return all(p.is_file() and file_sha256(p) == entry["files"][rel] for rel, p in files.items())
+    return all(p.is_file() and sha256_file(p) == entry["files"][rel] for rel, p in files.items())
 
 
 @dataclass(frozen=True)
@@ -395,7 +387,7 @@ def build_toyworld(out: str | Path, cfg: ToyWorldConfig, *, workers: int = 2, fo
                     error = error or err
                     continue
                 seconds[name] = out_part["seconds"]
-                files = {p.relative_to(root).as_posix(): file_sha256(p) for p in world.part_files(name)}
+                files = {p.relative_to(root).as_posix(): sha256_file(p) for p in world.part_files(name)}
                 parts[name] = {"key": keys[name], "files": files, "metrics": out_part["metrics"]}
                 log.info("toy world: %s built in %.0f s", name, out_part["seconds"])
     quality = assess_quality(parts, cfg) if error is None else None
@@ -438,6 +430,6 @@ def load_toyworld(root: str | Path, *, verify: bool = False) -> ToyWorld:
             path = root / rel
             if not path.is_file():
                 raise ToyWorldError(f"{path}: missing (listed in {root / MANIFEST_FILE})")
-            if verify and file_sha256(path) != digest:
+            if verify and sha256_file(path) != digest:
                 raise ToyWorldError(f"{path}: sha256 differs from {root / MANIFEST_FILE}; rebuild the toy world")
     return world

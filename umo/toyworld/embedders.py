@@ -31,6 +31,7 @@ from umo.config import ToyEmbedderConfig
 from umo.faces.align import similarity_transforms
 from umo.faces.embed import IResNet, iresnet
 from umo.faces.export import export_recognizer_onnx
+from umo.io import save_safetensors
 from umo.toyworld.identity import make_identity
 from umo.toyworld.render import render_scene
 
@@ -230,23 +231,9 @@ def verification_metrics(emb_a: np.ndarray, labels: np.ndarray, emb_b: np.ndarra
 
 
 def save_reward(model: IResNet, path: Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write the backbone's state dict (tensors only, arcface_torch names) as safetensors, atomically.
-
-    `metadata` goes into the header as ONE entry, "umo" = its JSON with sorted keys: safetensors keeps
-    header metadata in a hash map whose order changes from process to process, so several entries would
-    make the bytes differ between identical builds.
-    """
-    import json
-
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    header = {"umo": json.dumps(metadata, sort_keys=True)} if metadata else None
-    save_file(sd, str(tmp), metadata=header)
-    tmp.replace(path)
-    return path
+    """Write the backbone's state dict (tensors only, arcface_torch names) as safetensors, atomically, with
+    `metadata` as the header's one "umo" entry (`umo.io.save_safetensors`)."""
+    return save_safetensors(model.state_dict(), path, metadata)
 
 
 def reward_file(cfg: ToyEmbedderConfig) -> str:

@@ -42,6 +42,10 @@ class Batch:
             raise ValueError(f"batch: {n} prompts, {len(self.references)} reference lists, "
                              f"{len(self.reference_embeddings)} embedding sets, {self.targets.shape[0]} targets")
 
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.prompts, [[r.to(device) for r in refs] for refs in self.references],
+                     [e.to(device) for e in self.reference_embeddings], self.targets.to(device))
+
 
 @dataclass
 class StepOutput:
@@ -107,7 +111,9 @@ def rerefl_step(model: Generator, reward, batch: Batch, *, sampler_steps: int, g
 
     # 5. reward and loss
     out = reward.compute(images, [e.to(images.device) for e in batch.reference_embeddings])
-    loss = diff_weight * diff_loss - out.rewards.mean()
+    # + 0 * x0_hat: the loss always has a graph through the gradient step (a zero gradient when no face was
+    # scored), so every process of a distributed run takes the same backward and all-reduce.
+    loss = diff_weight * diff_loss - out.rewards.mean() + 0.0 * x0_hat.sum()
     return StepOutput(loss=loss, diff_loss=diff_loss.detach(), reward=out.rewards.detach().mean(),
                       matched=out.matched.mean(), unmatched=out.unmatched.mean(), faces=out.faces, grad_step=t,
                       sigma=float(sigma), images=images.detach())

@@ -1,0 +1,90 @@
+"""Helpers shared by the training tests and the script they launch with torchrun.
+
+The tiny random generator cannot draw faces, so the reward's detector is `FixedFaces` (two faces at known
+places of every generated image); everything after detection is the real reward. The references are toy-world
+portraits of held-out identities, embedded once by the toy world's real detector and reward embedder, as data
+prep does.
+
+    python tests/trainkit.py TOY_WORLD GENERATOR MANIFEST OUT [key=value ...]   # one training process
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from umo.config import Config, load_config
+from umo.data.manifest import Manifest, Reference, Sample, write_manifest
+from umo.faces.embed import load_arcface
+from umo.faces.testing import FixedFaces
+from umo.reward import MatchingReward
+from umo.toyworld.identity import make_identity
+from umo.toyworld.render import render_portrait
+
+SIZE = 64
+CENTERS, FACE = [(16, 32), (48, 32)], 24
+TRAIN = ["generator.resolution=[64, 64]", "generator.reference_resolution=[32, 32]", "lora.rank=4",
+         "lora.alpha=4", "train.sampler_steps=4", "train.grad_step_range=[1, 2]", "train.learning_rate=0.003",
+         "train.warmup_steps=0", "train.checkpoint_every=2", "train.checkpoints_total_limit=2",
+         "train.sample_every=2", "train.max_steps=4"]
+
+
+def train_config(toy_world, generator_dir, *overrides: str) -> Config:
+    return load_config(None, [*toy_world.faces_overrides(), f"generator.path={generator_dir}", *TRAIN, *overrides])
+
+
+def fixed_reward(toy_world) -> MatchingReward:
+    return MatchingReward(FixedFaces(CENTERS, FACE), load_arcface(toy_world.reward_path, toy_world.config.reward.arch))
+
+
+def make_manifest(root: Path, toy_world, n_samples: int = 4) -> Path:
+    """n_samples samples of 2 held-out identities each: portraits as references, the pair as the target."""
+    from PIL import Image
+
+    cfg = load_config(None, toy_world.faces_overrides())
+    embedder = MatchingReward.from_config(cfg.faces, cfg.reward)
+    rng = np.random.default_rng(0)
+    first = toy_world.config.n_train_identities
+    samples, embeddings = [], {}
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "targets").mkdir(exist_ok=True)
+    for i in range(n_samples):
+        ids = [first + 2 * i, first + 2 * i + 1]
+        portraits = [render_portrait(make_identity(toy_world.config.world_seed, k), rng, (128, 128)).image
+                     for k in ids]
+        refs = []
+        for k, image in zip(ids, portraits):
+            Image.fromarray(image).save(root / "refs" / f"id{k}.png")
+            refs.append(Reference(f"toy/{k}", f"refs/id{k}.png"))
+        Image.fromarray(np.concatenate(portraits, axis=1)).resize((SIZE, SIZE)).save(root / "targets" / f"s{i}.png")
+        samples.append(Sample(f"s{i}", f"g{i}", "two people side by side", f"targets/s{i}.png", tuple(refs)))
+        tensor = torch.from_numpy(np.stack(portraits)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        embeddings[f"s{i}"] = torch.cat(embedder.embed_references(tensor, largest_only=True))
+    manifest = Manifest("train", samples, toy_world=True, embedder={"path": str(toy_world.reward_path)})
+    return write_manifest(manifest, root / "train.json", embeddings)
+
+
+def main(argv: list[str]) -> None:
+    """One process of a distributed test run; writes its own LoRA tensors to OUT/rank<r>.safetensors."""
+    from accelerate import PartialState
+
+    from umo.io import save_safetensors
+    from umo.models.lora import lora_state_dict
+    from umo.toyworld.build import load_toyworld
+    from umo.train.loop import train
+
+    world_dir, generator_dir, manifest, out, *overrides = argv
+    world = load_toyworld(Path(world_dir))
+    result = train(train_config(world, generator_dir, *overrides), manifest=manifest, out=out,
+                   reward=fixed_reward(world), tracking=False)
+    state = PartialState()
+    state.wait_for_everyone()
+    save_safetensors(lora_state_dict(result.transformer), Path(out) / f"rank{state.process_index}.safetensors")
+    state.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

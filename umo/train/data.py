@@ -1,0 +1,92 @@
+"""Training data: a validated manifest's samples as tensors, and the deterministic, sharded batch order.
+
+The order is a pure function of (seed, epoch, number of processes), not a DataLoader's hidden state, so the
+position saved in a checkpoint (epoch, global batches consumed) resumes exactly where the run stopped:
+
+- each epoch shuffles the sample indices with numpy's RNG seeded by (seed, epoch);
+- samples are bucketed by their number of references (a batch must share the reference layout), cut into
+  batches of `batch_size` (an incomplete last batch of a bucket is dropped) and the batches shuffled;
+- the batch list is truncated to a multiple of the number of processes, and process r takes batches
+  r, r + W, r + 2W ... so every process runs the same number of steps and no sample is seen twice per epoch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from umo.data.manifest import Manifest, ManifestError
+from umo.train.rerefl import Batch
+
+
+def epoch_batches(reference_counts: Sequence[int], *, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """All batches of one epoch (lists of sample indices), in training order, before sharding."""
+    rng = np.random.default_rng([seed, epoch])
+    buckets: dict[int, list[int]] = defaultdict(list)
+    for i in rng.permutation(len(reference_counts)):
+        buckets[reference_counts[i]].append(int(i))
+    batches = [idx[k:k + batch_size] for _, idx in sorted(buckets.items())
+               for k in range(0, len(idx) - batch_size + 1, batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def shard(batches: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
+    """Process `rank`'s batches: every world_size-th, after truncating to a multiple of world_size."""
+    usable = len(batches) - len(batches) % world_size
+    return batches[rank:usable:world_size]
+
+
+def load_image(path: Path, size: Sequence[int]) -> torch.Tensor:
+    """An image file -> (3, H, W) float in [-1, 1], center-cropped to the aspect of size = [H, W] and resized.
+
+    Data prep validated every file; a file that still fails here stops training with its name (never trained on).
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    h, w = int(size[0]), int(size[1])
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            im = ImageOps.fit(im, (w, h), method=Image.Resampling.BICUBIC)
+            array = np.asarray(im, dtype=np.float32)
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise ManifestError(f"{path}: cannot read this image: {err}") from err
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+class TrainData:
+    """The samples of a manifest, loaded on demand as `Batch`es.
+
+    resolution: [H, W] of targets (the generated size); reference_resolution: [h, w] of every reference.
+    """
+
+    def __init__(self, manifest: Manifest, embeddings: dict[str, torch.Tensor], *, resolution: Sequence[int],
+                 reference_resolution: Sequence[int]) -> None:
+        if not manifest.samples:
+            raise ManifestError(f"{manifest.root}: the {manifest.split!r} manifest has no samples")
+        self.manifest = manifest
+        self.embeddings = embeddings
+        self.resolution = list(resolution)
+        self.reference_resolution = list(reference_resolution)
+        self.reference_counts = [len(s.references) for s in manifest.samples]
+
+    def __len__(self) -> int:
+        return len(self.manifest.samples)
+
+    def batch(self, indices: Sequence[int]) -> Batch:
+        samples = [self.manifest.samples[i] for i in indices]
+        return Batch(
+            prompts=[s.prompt for s in samples],
+            references=[[load_image(self.manifest.path(r.path), self.reference_resolution) for r in s.references]
+                        for s in samples],
+            reference_embeddings=[self.embeddings[s.id] for s in samples],
+            targets=torch.stack([load_image(self.manifest.path(s.target), self.resolution) for s in samples]))
+
+    def batches_per_epoch(self, batch_size: int, world_size: int) -> int:
+        """Per process (the same on every process)."""
+        return len(shard(epoch_batches(self.reference_counts, batch_size=batch_size, seed=0, epoch=0), 0,
+                         world_size))
