@@ -246,3 +246,24 @@ def test_two_processes_with_gloo_train_identical_loras(toy_world, tiny_generator
     state = __import__("json").loads((out / "checkpoints" / "checkpoint-000003" / "train_state.json").read_text())
     assert state["world_size"] == 2 and state["consumed"] == 2  # 2 batches per step, in epoch 1
     assert (out / "checkpoints" / "checkpoint-000003" / "random_states_1.pkl").is_file()
+
+
+def test_cli_trains_with_the_configured_reward_and_refuses_foreign_embeddings(toy_world, tiny_generator_dir,
+                                                                               manifest, tmp_path, capsys, caplog):
+    """`umo train` builds the reward from params (the toy world's real detector: the tiny generator draws no
+    faces, so only L_diff moves the LoRA here) and checks the embeddings were made by the same embedder."""
+    from trainkit import TRAIN
+
+    from umo.cli import main
+
+    args = ["train", "--params", str(ROOT / "params.yaml"), "--manifest", str(manifest), "--no-tracking",
+            *[f"-S{o}" for o in [*toy_world.faces_overrides(), f"generator.path={tiny_generator_dir}", *TRAIN,
+                                 "train.max_steps=2"]]]
+    assert main([*args, "--out", str(tmp_path / "cli")]) == 0
+    assert '"step": 2' in capsys.readouterr().out
+    assert (tmp_path / "cli" / "lora" / LORA_FILE).is_file()
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(Path(toy_world.reward_path).read_bytes() + b" ")
+    assert main([*args, "--out", str(tmp_path / "cli2"), f"-Sfaces.embedder.path={other}"]) == 2
+    assert "made by another embedder" in caplog.text and "re-run `umo prepare`" in caplog.text
+    assert not (tmp_path / "cli2" / "lora").exists()

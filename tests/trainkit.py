@@ -20,6 +20,7 @@ from umo.config import Config, load_config
 from umo.data.manifest import Manifest, Reference, Sample, write_manifest
 from umo.faces.embed import load_arcface
 from umo.faces.testing import FixedFaces
+from umo.io import sha256_file
 from umo.reward import MatchingReward
 from umo.toyworld.identity import make_identity
 from umo.toyworld.render import render_portrait
@@ -63,7 +64,8 @@ def make_manifest(root: Path, toy_world, n_samples: int = 4) -> Path:
         samples.append(Sample(f"s{i}", f"g{i}", "two people side by side", f"targets/s{i}.png", tuple(refs)))
         tensor = torch.from_numpy(np.stack(portraits)).permute(0, 3, 1, 2).float() / 127.5 - 1
         embeddings[f"s{i}"] = torch.cat(embedder.embed_references(tensor, largest_only=True))
-    manifest = Manifest("train", samples, toy_world=True, embedder={"path": str(toy_world.reward_path)})
+    manifest = Manifest("train", samples, toy_world=True, embedder={"path": str(toy_world.reward_path),
+                                                                             "sha256": sha256_file(toy_world.reward_path)})
     return write_manifest(manifest, root / "train.json", embeddings)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -78,6 +79,36 @@ def cmd_toyworld_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generator_tiny(args: argparse.Namespace) -> int:
+    """Write the tiny seeded FLUX.2 [klein] pipeline folder (the embedded default's generator)."""
+    from umo.models.tiny import write_tiny_flux2
+
+    print(write_tiny_flux2(args.out))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """ReReFL training of the LoRA (run it under `accelerate launch` or `torchrun` for several processes)."""
+    import torch.distributed as dist
+
+    from umo.train.loop import NonFiniteLossError, train
+
+    config = load_config(args.params, args.overrides)
+    try:
+        result = train(config, manifest=args.manifest, out=args.out, resume=args.resume,
+                       tracking=not args.no_tracking)
+    except NonFiniteLossError as err:
+        log.error("%s", err)
+        return 3
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun / accelerate launch: one report, from rank 0
+        print(json.dumps(result.summary, indent=2))
+        print(f"LoRA: {result.lora}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="umo",
@@ -107,6 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="parallel build processes (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="rebuild every part even when cached")
     p.set_defaults(func=cmd_toyworld_build)
+
+    gen = sub.add_parser("generator", help="generator utilities")
+    gen_sub = gen.add_subparsers(dest="generator_command", metavar="ACTION", required=True)
+    p = gen_sub.add_parser("tiny", help="write the tiny seeded FLUX.2 [klein] folder (embedded default, tests)")
+    p.add_argument("--out", type=Path, required=True, help="folder to write (replaced atomically)")
+    p.set_defaults(func=cmd_generator_tiny)
+
+    p = sub.add_parser("train", help="ReReFL training of the LoRA (accelerate; resumable)")
+    _add_config_args(p)
+    p.add_argument("--manifest", type=Path, required=True, help="train manifest written by `umo prepare`")
+    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoints/, lora/, train_metrics.json")
+    p.add_argument("--resume", default=None, metavar="latest|CHECKPOINT",
+                   help="continue from the newest checkpoint in --out (latest) or from a checkpoint folder")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.set_defaults(func=cmd_train)
     return parser
 
 
