@@ -134,3 +134,53 @@ def test_decode_is_differentiable_to_the_latents(tiny_generator_dir):
     assert img.shape == (1, 3, 64, 64) and img.min() >= -1 and img.max() <= 1
     img.mean().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_kv_dir(tmp_path_factory):
+    from umo.models.tiny import write_tiny_flux2
+
+    return write_tiny_flux2(tmp_path_factory.mktemp("kv") / "tiny_flux2_kv", kv=True)
+
+
+def test_kv_variant_reproduces_its_pipeline_and_the_reference_cache_is_exact(tiny_kv_dir):
+    """The KV folder loads as Flux2KleinKVPipeline; our sampler with the reference cache == its __call__ (which
+    caches too) == our sampler recomputing the references at every step."""
+    from diffusers import Flux2KleinKVPipeline
+
+    gen = generator(tiny_kv_dir)
+    assert isinstance(gen.pipe, Flux2KleinKVPipeline) and gen.kv and gen.reference_cache
+    refs = images(3)
+    cond = gen.condition(["three people"], [[to_tensor(i) for i in refs]], height=64, width=64)
+    x1 = gen.initial_latents(cond, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cached = sample(gen, cond, 4, latents=x1)
+    assert "kv_cache" in cond.extra
+    theirs = gen.pipe(prompt="three people", image=refs, height=64, width=64, num_inference_steps=4,
+                      latents=x1.transpose(1, 2).reshape(1, -1, 4, 4), text_encoder_out_layers=gen.text_layers,
+                      output_type="pt").images
+    torch.testing.assert_close((gen.decode(cached, cond) / 2 + 0.5).clamp(0, 1), theirs, atol=1e-5, rtol=0)
+
+    full = generator(tiny_kv_dir, reference_cache=False)
+    cond_full = full.condition(["three people"], [[to_tensor(i) for i in refs]], height=64, width=64)
+    with torch.no_grad():
+        recomputed = sample(full, cond_full, 4, latents=x1)
+    assert "kv_cache" not in cond_full.extra
+    torch.testing.assert_close(cached, recomputed, atol=1e-5, rtol=0)
+    # with gradient, the full forward runs (no stale cache), so the references carry gradient too
+    x = x1.clone().requires_grad_(True)
+    v = gen.velocity(x, 0.5, cond)
+    with torch.no_grad():
+        torch.testing.assert_close(v, full.velocity(x1, 0.5, cond_full), atol=1e-5, rtol=0)
+    v.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_a_foreign_pipeline_folder_is_named(tiny_generator_dir, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(tiny_generator_dir, tmp_path / "other")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": "FluxPipeline"}))
+    with pytest.raises(ValueError, match="names 'FluxPipeline'; the flux2_klein family reads"):
+        generator(folder)

@@ -114,6 +114,9 @@ class GeneratorConfig:
     """Generated [height, width] in pixels, multiples of 16."""
     reference_resolution: list[int] = field(default_factory=lambda: [64, 64])
     """[height, width] every reference image is resized to before encoding, multiples of 16."""
+    reference_cache: bool = True
+    """KV variant folders (Flux2KleinKVPipeline): compute the reference tokens' keys/values once per batch and
+    reuse them in the no-grad sampler steps (exact); ignored for plain klein, which cannot cache exactly."""
 
     def __post_init__(self) -> None:
         for name in ("resolution", "reference_resolution"):

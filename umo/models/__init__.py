@@ -16,5 +16,5 @@ def load_generator(config, *, dtype: torch.dtype = torch.float32, device: str | 
 
         return Flux2KleinGenerator.from_pretrained(
             config.path, text_layers=config.text_layers, max_sequence_length=config.max_sequence_length,
-            guidance_scale=config.guidance_scale, dtype=dtype, device=device)
+            guidance_scale=config.guidance_scale, reference_cache=config.reference_cache, dtype=dtype, device=device)
     raise ValueError(f"unknown generator family {config.family!r} (known: flux2_klein)")

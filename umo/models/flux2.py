@@ -9,6 +9,13 @@ sampler sees exactly the tensors `Flux2KleinPipeline.__call__` builds:
 - references: each image VAE-encoded (mode of the posterior), patchified 2x2, normalized by the VAE's
   batch-norm statistics, packed and concatenated after the image tokens, at time coordinates 10, 20, ...;
 - velocity: the transformer on [image tokens, reference tokens], keeping the image tokens' output.
+
+The KV variant (`Flux2KleinKVPipeline` folders) puts the reference tokens FIRST, modulates them with a fixed
+timestep and lets them attend only to themselves, so their keys and values depend on neither the noisy image
+nor the time: they are computed once (diffusers' `kv_cache_mode="extract"`) and reused by every later no-grad
+step of the same `Conditioning` (`"cached"`), exactly. Steps with gradient always run the full forward so the
+gradient also flows through the reference tokens. Plain klein lets the references attend to the image tokens,
+so it has no exact cache. A cache lives in its Conditioning: build a new one after the weights change.
 """
 
 from __future__ import annotations
@@ -30,10 +37,16 @@ DEFAULT_TEXT_LAYERS = (9, 18, 27)  # diffusers' klein default (Qwen3-4B hidden s
 EXPECTED_LAYOUT = "a diffusers Flux2KleinPipeline folder: model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/"
 
 
-def _pipeline_cls():
-    from diffusers import Flux2KleinPipeline
+PIPELINES = ("Flux2KleinPipeline", "Flux2KleinKVPipeline")
 
-    return Flux2KleinPipeline
+
+def _pipeline_cls(name: str = "Flux2KleinPipeline"):
+    import diffusers
+
+    if name not in PIPELINES:
+        raise ValueError(f"generator folder: model_index.json names {name!r}; the flux2_klein family reads "
+                         f"{' or '.join(PIPELINES)}")
+    return getattr(diffusers, name)
 
 
 class Flux2KleinGenerator:
@@ -44,13 +57,16 @@ class Flux2KleinGenerator:
     max_sequence_length: prompt tokens (padded / truncated), as the pipeline's argument.
     guidance_scale: classifier-free guidance on the empty prompt when > 1 (the base klein pipeline uses 4;
     the distilled one none); the two branches run as one doubled batch.
+    reference_cache: reuse the reference tokens' keys/values across no-grad steps (KV variant only).
     """
 
     family = "flux2_klein"
 
     def __init__(self, pipe, *, text_layers: Sequence[int] = DEFAULT_TEXT_LAYERS,
-                 max_sequence_length: int = 512, guidance_scale: float = 1.0) -> None:
+                 max_sequence_length: int = 512, guidance_scale: float = 1.0, reference_cache: bool = True) -> None:
         self.pipe = pipe
+        self.kv = type(pipe).__name__ == "Flux2KleinKVPipeline"
+        self.reference_cache = bool(reference_cache) and self.kv
         self.guidance_scale = float(guidance_scale)
         self.transformer = pipe.transformer
         self.denoiser = pipe.transformer  # what velocity() calls: the transformer or its DDP/FSDP wrapper
@@ -73,7 +89,7 @@ class Flux2KleinGenerator:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, text_layers: Sequence[int] | None = None,
-                        max_sequence_length: int = 512, guidance_scale: float = 1.0,
+                        max_sequence_length: int = 512, guidance_scale: float = 1.0, reference_cache: bool = True,
                         dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> "Flux2KleinGenerator":
         """Load a local Flux2KleinPipeline folder. text_layers None: the folder's tiny marker if it has one
@@ -88,13 +104,13 @@ class Flux2KleinGenerator:
         tiny = json.loads(tiny_file.read_text()) if tiny_file.is_file() else None
         if text_layers is None:
             text_layers = tiny["text_layers_used"] if tiny else DEFAULT_TEXT_LAYERS
-        pipe = _pipeline_cls().from_pretrained(path, local_files_only=True, dtype=dtype)
+        pipe = _pipeline_cls(index.get("_class_name", "")).from_pretrained(path, local_files_only=True, dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)
         log.info("generator %s loaded from %s (%s)", cls.family, path, "tiny test model" if tiny
                  else index.get("_class_name"))
         return cls(pipe, text_layers=text_layers, max_sequence_length=max_sequence_length,
-                   guidance_scale=guidance_scale)
+                   guidance_scale=guidance_scale, reference_cache=reference_cache)
 
     @property
     def device(self) -> torch.device:
@@ -194,21 +210,37 @@ class Flux2KleinGenerator:
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning) -> torch.Tensor:
         n, b = latents.shape[1], latents.shape[0]
-        hidden, ids = latents, cond.latent_ids
-        if cond.references is not None:
-            hidden = torch.cat([latents, cond.references.to(latents.dtype)], dim=1)
-            ids = torch.cat([cond.latent_ids, cond.reference_ids], dim=1)
         t = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).reshape(-1)
         t = t.expand(b) if t.numel() == 1 else t
+        x, x_ids, refs, ref_ids = latents, cond.latent_ids, cond.references, cond.reference_ids
         prompt, prompt_ids = cond.prompt, cond.prompt_ids
         negative = cond.extra.get("negative")
         if negative is not None:  # both guidance branches in one forward
-            hidden, ids, t = hidden.repeat(2, 1, 1), ids.repeat(2, 1, 1), t.repeat(2)
+            x, x_ids, t = x.repeat(2, 1, 1), x_ids.repeat(2, 1, 1), t.repeat(2)
+            if refs is not None:
+                refs, ref_ids = refs.repeat(2, 1, 1), ref_ids.repeat(2, 1, 1)
             prompt, prompt_ids = torch.cat([prompt, negative[0]]), torch.cat([prompt_ids, negative[1]])
         dtype = self.transformer.dtype
-        out = self.denoiser(hidden_states=hidden.to(dtype), timestep=t.to(dtype), guidance=None,
-                               encoder_hidden_states=prompt.to(dtype), txt_ids=prompt_ids, img_ids=ids,
-                               return_dict=False)[0][:, :n].to(latents.dtype)
+        common = dict(timestep=t.to(dtype), guidance=None, encoder_hidden_states=prompt.to(dtype), txt_ids=prompt_ids,
+                      return_dict=False)
+        if refs is None:
+            out = self.denoiser(hidden_states=x.to(dtype), img_ids=x_ids, **common)[0]
+        elif not self.kv:  # [image, references]; keep the image tokens
+            out = self.denoiser(hidden_states=torch.cat([x, refs.to(x.dtype)], dim=1).to(dtype),
+                                img_ids=torch.cat([x_ids, ref_ids], dim=1), **common)[0][:, :n]
+        else:
+            cacheable = self.reference_cache and not torch.is_grad_enabled()
+            cache = cond.extra.get("kv_cache") if cacheable else None
+            if cache is not None:
+                out = self.denoiser(hidden_states=x.to(dtype), img_ids=x_ids, kv_cache=cache, kv_cache_mode="cached",
+                                    **common)[0]
+            else:  # [references, image]; the output holds the image tokens only
+                out, cache = self.denoiser(hidden_states=torch.cat([refs.to(x.dtype), x], dim=1).to(dtype),
+                                           img_ids=torch.cat([ref_ids, x_ids], dim=1), kv_cache_mode="extract",
+                                           num_ref_tokens=refs.shape[1], **common)
+                if cacheable:
+                    cond.extra["kv_cache"] = cache
+        out = out.to(latents.dtype)
         if negative is not None:
             cond_v, uncond_v = out[:b], out[b:]
             return uncond_v + self.guidance_scale * (cond_v - uncond_v)

@@ -92,24 +92,21 @@ def tiny_components(config: TinyFlux2Config = TinyFlux2Config()) -> dict:
             "scheduler": scheduler}
 
 
-def write_tiny_flux2(out_dir: str | Path, config: TinyFlux2Config = TinyFlux2Config()) -> Path:
+def write_tiny_flux2(out_dir: str | Path, config: TinyFlux2Config = TinyFlux2Config(), *, kv: bool = False) -> Path:
     """Save a tiny Flux2KleinPipeline folder (safetensors weights) to out_dir; returns out_dir.
 
+    kv: save it as a Flux2KleinKVPipeline instead (same modules; reference tokens first, cacheable).
     Written to a temporary sibling and renamed, so a reader never sees half a model.
     """
-    import shutil
+    from diffusers import Flux2KleinKVPipeline, Flux2KleinPipeline
 
-    from diffusers import Flux2KleinPipeline
+    from umo.io import atomic_dir
 
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe = Flux2KleinPipeline(**tiny_components(config), is_distilled=False)
-    pipe.save_pretrained(tmp, safe_serialization=True)
+    pipe = (Flux2KleinKVPipeline if kv else Flux2KleinPipeline)(**tiny_components(config), is_distilled=False)
     marker = {**asdict(config), "text_layers_used": list(TINY_TEXT_LAYERS),
               "note": "tiny random weights for tests and the embedded default; not a real model"}
-    (tmp / TINY_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.replace(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / TINY_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
     return out_dir
