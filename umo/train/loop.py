@@ -173,6 +173,11 @@ def train(config: Config, *, manifest: str | Path, out: str | Path, resume: str 
     accelerator = Accelerator(cpu=not use_cuda, mixed_precision=precision, step_scheduler_with_optimizer=False,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        # Their save_state writes the whole sharded model before any hook can keep it to the LoRA.
+        raise NotImplementedError(f"{accelerator.distributed_type.name}: LoRA-only checkpoints are implemented for "
+                                  "one process and DDP; klein-4B with a LoRA fits one GPU per process, so use "
+                                  "infra/accelerate/ddp_8gpu.yaml")
     if not main:
         logging.getLogger("umo").setLevel(logging.WARNING)
     set_seed(config.seed, device_specific=True)  # only LoRA dropout draws from the global RNG

@@ -13,7 +13,8 @@ No gradient through the earlier sampler steps, detection, the assignment or the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -75,42 +76,51 @@ def draw_grad_step(grad_step_range: Sequence[int], generator: torch.Generator) -
 
 
 def rerefl_step(model: Generator, reward, batch: Batch, *, sampler_steps: int, grad_step_range: Sequence[int],
-                diff_weight: float, height: int, width: int, generator: torch.Generator) -> StepOutput:
+                diff_weight: float, height: int, width: int, generator: torch.Generator,
+                timer: Callable[[str], AbstractContextManager] | None = None) -> StepOutput:
     """Compute the ReReFL loss of one batch (see the module docstring); call .backward() on `.loss`.
 
     reward: a `umo.reward.MatchingReward` (or anything with its `compute(images, references)`).
     generator: the torch RNG for every random draw of the step (noise, t, L_diff time), so a resumed run
     replays the same draws.
+    timer: phase(name) context manager for benchmarks; phases: condition, diff_loss, sampling, grad_step,
+    decode, reward.
     """
+    phase = timer or (lambda name: nullcontext())
     device = batch.targets.device
-    cond = model.condition(batch.prompts, batch.references, height=height, width=width)
+    with phase("condition"):
+        cond = model.condition(batch.prompts, batch.references, height=height, width=width)
     b = cond.batch_size
 
     # 1. L_diff on the targets
     diff_loss = torch.zeros((), device=device)
     if diff_weight:
-        x0 = model.encode(batch.targets, cond)
-        noise = torch.randn(x0.shape, generator=generator).to(x0)
-        s = model.shift(torch.rand(b, generator=generator), sampler_steps, cond).to(x0)
-        x_t = (1 - s.view(-1, 1, 1)) * x0 + s.view(-1, 1, 1) * noise
-        diff_loss = F.mse_loss(model.velocity(x_t, s, cond).float(), (noise - x0).float())
+        with phase("diff_loss"):
+            x0 = model.encode(batch.targets, cond)
+            noise = torch.randn(x0.shape, generator=generator).to(x0)
+            s = model.shift(torch.rand(b, generator=generator), sampler_steps, cond).to(x0)
+            x_t = (1 - s.view(-1, 1, 1)) * x0 + s.view(-1, 1, 1) * noise
+            diff_loss = F.mse_loss(model.velocity(x_t, s, cond).float(), (noise - x0).float())
 
     # 2-3. t and the no-grad approach to it
     t = draw_grad_step(grad_step_range, generator)
     sigmas = model.sigmas(sampler_steps, cond)
     k = sampler_steps - t  # sampler steps taken before the gradient step
     x = model.initial_latents(cond, generator)
-    with torch.no_grad():
+    with phase("sampling"), torch.no_grad():
         for i in range(k):
             x = euler_step(x, model.velocity(x, sigmas[i], cond), sigmas[i], sigmas[i + 1])
 
     # 4. the gradient step, x0_hat, decode
     sigma = sigmas[k]
-    x0_hat = predict_x0(x, model.velocity(x, sigma, cond), sigma)
-    images = model.decode(x0_hat, cond)
+    with phase("grad_step"):
+        x0_hat = predict_x0(x, model.velocity(x, sigma, cond), sigma)
+    with phase("decode"):
+        images = model.decode(x0_hat, cond)
 
     # 5. reward and loss
-    out = reward.compute(images, [e.to(images.device) for e in batch.reference_embeddings])
+    with phase("reward"):
+        out = reward.compute(images, [e.to(images.device) for e in batch.reference_embeddings])
     # + 0 * x0_hat: the loss always has a graph through the gradient step (a zero gradient when no face was
     # scored), so every process of a distributed run takes the same backward and all-reduce.
     loss = diff_weight * diff_loss - out.rewards.mean() + 0.0 * x0_hat.sum()

@@ -1,0 +1,365 @@
+"""One ReReFL training step, timed by phase, and the reference KV cache.
+
+CPU (default, `--size tiny`): the embedded default's configuration from params.yaml (resolution, sampler steps
+T, gradient-step range, lambda, LoRA) on the tiny FLUX.2 [klein] generator, batch 1, 3 references, the reward
+built from a toy world's face models (`--toy-world`, default .cache/toy-world; built if missing). The tiny
+generator paints no faces, so the reward's detector runs on the image for its cost and then reports 3 faces at
+fixed places: the reward aligns, embeds and assigns 3 faces, as it would on a real image.
+
+CUDA (`--size klein-4b`): a random-init transformer of FLUX.2-klein-4B's shape (5 double + 20 single blocks,
+24 heads x 128, text width 7680), the real-size FLUX.2 VAE, a 3-layer text encoder of Qwen3-4B's width (the
+prompt encoder is timed apart as `condition`), bf16 autocast, gradient checkpointing, 512x512, 3 references of
+512x512; LoRA rank 16. Model FLOPs come from torch's FlopCounterMode on one step without checkpointing;
+MFU = model FLOPs / (seconds x the GPU's dense bf16 peak).
+
+Phases: condition (prompt + reference encoding), diff_loss (L_diff forward), sampling (no-grad steps to t),
+grad_step (the forward with gradient), decode (VAE, with gradient), reward, backward. Each is the median over
+`--steps` measured steps after `--warmup`; the gradient step t is fixed to the middle of the range so steps
+are comparable. Targets: (decode + reward) <= 25% of the step; the KV cache speeds no-grad sampling >= 1.3x
+with 3 references (the same steps on a Flux2KleinKVPipeline folder with and without the cache), timed at the
+step's sizes and with image and references at --kv-side px: at the embedded default's 64 px, 512 padded text
+tokens outnumber the 3 x 16 reference tokens, unlike a real 512 px run (3072 reference tokens).
+
+Prints a table and writes JSON (benchmarks/results/train_step[_<size>].json).
+Run: `.venv/bin/python benchmarks/train_step.py [--size tiny|klein-4b] [--steps 10]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_DECODE_REWARD = 0.25
+TARGET_KV_SPEEDUP = 1.3
+PHASES = ("condition", "diff_loss", "sampling", "grad_step", "decode", "reward", "backward")
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}  # dense
+
+
+class PhaseTimer:
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, defaultdict(float)
+
+    def __call__(self, name: str) -> "PhaseTimer":
+        self._name = name
+        return self
+
+    def __enter__(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.times[self._name] += time.perf_counter() - self._t0
+
+
+class DetectThenFixed:
+    """Run a real detector for its cost, then report `faces` at fixed places (see the module docstring)."""
+
+    def __init__(self, detector, fixed) -> None:
+        self.detector, self.fixed = detector, fixed
+
+    def detect_tensor(self, images: torch.Tensor):
+        self.detector.detect_tensor(images)
+        return self.fixed.detect_tensor(images)
+
+
+def fixed_faces(height: int, width: int):
+    from umo.faces.testing import FixedFaces
+
+    size = min(width / 4, height / 2)
+    return FixedFaces([(width * f, height / 2) for f in (0.2, 0.5, 0.8)], size)
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def tiny_setup(args, config):
+    from umo.models.tiny import write_tiny_flux2
+
+    tmp = Path(tempfile.mkdtemp(prefix="umo-bench-"))
+    return {"plain": write_tiny_flux2(tmp / "tiny"), "kv": write_tiny_flux2(tmp / "tiny_kv", kv=True)}
+
+
+def klein_4b_pipeline(kv: bool, depth: int | None):
+    """In-memory klein pipeline at klein-4B transformer shape (random init; nothing downloaded)."""
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinKVPipeline,
+                           Flux2KleinPipeline, Flux2Transformer2DModel)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from umo.models.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=2560, intermediate_size=9728, num_hidden_layers=3,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)).eval()
+    vae = AutoencoderKLFlux2().eval()  # diffusers' defaults are FLUX.2's VAE shape
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=128, num_layers=depth or 5, num_single_layers=depth or 20,
+        attention_head_dim=128, num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256,
+        mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=False).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    cls = Flux2KleinKVPipeline if kv else Flux2KleinPipeline
+    return cls(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+               is_distilled=True)
+
+
+def make_generator(args, source, kv: bool, device: torch.device, dtype: torch.dtype):
+    from umo.models.flux2 import Flux2KleinGenerator
+    from umo.models.lora import add_lora
+
+    if args.size == "tiny":
+        gen = Flux2KleinGenerator.from_pretrained(source["kv" if kv else "plain"], device=device, dtype=dtype,
+                                                  max_sequence_length=args.max_sequence_length)
+    else:
+        pipe = klein_4b_pipeline(kv, args.depth).to(device, dtype)
+        gen = Flux2KleinGenerator(pipe, text_layers=(1, 2, 3), max_sequence_length=args.max_sequence_length)
+    add_lora(gen.transformer, rank=args.rank, alpha=float(args.rank), target_modules=args.targets, seed=0)
+    for p in gen.transformer.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    if args.checkpointing:
+        gen.transformer.enable_gradient_checkpointing()
+    return gen
+
+
+def make_reward(args, height: int, width: int, device: torch.device):
+    from umo.config import load_config
+    from umo.reward import MatchingReward
+    from umo.toyworld.build import build_toyworld, load_toyworld
+
+    if (args.toy_world / "toyworld_build.json").is_file():  # any built world, as it is
+        world = load_toyworld(args.toy_world)
+    else:
+        world = build_toyworld(args.toy_world, load_config(ROOT / "params.yaml").toyworld).world
+    faces = load_config(ROOT / "params.yaml", world.faces_overrides())
+    real = MatchingReward.from_config(faces.faces, faces.reward)
+    reward = MatchingReward(DetectThenFixed(real.detector, fixed_faces(height, width)), real.embedder,
+                            kind=faces.reward.kind)
+    return reward.to(device), world
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def batch_for(args, height: int, width: int, ref_hw, device: torch.device, embed_dim: int):
+    from umo.train.rerefl import Batch
+
+    g = torch.Generator().manual_seed(0)
+    refs = [[torch.rand(3, *ref_hw, generator=g) * 2 - 1 for _ in range(args.references)] for _ in range(args.batch)]
+    emb = [torch.nn.functional.normalize(torch.randn(args.references, embed_dim, generator=g), dim=1)
+           for _ in range(args.batch)]
+    targets = torch.rand(args.batch, 3, height, width, generator=g) * 2 - 1
+    return Batch(["three people at a picnic, smiling"] * args.batch, refs, emb, targets).to(device)
+
+
+def time_steps(gen, reward, batch, args, tc, height, width, device, autocast) -> tuple[dict, float]:
+    from umo.train.rerefl import rerefl_step
+
+    mid = (tc.grad_step_range[0] + tc.grad_step_range[1] + 1) // 2
+    runs = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(args.warmup + args.steps):
+        timer = PhaseTimer(device)
+        t0 = time.perf_counter()
+        with autocast():
+            out = rerefl_step(gen, reward, batch, sampler_steps=tc.sampler_steps, grad_step_range=[mid, mid],
+                              diff_weight=tc.diff_weight, height=height, width=width,
+                              generator=torch.Generator().manual_seed(i), timer=timer)
+        with timer("backward"):
+            out.loss.backward()
+        gen.transformer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        timer.times["step"] = time.perf_counter() - t0
+        if i >= args.warmup:
+            runs.append(dict(timer.times))
+    med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in (*PHASES, "step")}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else _rss_gib()
+    return med, peak
+
+
+def time_sampling(gen, batch, args, tc, height, width, autocast, device) -> float:
+    """No-grad sampling over all T steps (a fresh Conditioning each time, as in training); median seconds."""
+    from umo.models.base import sample
+
+    times = []
+    for i in range(args.warmup + args.steps):
+        with torch.no_grad(), autocast():
+            cond = gen.condition(batch.prompts, batch.references, height=height, width=width)
+            x = gen.initial_latents(cond, torch.Generator().manual_seed(i))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            sample(gen, cond, tc.sampler_steps, latents=x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def model_flops(gen, reward, batch, tc, height, width, autocast) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from umo.train.rerefl import rerefl_step
+
+    mid = (tc.grad_step_range[0] + tc.grad_step_range[1] + 1) // 2
+    checkpointing = gen.transformer.is_gradient_checkpointing
+    gen.transformer.disable_gradient_checkpointing()
+    counter = FlopCounterMode(display=False)
+    with counter, autocast():
+        out = rerefl_step(gen, reward, batch, sampler_steps=tc.sampler_steps, grad_step_range=[mid, mid],
+                          diff_weight=tc.diff_weight, height=height, width=width,
+                          generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+    gen.transformer.zero_grad(set_to_none=True)
+    if checkpointing:
+        gen.transformer.enable_gradient_checkpointing()
+    return float(counter.get_total_flops())
+
+
+def _rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["tiny", "klein-4b"], default="tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--references", type=int, default=3)
+    parser.add_argument("--resolution", type=int, default=None, help="square size; default params (tiny) / 512")
+    parser.add_argument("--depth", type=int, default=None, help="klein-4b: blocks per kind (smoke tests only)")
+    parser.add_argument("--kv-side", type=int, default=128,
+                        help="also time the KV cache with image and references of this size (0: skip)")
+    parser.add_argument("--toy-world", type=Path, default=ROOT / ".cache" / "toy-world")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    from umo.config import load_config
+
+    config = load_config(ROOT / "params.yaml")
+    tc, device = config.train, torch.device(args.device)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    big = args.size == "klein-4b"
+    if big and device.type != "cuda" and not args.depth:
+        parser.error("--size klein-4b needs a CUDA GPU (or --depth 1 for a CPU smoke test)")
+    side = args.resolution or (512 if big else config.generator.resolution[0])
+    height = width = side
+    ref_hw = (side, side) if big else tuple(config.generator.reference_resolution)
+    args.rank = 16 if big else config.lora.rank
+    args.targets = config.lora.target_modules
+    args.checkpointing = big or tc.gradient_checkpointing
+    args.max_sequence_length = config.generator.max_sequence_length
+    bf16 = big and device.type == "cuda"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
+
+    source = tiny_setup(args, config) if not big else None
+    reward, world = make_reward(args, height, width, device)
+    with torch.no_grad():
+        embed_dim = reward.embed(torch.zeros(1, 3, 112, 112, device=device)).shape[1]
+    results: dict = {}
+    for kv in (False, True):
+        gen = make_generator(args, source, kv, device, dtype)
+        batch = batch_for(args, height, width, ref_hw, device, embed_dim)
+        name = "kv" if kv else "plain"
+        phases, peak = time_steps(gen, reward, batch, args, tc, height, width, device, autocast)
+        results[name] = {"phases_s": phases, "peak_memory_gib": peak}
+        if kv:  # at the step's sizes, and with image and references at --kv-side (the real pipeline's proportions)
+            scenarios = [("step sizes", height, width, ref_hw)]
+            if args.kv_side and (args.kv_side, args.kv_side) != ref_hw:
+                scenarios.append((f"{args.kv_side}px image and refs", args.kv_side, args.kv_side,
+                                  (args.kv_side, args.kv_side)))
+            results["kv_cache"] = []
+            for label, h, w, rhw in scenarios:
+                b = batch_for(args, h, w, rhw, device, embed_dim)
+                gen.reference_cache = False
+                uncached = time_sampling(gen, b, args, tc, h, w, autocast, device)
+                gen.reference_cache = True
+                cached = time_sampling(gen, b, args, tc, h, w, autocast, device)
+                results["kv_cache"].append({
+                    "scenario": label, "resolution": [h, w], "reference_resolution": list(rhw),
+                    "sampling_uncached_s": uncached, "sampling_cached_s": cached, "speedup": uncached / cached,
+                    "target": TARGET_KV_SPEEDUP, "passed": uncached / cached >= TARGET_KV_SPEEDUP})
+        if big and device.type == "cuda" and not kv:
+            flops = model_flops(gen, reward, batch, tc, height, width, autocast)
+            gpu = torch.cuda.get_device_name()
+            peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
+            results["flops"] = {"model_flops_per_step": flops, "gpu": gpu, "peak_bf16_tflops": peak_tflops,
+                                "mfu": flops / phases["step"] / (peak_tflops * 1e12) if peak_tflops else None}
+        del gen
+    plain = results["plain"]["phases_s"]
+    share = (plain["decode"] + plain["reward"]) / plain["step"]
+    results["decode_reward_share"] = {"value": share, "target": TARGET_DECODE_REWARD,
+                                      "passed": share <= TARGET_DECODE_REWARD}
+
+    report = {"benchmark": "train_step", "size": args.size, "device": str(device),
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                          "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
+              "settings": {"resolution": [height, width], "reference_resolution": list(ref_hw),
+                           "references": args.references, "batch": args.batch, "sampler_steps": tc.sampler_steps,
+                           "grad_step": (tc.grad_step_range[0] + tc.grad_step_range[1] + 1) // 2,
+                           "diff_weight": tc.diff_weight, "lora_rank": args.rank, "bf16": bf16,
+                           "gradient_checkpointing": args.checkpointing, "depth": args.depth,
+                           "max_sequence_length": args.max_sequence_length,
+                           "reward_embedder": world.config.reward.arch, "steps": args.steps},
+              "results": results}
+    print(table(report))
+    out = args.out or ROOT / "benchmarks" / "results" / (
+        "train_step.json" if args.size == "tiny" else f"train_step_{args.size}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwritten {out}")
+    return 0
+
+
+def table(report: dict) -> str:
+    r = report["results"]
+    lines = [f"ReReFL step, {report['size']} on {report['device']} "
+             f"({report['settings']['resolution'][0]}px, {report['settings']['references']} refs, "
+             f"T={report['settings']['sampler_steps']}, t={report['settings']['grad_step']})", "",
+             f"{'phase':<11} {'plain s':>9} {'share':>6} {'kv s':>9}"]
+    step = r["plain"]["phases_s"]["step"]
+    for name in (*PHASES, "step"):
+        a, b = r["plain"]["phases_s"][name], r["kv"]["phases_s"][name]
+        lines.append(f"{name:<11} {a:9.4f} {a / step:6.1%} {b:9.4f}")
+    lines.append(f"{'peak GiB':<11} {r['plain']['peak_memory_gib']:9.2f} {'':>6} {r['kv']['peak_memory_gib']:9.2f}")
+    s = r["decode_reward_share"]
+    lines += ["", f"decode + reward share of the step: {s['value']:.1%} (target <= {s['target']:.0%}: "
+              f"{'PASS' if s['passed'] else 'FAIL'})"]
+    for k in r["kv_cache"]:
+        lines.append(f"no-grad sampling, KV folder, {k['scenario']}: {k['sampling_uncached_s']:.4f} s uncached, "
+                     f"{k['sampling_cached_s']:.4f} s cached: {k['speedup']:.2f}x (target >= {k['target']}x: "
+                     f"{'PASS' if k['passed'] else 'FAIL'})")
+    if "flops" in r:
+        f = r["flops"]
+        mfu = f"{f['mfu']:.1%}" if f["mfu"] is not None else "n/a (unknown GPU peak)"
+        lines.append(f"model FLOPs/step {f['model_flops_per_step'] / 1e12:.1f} TFLOP on {f['gpu']}: MFU {mfu}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
