@@ -17,8 +17,9 @@ grad_step (the forward with gradient), decode (VAE, with gradient), reward, back
 `--steps` measured steps after `--warmup`; the gradient step t is fixed to the middle of the range so steps
 are comparable. Targets: (decode + reward) <= 25% of the step; the KV cache speeds no-grad sampling >= 1.3x
 with 3 references (the same steps on a Flux2KleinKVPipeline folder with and without the cache), timed at the
-step's sizes and with image and references at --kv-side px: at the embedded default's 64 px, 512 padded text
-tokens outnumber the 3 x 16 reference tokens, unlike a real 512 px run (3072 reference tokens).
+step's sizes and with image and references at --kv-side px (256): at the embedded default's 64 px, 512 padded text
+tokens outnumber the 3 x 16 reference tokens and each tiny forward costs ~12 ms of fixed overhead whatever its
+length, unlike a real 512 px run (3072 reference tokens of 4608).
 
 Prints a table and writes JSON (benchmarks/results/train_step[_<size>].json).
 Run: `.venv/bin/python benchmarks/train_step.py [--size tiny|klein-4b] [--steps 10]`.
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--references", type=int, default=3)
     parser.add_argument("--resolution", type=int, default=None, help="square size; default params (tiny) / 512")
     parser.add_argument("--depth", type=int, default=None, help="klein-4b: blocks per kind (smoke tests only)")
-    parser.add_argument("--kv-side", type=int, default=128,
+    parser.add_argument("--kv-side", type=int, default=256,
                         help="also time the KV cache with image and references of this size (0: skip)")
     parser.add_argument("--toy-world", type=Path, default=ROOT / ".cache" / "toy-world")
     parser.add_argument("--out", type=Path, default=None)
