@@ -186,6 +186,14 @@ def test_a_crashed_run_resumes_to_the_lora_of_an_uninterrupted_run(run, toy_worl
     assert any(not torch.equal(a[k], b[k].new_zeros(b[k].shape)) for k in a)
 
 
+def test_gradient_checkpointing_trains_the_same_lora(run):
+    plain = run("plain", "train.max_steps=2")
+    recomputed = run("ckpt", "train.max_steps=2", "train.gradient_checkpointing=true")
+    assert recomputed.transformer.is_gradient_checkpointing
+    a, b = lora_state_dict(plain.transformer), lora_state_dict(recomputed.transformer)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
 def test_a_run_refuses_to_mix_with_another_and_resume_checks_settings(run):
     run("x", "train.max_steps=2")
     with pytest.raises(ResumeError, match="earlier run"):
