@@ -205,6 +205,26 @@ class TrainConfig:
 
 
 @dataclass
+class PrepareConfig:
+    """Data prep (issue 5): raw collection -> face index -> identities -> samples -> manifests."""
+
+    raw: str = "data"
+    """The raw collection: one folder per group (video, album, event) of images, captions optional."""
+    out: str = "artifacts/prepared"
+    extensions: list[str] = field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp"])
+    max_image_pixels: int = 40_000_000
+    """Images with more pixels are skipped as possible decompression bombs (counted)."""
+    min_image_side: int = 32
+
+    def __post_init__(self) -> None:
+        if self.max_image_pixels < 1 or self.min_image_side < 1:
+            raise ConfigError("max_image_pixels and min_image_side: expected >= 1")
+        bad = [e for e in self.extensions if not e.startswith(".") or e != e.lower()]
+        if bad or not self.extensions:
+            raise ConfigError(f"extensions: expected lower-case suffixes with a dot, got {self.extensions}")
+
+
+@dataclass
 class TrackingConfig:
     """MLflow tracking (the main process of a run logs; the others never touch MLflow)."""
 
@@ -327,6 +347,7 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     toyworld: ToyWorldConfig = field(default_factory=ToyWorldConfig)
 
