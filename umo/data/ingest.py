@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -42,6 +43,7 @@ class RawImage:
     width: int
     height: int
     caption: str | None = None
+    conversions: tuple[str, ...] = ()
 
 
 @dataclass
@@ -154,8 +156,14 @@ def _read_captions(group_dir: Path, result: ScanResult) -> dict[str, str]:
     return captions
 
 
-def scan_collection(raw: str | Path, *, extensions: list[str], max_pixels: int, min_side: int) -> ScanResult:
-    """Every usable image of the raw collection, sorted by (group, file name); see the module docstring."""
+def scan_collection(raw: str | Path, *, extensions: list[str], max_pixels: int, min_side: int,
+                    known: Callable[[str], tuple[int, int, list[str]] | None] | None = None,
+                    on_decoded: Callable[[RawImage, np.ndarray], None] | None = None) -> ScanResult:
+    """Every usable image of the raw collection, sorted by (group, file name); see the module docstring.
+
+    known(sha256) -> (width, height, conversions) of an image validated before (a cache): it is not decoded
+    again. on_decoded(image, rgb) receives every image that was decoded (to index it without a second decode).
+    """
     raw = Path(raw)
     if not raw.is_dir():
         raise ValueError(f"raw collection {raw}: no such folder (put one folder per group of images there)")
@@ -182,21 +190,30 @@ def scan_collection(raw: str | Path, *, extensions: list[str], max_pixels: int, 
             if not path.is_file():
                 result.skip("unreadable", where)
                 continue
-            try:
-                rgb, conversions = decode_rgb(path, max_pixels=max_pixels, min_side=min_side)
-            except BadImage as err:
-                result.skip(err.reason, where)
-                continue
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             if digest in seen:
                 result.skip("duplicate", f"{where} (same bytes as {seen[digest]})")
                 continue
+            rgb = None
+            cached = known(digest) if known else None
+            if cached is not None:
+                width, height, conversions = cached
+            else:
+                try:
+                    rgb, conversions = decode_rgb(path, max_pixels=max_pixels, min_side=min_side)
+                except BadImage as err:
+                    result.skip(err.reason, where)
+                    continue
+                height, width = rgb.shape[:2]
             seen[digest] = path.name
             result.converted.update(conversions)
             sidecar = path.with_suffix(".txt")
             caption = sidecar.read_text(errors="replace").strip() if sidecar.is_file() else captions.get(path.name)
-            result.images.append(RawImage(group_dir.name, path.relative_to(raw).as_posix(), digest,
-                                          int(rgb.shape[1]), int(rgb.shape[0]), caption or None))
+            image = RawImage(group_dir.name, path.relative_to(raw).as_posix(), digest, int(width), int(height),
+                             caption or None, tuple(conversions))
+            result.images.append(image)
+            if rgb is not None and on_decoded is not None:
+                on_decoded(image, rgb)
         for name in sorted(set(captions) - names):
             result.skip("caption_for_missing_image", f"{group_dir / CAPTIONS_FILE}: {name}")
     log.info("raw collection %s: %d images in %d groups; skipped %s; converted %s", raw, len(result.images),
