@@ -215,8 +215,33 @@ class PrepareConfig:
     max_image_pixels: int = 40_000_000
     """Images with more pixels are skipped as possible decompression bombs (counted)."""
     min_image_side: int = 32
+    cluster_threshold: float = 0.15
+    """Faces of a group join one identity while their clusters' mean cosine similarity is >= this."""
+    max_identities: int = 4
+    """N: targets show 1..N identities (more faces: the image is skipped, counted)."""
+    min_face_size: float = 24.0
+    """Faces smaller than this (px, box side) are not usable as target or reference faces."""
+    min_det_score: float = 0.6
+    near_duplicate_threshold: float = 0.95
+    """A reference candidate this similar to the target face is a near-duplicate frame: rejected (counted)."""
+    reference_crop: Literal["face", "upper_body"] = "face"
+    crop_margin: float = 0.4
+    """Extra context around the face box, as a fraction of its side (face crops)."""
+    reference_size: int = 128
+    """Saved reference crops are squares of this side (px)."""
+    prompt_template: str = "a photo of {people}"
+    """For images without a caption; {people} becomes "person 1 and person 2" etc."""
+    test_fraction: float = 0.2
+    """Share of groups held out for the test split (split by group, never by image)."""
 
     def __post_init__(self) -> None:
+        _check_unit("cluster_threshold", self.cluster_threshold)
+        _check_unit("near_duplicate_threshold", self.near_duplicate_threshold)
+        _check_unit("test_fraction", self.test_fraction)
+        if self.max_identities < 1 or self.reference_size < 16:
+            raise ConfigError("max_identities: expected >= 1; reference_size: expected >= 16")
+        if "{people}" not in self.prompt_template:
+            raise ConfigError(f"prompt_template: must contain {{people}}, got {self.prompt_template!r}")
         if self.max_image_pixels < 1 or self.min_image_side < 1:
             raise ConfigError("max_image_pixels and min_image_side: expected >= 1")
         bad = [e for e in self.extensions if not e.startswith(".") or e != e.lower()]
