@@ -78,3 +78,15 @@ def test_prompt_and_crops():
     assert crop_box([0, 0, 20, 20], (100, 100), policy="face", margin=1.0) == (0, 0, 40, 40)  # clipped inside
     x1, y1, x2, y2 = crop_box([40, 20, 60, 40], (200, 200), policy="upper_body", margin=0.4)
     assert (x1, y1, x2, y2) == (28, 8, 72, 52)  # 2.2 sides square, 0.6 above the box top, 1.6 below it
+
+
+def test_split_is_by_group_seeded_and_never_empty():
+    from umo.data.samples import split_groups
+
+    groups = [f"g{i}" for i in range(10)]
+    train, test = split_groups(groups + groups, 0.2, seed=3)  # repeated names: still one group each
+    assert len(test) == 2 and len(train) == 8 and not set(train) & set(test)
+    assert (train, test) == split_groups(list(reversed(groups)), 0.2, seed=3)  # order of discovery is irrelevant
+    assert split_groups(groups, 0.2, seed=4) != (train, test)
+    assert split_groups(["only"], 0.5, seed=0) == (["only"], [])
+    assert len(split_groups(groups[:3], 0.01, seed=0)[1]) == 1  # a positive fraction holds out a group

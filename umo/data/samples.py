@@ -120,3 +120,30 @@ def crop_box(box, image_hw: tuple[int, int], *, policy: str, margin: float) -> t
     half = min(half, w / 2, h / 2)
     cx, cy = min(max(cx, half), w - half), min(max(cy, half), h - half)
     return int(round(cx - half)), int(round(cy - half)), int(round(cx + half)), int(round(cy + half))
+
+
+def split_groups(groups: list[str], test_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Split by GROUP (never by image): a seeded shuffle, the first round(fraction x n) groups are test (at least
+    one when the fraction is > 0 and there are two groups or more). Returns (train, test), each sorted.
+
+    >>> split_groups(["a", "b", "c", "d", "e"], 0.4, seed=0)
+    (['a', 'b', 'd'], ['c', 'e'])
+    """
+    names = sorted(set(groups))
+    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    n_test = int(round(test_fraction * len(names)))
+    if test_fraction > 0 and len(names) >= 2:
+        n_test = min(max(n_test, 1), len(names) - 1)
+    return sorted(order[n_test:]), sorted(order[:n_test])
+
+
+def linked_to(centroids: np.ndarray, others: np.ndarray, threshold: float) -> np.ndarray:
+    """Which identities (rows of `centroids`, L2-normalized mean embeddings) match any of `others` with cosine
+    >= threshold: the same person seen in another split's group. (M,) bool.
+
+    >>> linked_to(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[0.6, 0.8]]), 0.7).tolist()
+    [False, True]
+    """
+    if len(centroids) == 0 or len(others) == 0:
+        return np.zeros(len(centroids), dtype=bool)
+    return (np.asarray(centroids) @ np.asarray(others).T).max(axis=1) >= threshold
