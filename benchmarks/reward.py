@@ -24,7 +24,6 @@ import platform
 import statistics
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -37,34 +36,11 @@ from umo.faces.export import export_detector_onnx
 from umo.faces.testing import MarkerDetector, identity_patch, paste_faces, random_background
 from umo.reward import MatchingReward, matching_reward
 
+from timing import Clock, sync
+
 STAGES = ("detect", "warp", "embed", "assign", "backward")
 TARGET_FLOOR_RATIO = 1.15  # batched total <= 1.15 x floor
 TARGET_SPEEDUP = 1.5  # loop total >= 1.5 x batched total
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-class Clock:
-    """Accumulates wall time per stage; `with clock("embed"): ...`."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.times: dict[str, float] = defaultdict(float)
-
-    def __call__(self, stage: str) -> "Clock":
-        self._stage = stage
-        return self
-
-    def __enter__(self) -> None:
-        sync(self.device)
-        self._t0 = time.perf_counter()
-
-    def __exit__(self, *exc) -> None:
-        sync(self.device)
-        self.times[self._stage] += time.perf_counter() - self._t0
 
 
 def make_inputs(batch: int, size: int, face_size: int, seed: int, device: torch.device):

@@ -35,36 +35,18 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from timing import Clock, sync
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_DECODE_REWARD = 0.25
 TARGET_KV_SPEEDUP = 1.3
 PHASES = ("condition", "diff_loss", "sampling", "grad_step", "decode", "reward", "backward")
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}  # dense
-
-
-class PhaseTimer:
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.times = device, defaultdict(float)
-
-    def __call__(self, name: str) -> "PhaseTimer":
-        self._name = name
-        return self
-
-    def __enter__(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        self._t0 = time.perf_counter()
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.times[self._name] += time.perf_counter() - self._t0
 
 
 class DetectThenFixed:
@@ -176,7 +158,7 @@ def time_steps(gen, reward, batch, args, tc, height, width, device, autocast) ->
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for i in range(args.warmup + args.steps):
-        timer = PhaseTimer(device)
+        timer = Clock(device)
         t0 = time.perf_counter()
         with autocast():
             out = rerefl_step(gen, reward, batch, sampler_steps=tc.sampler_steps, grad_step_range=[mid, mid],
@@ -185,8 +167,7 @@ def time_steps(gen, reward, batch, args, tc, height, width, device, autocast) ->
         with timer("backward"):
             out.loss.backward()
         gen.transformer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         timer.times["step"] = time.perf_counter() - t0
         if i >= args.warmup:
             runs.append(dict(timer.times))
@@ -204,12 +185,10 @@ def time_sampling(gen, batch, args, tc, height, width, autocast, device) -> floa
         with torch.no_grad(), autocast():
             cond = gen.condition(batch.prompts, batch.references, height=height, width=width)
             x = gen.initial_latents(cond, torch.Generator().manual_seed(i))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             t0 = time.perf_counter()
             sample(gen, cond, tc.sampler_steps, latents=x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
