@@ -20,7 +20,6 @@ Configuration mistakes (no raw folder, no group in it) raise `ValueError` naming
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections import Counter
@@ -29,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+
+from umo.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,10 @@ class BadImage(Exception):
         self.reason = reason
 
 
-def decode_rgb(path: Path, *, max_pixels: int, min_side: int = 1) -> tuple[np.ndarray, list[str]]:
+def decode_rgb(path: Path, *, max_pixels: int | None, min_side: int = 1) -> tuple[np.ndarray, list[str]]:
     """Decode an image file fully to (H, W, 3) uint8 RGB, upright (EXIF applied).
+
+    max_pixels: None leaves only PIL's own decompression-bomb guard.
 
     Returns the array and the conversions applied (cmyk, high_bit_depth, alpha, grayscale, palette,
     exif_rotated). Raises BadImage with a stats reason otherwise.
@@ -81,7 +84,7 @@ def decode_rgb(path: Path, *, max_pixels: int, min_side: int = 1) -> tuple[np.nd
     try:
         with Image.open(path) as im:
             w, h = im.size
-            if w * h > max_pixels:
+            if max_pixels is not None and w * h > max_pixels:
                 raise BadImage("too_large", f"{path}: {w}x{h} pixels > {max_pixels}")
             if min(w, h) < min_side:
                 raise BadImage("too_small", f"{path}: {w}x{h}")
@@ -190,7 +193,7 @@ def scan_collection(raw: str | Path, *, extensions: list[str], max_pixels: int, 
             if not path.is_file():
                 result.skip("unreadable", where)
                 continue
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            digest = sha256_file(path)
             if digest in seen:
                 result.skip("duplicate", f"{where} (same bytes as {seen[digest]})")
                 continue

@@ -43,19 +43,20 @@ def shard(batches: list[list[int]], rank: int, world_size: int) -> list[list[int
 def load_image(path: Path, size: Sequence[int]) -> torch.Tensor:
     """An image file -> (3, H, W) float in [-1, 1], center-cropped to the aspect of size = [H, W] and resized.
 
-    Data prep validated every file; a file that still fails here stops training with its name (never trained on).
+    Decoded by data prep's own decoder (`umo.data.ingest.decode_rgb`). Data prep validated every file; a file
+    that still fails here stops training with its name (never trained on).
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
+
+    from umo.data.ingest import BadImage, decode_rgb
 
     h, w = int(size[0]), int(size[1])
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
-            im = ImageOps.fit(im, (w, h), method=Image.Resampling.BICUBIC)
-            array = np.asarray(im, dtype=np.float32)
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        rgb, _ = decode_rgb(path, max_pixels=None)
+    except BadImage as err:
         raise ManifestError(f"{path}: cannot read this image: {err}") from err
-    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+    fitted = ImageOps.fit(Image.fromarray(rgb), (w, h), method=Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(fitted, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
 
 
 class TrainData:
