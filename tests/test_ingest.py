@@ -71,6 +71,9 @@ def test_every_bad_file_is_skipped_and_counted_and_the_rest_converted(corpus):
 def test_conversions_give_sane_pixels(corpus):
     deep, conv = decode_rgb(corpus / "event_a" / "deep16.png", max_pixels=10**8)
     assert deep.dtype == np.uint8 and deep.shape == (48, 64, 3) and deep.max() > 200 and deep.min() == 0
+    rgb(8).convert("P").save(corpus / "event_a" / "palette.png")
+    palette, conv = decode_rgb(corpus / "event_a" / "palette.png", max_pixels=10**8)
+    assert conv == ["palette"] and palette.shape == (48, 64, 3)  # no transparency: not counted as alpha
     alpha, _ = decode_rgb(corpus / "event_a" / "alpha.png", max_pixels=10**8)
     assert alpha.shape == (48, 64, 3) and alpha.mean() > np.asarray(rgb(3)).mean()  # half-transparent on white
 

@@ -120,9 +120,9 @@ def _to_rgb(im, conversions: list[str]) -> np.ndarray:
         conversions.append("grayscale")
     elif mode == "P":
         conversions.append("palette")
-        im = im.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+        mode = "RGBA" if "transparency" in im.info else "RGB"
+        im = im.convert(mode)
+    if mode in ("RGBA", "LA", "PA"):
         conversions.append("alpha")
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
