@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from servers import free_port
 from trainkit import fixed_reward, make_manifest, train_config
 from umo.data.manifest import ManifestError, read_manifest
 from umo.models.flux2 import Flux2KleinGenerator
@@ -244,14 +246,14 @@ def test_training_logs_to_a_real_mlflow_server(run, mlflow_server, monkeypatch):
 def test_two_processes_with_gloo_train_identical_loras(toy_world, tiny_generator_dir, manifest, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(__import__("servers").free_port()), str(ROOT / "tests" / "trainkit.py"),
+           "--master_port", str(free_port()), str(ROOT / "tests" / "trainkit.py"),
            str(toy_world.root), str(tiny_generator_dir), str(manifest), str(out), "train.max_steps=3"]
     env = os.environ | {"PYTHONPATH": str(ROOT / "tests"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0, r1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
     assert set(r0) == set(r1) and all(torch.equal(r0[k], r1[k]) for k in r0)
-    state = __import__("json").loads((out / "checkpoints" / "checkpoint-000003" / "train_state.json").read_text())
+    state = json.loads((out / "checkpoints" / "checkpoint-000003" / "train_state.json").read_text())
     assert state["world_size"] == 2 and state["consumed"] == 2  # 2 batches per step, in epoch 1
     assert (out / "checkpoints" / "checkpoint-000003" / "random_states_1.pkl").is_file()
 
