@@ -15,6 +15,7 @@ test-fast: setup
 bench: setup
 	$(PY) benchmarks/reward.py
 	$(PY) benchmarks/toyworld_build.py
+	$(PY) benchmarks/train_step.py
 
 # Re-resolve every dependency (one resolve, torch pinned) and write the constraints file.
 lock:
