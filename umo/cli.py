@@ -79,6 +79,16 @@ def cmd_toyworld_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_toyworld_raw(args: argparse.Namespace) -> int:
+    """Write only the toy world's raw collection (the embedded default's `data/`), truth kept outside it."""
+    from umo.toyworld.build import write_raw
+
+    meta = write_raw(args.out, load_config(args.params, args.overrides).toyworld, truth=args.truth)
+    print(f"{meta['n_images']} images of {meta['n_identities']} toy identities in {meta['n_groups']} groups "
+          f"-> {args.out} (ground truth: {args.truth})")
+    return 0
+
+
 def cmd_generator_tiny(args: argparse.Namespace) -> int:
     """Write the tiny seeded FLUX.2 [klein] pipeline folder (the embedded default's generator)."""
     from umo.models.tiny import write_tiny_flux2
@@ -138,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="parallel build processes (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="rebuild every part even when cached")
     p.set_defaults(func=cmd_toyworld_build)
+    p = toy_sub.add_parser("raw", help="write only the raw collection (the embedded default's data/, seconds)")
+    _add_config_args(p)
+    p.add_argument("--out", type=Path, default=Path("data"), help="empty or new folder (default: %(default)s)")
+    p.add_argument("--truth", type=Path, default=Path("artifacts/toyworld/toy_raw_truth.jsonl"),
+                   help="ground-truth JSONL, outside --out (default: %(default)s)")
+    p.set_defaults(func=cmd_toyworld_raw)
 
     gen = sub.add_parser("generator", help="generator utilities")
     gen_sub = gen.add_subparsers(dest="generator_command", metavar="ACTION", required=True)
@@ -163,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         # Bad input is the user's to fix: one clear line, no traceback.
         log.error("%s", err)
         return 2

@@ -408,6 +408,27 @@ def build_toyworld(out: str | Path, cfg: ToyWorldConfig, *, workers: int = 2, fo
     return BuildResult(world, reused, seconds)
 
 
+def _write_raw(out: str, truth: str, cfg_data: dict[str, Any]) -> dict[str, Any]:
+    from umo.toyworld.collection import write_raw_collection
+
+    cfg = from_dict(ToyWorldConfig, cfg_data, source="toyworld raw")
+    c = cfg.collection
+    return write_raw_collection(Path(out), world_seed=cfg.world_seed, n_groups=c.n_groups,
+                                images_per_group=tuple(c.images_per_group), cast_size=tuple(c.cast_size),
+                                n_identities=cfg.n_identities, image_size=tuple(c.image_size),
+                                truth_path=Path(truth))
+
+
+def write_raw(out: str | Path, cfg: ToyWorldConfig, *, truth: str | Path) -> dict[str, Any]:
+    """Only the toy world's raw collection (seconds), into `out`, with its ground truth at `truth` (outside
+    `out`): the same bytes as a full build's `toy_raw/`, so the embedded default's `data/` matches the hash
+    in `data.dvc` on any machine. Runs in one spawned process with the build's numeric environment."""
+    with _environment(portable_numerics_env()), ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn"), initializer=_init_process,
+            initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
+        return pool.submit(_write_raw, str(out), str(truth), to_dict(cfg)).result()
+
+
 def load_toyworld(root: str | Path, *, verify: bool = False) -> ToyWorld:
     """Open a built toy world; refuses one that is incomplete or below its quality gates.
 
