@@ -97,6 +97,18 @@ def cmd_generator_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Data prep: raw collection -> face index -> identities -> samples -> manifests, stats.json, contact sheet."""
+    from umo.data.prepare import prepare
+
+    result = prepare(load_config(args.params, args.overrides), device=args.device)
+    print(json.dumps({"samples": result.stats["samples"], "rejects": result.stats["rejects"],
+                      "identities": result.stats["identities"], "synthetic": result.stats["synthetic"]}, indent=2))
+    for split, path in result.manifests.items():
+        print(f"{split}: {path}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """ReReFL training of the LoRA (run it under `accelerate launch` or `torchrun` for several processes)."""
     import torch.distributed as dist
@@ -160,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = gen_sub.add_parser("tiny", help="write the tiny seeded FLUX.2 [klein] folder (embedded default, tests)")
     p.add_argument("--out", type=Path, required=True, help="folder to write (replaced atomically)")
     p.set_defaults(func=cmd_generator_tiny)
+
+    p = sub.add_parser("prepare", help="data prep: raw collection -> train/test manifests (DVC stage)")
+    _add_config_args(p)
+    p.add_argument("--device", default="cpu", help="torch device of the face embedder and generator (default: cpu)")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="ReReFL training of the LoRA (accelerate; resumable)")
     _add_config_args(p)

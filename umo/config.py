@@ -205,6 +205,29 @@ class TrainConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """The synthetic part: multi-person images generated from single-identity references, kept only when every
+    reference is assigned (Hungarian) to a generated face with similarity >= min_similarity."""
+
+    count: int = 8
+    """Images to generate (0: no synthetic part)."""
+    identities: list[int] = field(default_factory=lambda: [2, 3])
+    """[min, max] people per generated image."""
+    min_similarity: float = 0.5
+    """tau: the reward embedder's cosine between each reference and its assigned generated face."""
+    steps: int = 8
+    """Sampler steps of the generator."""
+
+    def __post_init__(self) -> None:
+        _check_unit("min_similarity", self.min_similarity)
+        if self.count < 0 or self.steps < 1:
+            raise ConfigError("synthetic.count: expected >= 0; synthetic.steps: expected >= 1")
+        if len(self.identities) != 2 or not 1 <= self.identities[0] <= self.identities[1]:
+            raise ConfigError(f"synthetic.identities: expected [min, max] with 1 <= min <= max, "
+                              f"got {self.identities}")
+
+
+@dataclass
 class PrepareConfig:
     """Data prep (issue 5): raw collection -> face index -> identities -> samples -> manifests."""
 
@@ -233,11 +256,30 @@ class PrepareConfig:
     """For images without a caption; {people} becomes "person 1 and person 2" etc."""
     test_fraction: float = 0.2
     """Share of groups held out for the test split (split by group, never by image)."""
+    link_threshold: float = 0.4
+    """Two identities of different groups are taken for one person when their faces' mean cosine similarity is
+    >= this; test samples with a person also seen in the train split are dropped (counted)."""
+    face_cache: str = "artifacts/face_index"
+    """The face index cache (per image content hash and face models); safe to delete."""
+    index_batch: int = 16
+    """Images per detector/embedder batch."""
+    truth: str | None = None
+    """Optional ground-truth JSONL ({group, image, boxes, identity_ids} per image, like the toy world's
+    toy_raw_truth.jsonl): cluster purity and completeness are then reported in stats.json."""
+    contact_sheet: int = 8
+    """Random samples drawn on contact_sheet.png (references beside the target)."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
         _check_unit("cluster_threshold", self.cluster_threshold)
         _check_unit("near_duplicate_threshold", self.near_duplicate_threshold)
         _check_unit("test_fraction", self.test_fraction)
+        _check_unit("link_threshold", self.link_threshold)
+        if self.synthetic.identities[1] > self.max_identities:
+            raise ConfigError(f"synthetic.identities: at most max_identities ({self.max_identities}) people, "
+                              f"got {self.synthetic.identities}")
+        if self.index_batch < 1 or self.contact_sheet < 0:
+            raise ConfigError("index_batch: expected >= 1; contact_sheet: expected >= 0")
         if self.max_identities < 1 or self.reference_size < 16:
             raise ConfigError("max_identities: expected >= 1; reference_size: expected >= 16")
         if "{people}" not in self.prompt_template:

@@ -1,0 +1,452 @@
+"""The data prep stage (`umo prepare`): raw collection -> face index -> identities -> samples -> manifests.
+
+    prepare.raw (data/, tracked by data.dvc)
+      -> scan and validate every file (umo.data.ingest: bad files skipped and counted)
+      -> face index: detect + embed each image once, cached by content hash (umo.data.faces)
+      -> identities: cluster each group's faces (umo.data.identities)
+      -> real samples: targets with 1..N people, references from other images (umo.data.samples)
+      -> split by group; a test identity also seen in train (linked) drops its test samples
+      -> synthetic samples from train identities (umo.data.synthetic), train split only
+      -> files and manifests
+
+Outputs under prepare.out (default artifacts/prepared):
+
+    samples/train.json  samples/test.json          manifests (schema umo.samples v1)
+    samples/train_embeddings.safetensors  ...      the references' reward-embedder embeddings, from the index
+    samples/targets/<sample id>.png                target images, decoded and upright (or generated)
+    samples/references/<group>-<image>-f<k>.png    reference crops (prepare.reference_crop, reference_size)
+    stats.json                                     DVC metrics: counts, rejects by reason, cluster quality
+    contact_sheet.png                              random samples, references beside the target
+
+`samples/` is built in a temporary sibling and renamed into place, then stats.json and the contact sheet are
+written (each atomically): a crash leaves the previous outputs whole, and nothing reaches a manifest without
+passing validation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+
+from umo.data.faces import FaceCache, FaceEmbedder, ImageFaces, index_collection, models_key
+from umo.data.identities import cluster_faces, match_truth, purity_completeness
+from umo.data.ingest import RawImage, decode_rgb
+from umo.data.manifest import Manifest, Reference, Sample, write_manifest
+from umo.data.samples import (Composed, FaceKey, compose_group, crop_box, linked_to, people_prompt, split_groups,
+                              usable)
+from umo.io import atomic_dir, atomic_write_bytes, atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+SAMPLES_DIR = "samples"
+STATS_FILE = "stats.json"
+SHEET_FILE = "contact_sheet.png"
+SYNTHETIC_GROUP = "synthetic"
+
+
+@dataclass
+class Identity:
+    """One person of one group: a cluster of its faces."""
+
+    name: str  # "<group>/p<label>"
+    group: str
+    faces: list[FaceKey]
+    mean: np.ndarray  # mean of the faces' unit embeddings: mean . mean' = the faces' mean cosine similarity
+
+
+@dataclass
+class Group:
+    name: str
+    images: list[RawImage]
+    faces: list[ImageFaces]
+    labels: list[np.ndarray]
+    samples: list[Composed] = field(default_factory=list)
+    identities: dict[int, Identity] = field(default_factory=dict)
+
+
+@dataclass
+class PrepareResult:
+    out: Path
+    manifests: dict[str, Path]
+    stats: dict[str, Any]
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _stem(image: RawImage) -> str:
+    return PurePosixPath(image.path).stem
+
+
+def build_groups(images: list[RawImage], faces: dict[str, ImageFaces], *, config) -> list[Group]:
+    """Per group (in scan order): its images and faces, each face's cluster label, and its identities."""
+    p = config.prepare
+    by_group: dict[str, list[RawImage]] = {}
+    for image in images:
+        by_group.setdefault(image.group, []).append(image)
+    groups = []
+    for name, members in by_group.items():
+        fs = [faces[i.sha256] for i in members]
+        flat = np.concatenate([f.embeddings for f in fs]) if fs else np.zeros((0, 1), np.float32)
+        owners = [k for k, f in enumerate(fs) for _ in range(len(f))]
+        flat_labels = cluster_faces(flat, p.cluster_threshold, images=owners)
+        bounds = np.cumsum([0] + [len(f) for f in fs])
+        labels = [flat_labels[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        group = Group(name, members, fs, labels)
+        for label in dict.fromkeys(flat_labels.tolist()):
+            keys = [FaceKey(i, k) for i, lab in enumerate(labels) for k in np.flatnonzero(lab == label).tolist()]
+            mean = np.mean([fs[key.image].embeddings[key.face] for key in keys], axis=0)
+            group.identities[label] = Identity(f"{name}/p{label + 1}", name, keys, mean)
+        groups.append(group)
+    return groups
+
+
+def read_truth(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """Ground truth by (group, image file name); a malformed line is an error naming the file and line."""
+    truth = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            truth[(str(row["group"]), str(row["image"]))] = {"boxes": np.asarray(row["boxes"], np.float64),
+                                                           "identity_ids": list(row["identity_ids"])}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}:{n}: not a ground-truth line ({{group, image, boxes, identity_ids}}): "
+                             f"{err}") from err
+    return truth
+
+
+def cluster_quality(groups: list[Group], truth: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
+    """Purity and completeness of the clusters against the truth's identities within each group (clustering
+    never links groups). Detections that match no true face are counted, not scored."""
+    predicted, actual, unmatched, missing = [], [], 0, 0
+    for g in groups:
+        for image, f, labels in zip(g.images, g.faces, g.labels):
+            row = truth.get((g.name, PurePosixPath(image.path).name))
+            if row is None:
+                missing += 1
+                continue
+            ids = match_truth(f.boxes, row["boxes"], row["identity_ids"])
+            for label, true_id in zip(labels.tolist(), ids):
+                if true_id is None:
+                    unmatched += 1
+                else:
+                    predicted.append((g.name, label))
+                    actual.append((g.name, true_id))
+    purity, completeness = purity_completeness(predicted, actual)
+    return {"purity": round(purity, 4), "completeness": round(completeness, 4), "faces_scored": len(predicted),
+            "faces_without_truth": unmatched, "images_without_truth": missing}
+
+
+def split_leaks(train: list[Sample], test: list[Sample], truth_ids: dict[str, Any]) -> int:
+    """True identities (per `truth_ids`: identity name -> true id) present in both splits."""
+    def ids(samples):
+        return {truth_ids.get(r.identity) for s in samples for r in s.references} - {None}
+    return len(ids(train) & ids(test))
+
+
+class _Images:
+    """Decoded raw images, one group at a time (references and targets come from the same few files)."""
+
+    def __init__(self, raw: Path, max_pixels: int) -> None:
+        self.raw, self.max_pixels, self.cache = raw, max_pixels, {}
+
+    def __call__(self, image: RawImage) -> np.ndarray:
+        if image.path not in self.cache:
+            if len(self.cache) > 64:
+                self.cache.clear()
+            rgb, _ = decode_rgb(self.raw / image.path, max_pixels=self.max_pixels)
+            self.cache[image.path] = rgb
+        return self.cache[image.path]
+
+
+def _reference_crop(rgb: np.ndarray, box: np.ndarray, p) -> np.ndarray:
+    from PIL import Image
+
+    x1, y1, x2, y2 = crop_box(box, rgb.shape[:2], policy=p.reference_crop, margin=p.crop_margin)
+    crop = Image.fromarray(rgb[y1:y2, x1:x2])
+    return np.asarray(crop.resize((p.reference_size, p.reference_size), Image.Resampling.BICUBIC))
+
+
+def _load_models(config, device: str):
+    from umo.faces.detect import FaceDetector
+    from umo.faces.embed import load_arcface
+
+    detector = FaceDetector.from_config(config.faces.detector)
+    embedder = load_arcface(config.faces.embedder.path, config.faces.embedder.arch)
+    face_embedder = FaceEmbedder(detector, embedder, batch=config.prepare.index_batch, device=device)
+    d = config.faces.detector
+    key = models_key([Path(detector.model_file)], Path(config.faces.embedder.path),
+                     {"det_thresh": d.det_thresh, "nms_thresh": d.nms_thresh, "input_size": d.input_size,
+                      "arch": config.faces.embedder.arch})
+    return face_embedder, key
+
+
+def prepare(config, *, device: str = "cpu") -> PrepareResult:
+    """Run the stage with the settings of `config` (umo.config.Config); see the module docstring."""
+    p = config.prepare
+    t0 = time.perf_counter()
+    raw, out = Path(p.raw), Path(p.out)
+    truth = read_truth(Path(p.truth)) if p.truth else None
+    if p.truth and not truth:
+        raise ValueError(f"{p.truth}: ground-truth file is empty")
+    embedder, key = _load_models(config, device)
+    scan, faces, index_counts = index_collection(raw, extensions=p.extensions, max_pixels=p.max_image_pixels,
+                                                 min_side=p.min_image_side, cache=FaceCache(Path(p.face_cache), key),
+                                                 embedder=embedder)
+    t_index = time.perf_counter() - t0
+
+    # identities and real samples, per group
+    groups = build_groups(scan.images, faces, config=config)
+    rejects: Counter = Counter()
+    for g in groups:
+        g.samples = compose_group(g.faces, g.labels, max_identities=p.max_identities, min_face_size=p.min_face_size,
+                                  min_det_score=p.min_det_score, near_duplicate_threshold=p.near_duplicate_threshold,
+                                  stats=rejects)
+    with_samples = [g.name for g in groups if g.samples]
+    if not with_samples:
+        raise ValueError(f"raw collection {raw}: no image makes a sample ({len(scan.images)} usable images, "
+                         f"rejected: {dict(rejects) or 'none'}; skipped: {dict(scan.skipped) or 'none'})")
+    train_names, test_names = split_groups(with_samples, p.test_fraction, config.seed)
+    by_name = {g.name: g for g in groups}
+
+    # a person seen in both splits: drop the test samples that show them
+    train_ids = [i for n in train_names for i in by_name[n].identities.values()]
+    train_means = np.array([i.mean for i in train_ids]) if train_ids else np.zeros((0, 1))
+    linked_identities = 0
+    for name in test_names:
+        g = by_name[name]
+        labels = list(g.identities)
+        means = np.array([g.identities[lab].mean for lab in labels])
+        linked = {lab for lab, hit in zip(labels, linked_to(means, train_means, p.link_threshold)) if hit}
+        linked_identities += len(linked)
+        kept = [s for s in g.samples if not linked & set(s.identities)]
+        rejects["test_identity_in_train"] += len(g.samples) - len(kept)
+        g.samples = kept
+
+    # synthetic part (train only): needs the reference crops, so it runs while the files are written
+    with atomic_dir(out / SAMPLES_DIR) as tmp:
+        writer = _Writer(tmp, raw, config, embedder)
+        manifests_data: dict[str, tuple[list[Sample], dict[str, torch.Tensor]]] = {}
+        for split, names in (("train", train_names), ("test", test_names)):
+            samples, embeddings = [], {}
+            for name in names:
+                for s, e in writer.real(by_name[name]):
+                    samples.append(s)
+                    embeddings[s.id] = e
+            manifests_data[split] = (samples, embeddings)
+        synthetic_stats: Counter = Counter()
+        if p.synthetic.count > 0:
+            samples, embeddings = manifests_data["train"]
+            for s, e in writer.synthetic(train_ids, by_name, synthetic_stats):
+                samples.append(s)
+                embeddings[s.id] = e
+        toy = _is_toy(raw)
+        embedder_ref = {"path": str(config.faces.embedder.path), "sha256": sha256_file(config.faces.embedder.path)}
+        manifests = {}
+        for split, (samples, embeddings) in manifests_data.items():
+            manifest = Manifest(split, samples, embeddings=f"{split}_embeddings.safetensors", embedder=embedder_ref,
+                                toy_world=toy, root=tmp)
+            write_manifest(manifest, tmp / f"{split}.json", embeddings)
+            manifests[split] = out / SAMPLES_DIR / f"{split}.json"
+
+    stats = {
+        "images": {"usable": len(scan.images), "faces": int(sum(len(faces[i.sha256]) for i in scan.images)),
+                   "index_computed": index_counts["computed"], "index_cached": index_counts["cached"]},
+        "groups": {"total": len(groups), "with_samples": len(with_samples), "train": len(train_names),
+                   "test": len(test_names)},
+        "identities": {"clusters": sum(len(g.identities) for g in groups), "test_linked_to_train": linked_identities},
+        "samples": {split: _by_people(s) for split, (s, _) in manifests_data.items()},
+        "rejects": {"files": dict(sorted(scan.skipped.items())), "samples": dict(sorted(rejects.items())),
+                    "synthetic": dict(sorted((k, v) for k, v in synthetic_stats.items() if k not in ("attempted", "kept")))},
+        "converted": dict(sorted(scan.converted.items())),
+        "synthetic": {"attempted": synthetic_stats["attempted"], "kept": synthetic_stats["kept"],
+                      "min_similarity": p.synthetic.min_similarity},
+        "seconds": {"face_index": round(t_index, 2), "total": round(time.perf_counter() - t0, 2)},
+    }
+    if truth is not None:
+        stats["identities"]["quality"] = cluster_quality(groups, truth)
+        stats["identities"]["quality"]["split_leaks"] = _truth_leaks(groups, truth, manifests_data)
+    atomic_write_json(out / STATS_FILE, stats)
+    if p.contact_sheet:
+        atomic_write_bytes(out / SHEET_FILE, _png(contact_sheet(out / SAMPLES_DIR, manifests_data, p.contact_sheet,
+                                                                 seed=config.seed)))
+    log.info("prepared %s: train %s, test %s; rejected %s", out, stats["samples"]["train"], stats["samples"]["test"],
+             dict(rejects) or "none")
+    return PrepareResult(out, manifests, stats)
+
+
+def _by_people(samples: list[Sample]) -> dict[str, int]:
+    counts = Counter(len(s.references) for s in samples)
+    return {"total": len(samples), **{f"{n}_people": counts[n] for n in sorted(counts)},
+            "synthetic": sum(s.source == "synthetic" for s in samples)}
+
+
+def _is_toy(raw: Path) -> bool:
+    from umo.toyworld.collection import METADATA_FILE
+
+    try:
+        return bool(json.loads((raw / METADATA_FILE).read_text()).get("toy_world"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _truth_leaks(groups: list[Group], truth, manifests_data) -> int:
+    """People (by ground truth) who appear in samples of both splits: what linking missed."""
+    names: dict[str, Any] = {}
+    for g in groups:
+        for identity in g.identities.values():
+            votes = Counter()
+            for key in identity.faces:
+                row = truth.get((g.name, PurePosixPath(g.images[key.image].path).name))
+                if row is not None:
+                    ids = match_truth(g.faces[key.image].boxes, row["boxes"], row["identity_ids"])
+                    votes[ids[key.face]] += 1
+            votes.pop(None, None)
+            if votes:
+                names[identity.name] = votes.most_common(1)[0][0]
+    return split_leaks(manifests_data["train"][0], manifests_data["test"][0], names)
+
+
+class _Writer:
+    """Writes targets and reference crops into the samples folder; returns manifest samples + embeddings."""
+
+    def __init__(self, root: Path, raw: Path, config, embedder: FaceEmbedder) -> None:
+        self.root, self.raw, self.config, self.embedder = root, raw, config, embedder
+        self.p = config.prepare
+        self.images = _Images(raw, self.p.max_image_pixels)
+        (root / "targets").mkdir()
+        (root / "references").mkdir()
+        self.written: set[str] = set()
+
+    def reference(self, g: Group, key: FaceKey) -> str:
+        image = g.images[key.image]
+        rel = f"references/{g.name}-{_stem(image)}-f{key.face}.png"
+        if rel not in self.written:
+            crop = _reference_crop(self.images(image), g.faces[key.image].boxes[key.face], self.p)
+            atomic_write_bytes(self.root / rel, _png(crop))
+            self.written.add(rel)
+        return rel
+
+    def real(self, g: Group):
+        for c in g.samples:
+            image = g.images[c.target]
+            sid = f"{g.name}-{_stem(image)}"
+            target = f"targets/{sid}.png"
+            atomic_write_bytes(self.root / target, _png(self.images(image)))
+            refs = tuple(Reference(g.identities[ident].name, self.reference(g, key))
+                         for ident, key in zip(c.identities, c.references))
+            prompt = image.caption or people_prompt(self.p.prompt_template, len(refs))
+            emb = np.stack([g.faces[k.image].embeddings[k.face] for k in c.references])
+            yield (Sample(sid, g.name, prompt, target, refs, "real"),
+                   torch.from_numpy(emb.astype(np.float32)))
+
+    def synthetic(self, identities: list[Identity], by_name: dict[str, Group], stats: Counter):
+        """Synthetic samples from train identities (see umo.data.synthetic)."""
+        from umo.data.synthetic import generate, pick_identities, synthesize
+        from umo.models import load_generator
+        from umo.train.data import load_image
+
+        s = self.p.synthetic
+        candidates = []  # (identity, its best reference face: the largest usable one)
+        for ident in identities:
+            g = by_name[ident.group]
+            sizes = [(float(g.faces[k.image].sizes()[k.face]), float(g.faces[k.image].scores[k.face]), k)
+                     for k in ident.faces]
+            good = [(size, k) for size, score, k in sizes
+                    if size >= self.p.min_face_size and score >= self.p.min_det_score]
+            if good:
+                candidates.append((ident, max(good, key=lambda t: t[0])[1]))
+        if not candidates:
+            stats["no_candidates"] += 1
+            return
+        means = np.array([c[0].mean for c in candidates])
+        picks = pick_identities(means, s.count, s.identities, link_threshold=self.p.link_threshold,
+                                seed=self.config.seed)
+        stats["too_few_unlinked_people"] += s.count - len(picks)
+        gen_path = Path(self.config.generator.path)
+        if not gen_path.is_dir():
+            raise FileNotFoundError(f"generator {gen_path}: no such folder (the synthetic part needs the generator; "
+                                    f"write the tiny one with `umo generator tiny --out {gen_path}`, or set "
+                                    f"prepare.synthetic.count=0)")
+        generator = load_generator(self.config.generator)
+        res = self.config.generator.reference_resolution
+        refs_rel: dict[int, list[str]] = {}
+
+        def ref_paths(pick) -> list[str]:
+            if pick.attempt not in refs_rel:
+                refs_rel[pick.attempt] = [self.reference(by_name[candidates[c][0].group], candidates[c][1])
+                                          for c in pick.identities]
+            return refs_rel[pick.attempt]
+
+        def render(pick) -> np.ndarray:
+            prompt = people_prompt(self.p.prompt_template, len(pick.identities))
+            images = [load_image(self.root / rel, res) for rel in ref_paths(pick)]
+            return generate(generator, prompt, images, size=self.config.generator.resolution, steps=s.steps,
+                            seed=self.config.seed * 100_003 + pick.attempt)
+
+        def embed(rgb: np.ndarray) -> np.ndarray:  # the usable faces, as for real targets
+            (det, emb), = self.embedder([rgb])
+            sizes = np.sqrt(np.prod(np.clip(det.boxes[:, 2:] - det.boxes[:, :2], 0, None), axis=1))
+            return emb[usable(sizes, det.scores, min_face_size=self.p.min_face_size,
+                              min_det_score=self.p.min_det_score)]
+
+        def reference_embeddings(pick) -> np.ndarray:
+            return np.stack([self._embedding(by_name, candidates[c]) for c in pick.identities])
+
+        for pick, image, _ in synthesize(picks, render=render, embed=embed, references=reference_embeddings,
+                                         tau=s.min_similarity, stats=stats):
+            sid = f"{SYNTHETIC_GROUP}-{pick.attempt:05d}"
+            target = f"targets/{sid}.png"
+            atomic_write_bytes(self.root / target, _png(image))
+            refs = tuple(Reference(candidates[c][0].name, rel) for c, rel in zip(pick.identities, ref_paths(pick)))
+            prompt = people_prompt(self.p.prompt_template, len(refs))
+            yield (Sample(sid, SYNTHETIC_GROUP, prompt, target, refs, "synthetic"),
+                   torch.from_numpy(reference_embeddings(pick).astype(np.float32)))
+
+    @staticmethod
+    def _embedding(by_name: dict[str, Group], candidate) -> np.ndarray:
+        ident, key = candidate
+        return by_name[ident.group].faces[key.image].embeddings[key.face]
+
+
+def contact_sheet(root: Path, manifests_data, n: int, *, seed: int, height: int = 128) -> np.ndarray:
+    """n random samples (seeded), one row each: the references, a gap, then the target; all `height` px high."""
+    from PIL import Image
+
+    samples = [s for split in ("train", "test") for s in manifests_data[split][0]]
+    if not samples:
+        return np.full((height, height, 3), 255, np.uint8)
+    rng = np.random.default_rng(seed)
+    chosen = [samples[i] for i in sorted(rng.choice(len(samples), size=min(n, len(samples)), replace=False))]
+    rows = []
+    for s in chosen:
+        tiles = [Image.open(root / r.path).convert("RGB").resize((height, height)) for r in s.references]
+        target = Image.open(root / s.target).convert("RGB")
+        target = target.resize((max(1, round(target.width * height / target.height)), height))
+        gap = Image.new("RGB", (height // 4, height), (255, 255, 255))
+        rows.append([*tiles, gap, target])
+    width = max(sum(t.width for t in row) for row in rows)
+    sheet = Image.new("RGB", (width, height * len(rows) + 4 * (len(rows) - 1)), (255, 255, 255))
+    for r, row in enumerate(rows):
+        x = 0
+        for tile in row:
+            sheet.paste(tile, (x, r * (height + 4)))
+            x += tile.width
+    return np.asarray(sheet)
