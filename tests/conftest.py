@@ -38,6 +38,17 @@ def toy_world():
 
 
 @pytest.fixture(scope="session")
+def full_toy_world():
+    """The toy world of params.yaml (the embedded default's), built (about 4.5 min on 2 cores) or reused from
+    .cache/toy-world: for the quality numbers the issues set on THE toy world."""
+    from umo.config import load_config
+    from umo.toyworld.build import build_toyworld
+
+    cache = Path(os.environ.get("UMO_TEST_CACHE", ROOT / ".cache")) / "toy-world"
+    return build_toyworld(cache, load_config(ROOT / "params.yaml").toyworld).world
+
+
+@pytest.fixture(scope="session")
 def tiny_generator_dir(tmp_path_factory):
     """A tiny seeded FLUX.2 [klein] pipeline folder written in the real diffusers layout (~1 s)."""
     from umo.models.tiny import write_tiny_flux2

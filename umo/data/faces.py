@@ -1,7 +1,7 @@
 """The face index: every face of every raw image detected and embedded once, cached by image content.
 
-Cache: `<cache>/<models key>/<sha[:2]>/<sha>.npz` per image (numpy arrays only, read with
-allow_pickle=False), written atomically. The models key hashes the detector and embedder files and the
+Cache: `<cache>/<models key>/<sha[:2]>/<sha>.safetensors` per image (arrays, plus the image size and
+conversions in the header; no pickle anywhere), written atomically. A damaged entry is recomputed. The models key hashes the detector and embedder files and the
 detection settings, so another model never reuses an entry. A re-run after adding images computes only the new
 ones; unchanged images are neither decoded nor detected again (the cache also records what the scan learnt).
 
@@ -63,28 +63,34 @@ class FaceCache:
         self.root = Path(root) / key
 
     def path(self, sha: str) -> Path:
-        return self.root / sha[:2] / f"{sha}.npz"
+        return self.root / sha[:2] / f"{sha}.safetensors"
 
     def get(self, sha: str) -> ImageFaces | None:
+        from safetensors import SafetensorError, safe_open
+
         path = self.path(sha)
         if not path.is_file():
             return None
         try:
-            with np.load(path, allow_pickle=False) as z:
-                meta = json.loads(str(z["meta"]))
-                return ImageFaces(sha, meta["width"], meta["height"], meta["conversions"], z["boxes"],
-                                  z["landmarks"], z["scores"], z["embeddings"])
-        except (OSError, ValueError, KeyError) as err:  # a damaged entry is recomputed, not trusted
-            log.warning("face cache %s unreadable (%s): recomputing", path, err)
+            with safe_open(str(path), "np") as f:
+                meta = json.loads(f.metadata()["meta"])
+                arrays = [f.get_tensor(k) for k in ("boxes", "landmarks", "scores", "embeddings")]
+            return ImageFaces(sha, meta["width"], meta["height"], meta["conversions"], *arrays)
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+            log.warning("face cache %s unreadable (%s): recomputing", path, err)  # never trusted, recomputed
             return None
 
     def put(self, faces: ImageFaces) -> None:
+        from safetensors.numpy import save_file
+
         path = self.path(faces.sha256)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
+        tmp = path.with_name(f".{path.name}.tmp")
         meta = json.dumps({"width": faces.width, "height": faces.height, "conversions": faces.conversions})
-        np.savez(tmp, meta=np.array(meta), boxes=faces.boxes, landmarks=faces.landmarks, scores=faces.scores,
-                 embeddings=faces.embeddings)
+        arrays = {"boxes": faces.boxes, "landmarks": faces.landmarks, "scores": faces.scores,
+                  "embeddings": faces.embeddings}
+        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}, str(tmp),
+                  metadata={"meta": meta})
         os.replace(tmp, path)
 
 
@@ -145,6 +151,8 @@ def index_collection(raw: str | Path, *, extensions: list[str], max_pixels: int,
     bar = tqdm(desc="face index", unit="img", disable=None)
 
     def flush() -> None:
+        if not pending:
+            return
         for (img, _), (det, emb) in zip(pending, embedder([rgb for _, rgb in pending])):
             entry = ImageFaces(img.sha256, img.width, img.height, list(img.conversions), det.boxes, det.landmarks,
                                det.scores, emb)

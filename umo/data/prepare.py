@@ -125,7 +125,8 @@ def read_truth(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
         try:
             row = json.loads(line)
             truth[(str(row["group"]), str(row["image"]))] = {"boxes": np.asarray(row["boxes"], np.float64),
-                                                           "identity_ids": list(row["identity_ids"])}
+                                                           "identity_ids": list(row["identity_ids"]),
+                                                           "caption": row.get("caption")}
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path}:{n}: not a ground-truth line ({{group, image, boxes, identity_ids}}): "
                              f"{err}") from err
@@ -134,13 +135,15 @@ def read_truth(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
 
 def cluster_quality(groups: list[Group], truth: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
     """Purity and completeness of the clusters against the truth's identities within each group (clustering
-    never links groups). Detections that match no true face are counted, not scored."""
+    never links groups). Detections that match no true face (or lie in an image the truth lacks) are counted in
+    `faces_without_truth`, not scored."""
     predicted, actual, unmatched, missing = [], [], 0, 0
     for g in groups:
         for image, f, labels in zip(g.images, g.faces, g.labels):
             row = truth.get((g.name, PurePosixPath(image.path).name))
             if row is None:
                 missing += 1
+                unmatched += len(f)
                 continue
             ids = match_truth(f.boxes, row["boxes"], row["identity_ids"])
             for label, true_id in zip(labels.tolist(), ids):
