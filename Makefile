@@ -16,6 +16,7 @@ bench: setup
 	$(PY) benchmarks/reward.py
 	$(PY) benchmarks/toyworld_build.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/prepare.py
 
 # Re-resolve every dependency (one resolve, torch pinned) and write the constraints file.
 lock:

@@ -138,8 +138,10 @@ def split_groups(groups: list[str], test_fraction: float, seed: int) -> tuple[li
 
 
 def linked_to(centroids: np.ndarray, others: np.ndarray, threshold: float) -> np.ndarray:
-    """Which identities (rows of `centroids`, L2-normalized mean embeddings) match any of `others` with cosine
-    >= threshold: the same person seen in another split's group. (M,) bool.
+    """Which identities match any of `others` (the same person seen in another split's group). (M,) bool.
+
+    Rows are the means of each identity's unit face embeddings, so a dot product is the mean cosine similarity
+    over all pairs of their faces (the average linkage the clustering uses); a match is >= threshold.
 
     >>> linked_to(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[0.6, 0.8]]), 0.7).tolist()
     [False, True]
