@@ -1,0 +1,72 @@
+"""Evaluation set loaders on small files in the real formats, written here."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from umo.eval.sets import EvalSetError, load_xverse
+
+
+def png(path, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def xverse_item(index, *paths, prompt="two people at a cafe"):
+    return {"index": index, "prompt": prompt,
+            "modulation": [{"src_inputs": [{"image_path": p, "caption": "x"} for p in paths]}]}
+
+
+@pytest.fixture()
+def bench(tmp_path):
+    root = tmp_path / "XVerseBench"
+    for rel in ["sample/human/a.png", "sample/human/b.png", "sample/object/cup.png", "sample/animal/cat.png"]:
+        png(root / rel)
+    return root
+
+
+def test_xverse_items_score_only_the_human_references(bench):
+    file = bench / "multi.json"
+    file.write_text(json.dumps([xverse_item(0, "sample/human/a.png", "sample/object/cup.png", "sample/human/b.png"),
+                                xverse_item(1, "sample/object/cup.png", "sample/animal/cat.png")]))
+    items = load_xverse(file)
+    assert [i.id for i in items] == ["0"]  # item 1 has no person to score
+    assert items[0].identities == (0, 2) and len(items[0].references) == 3
+    assert items[0].references[2] == (bench / "sample/human/b.png").resolve()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("../outside.png", "leaves the benchmark root"),
+    ("/etc/passwd", "must be a relative path"),
+    ("sample/human/missing.png", "not found"),
+])
+def test_xverse_paths_may_not_escape_the_root(bench, bad, message):
+    png(bench.parent / "outside.png")
+    file = bench / "bad.json"
+    file.write_text(json.dumps([xverse_item(7, bad)]))
+    with pytest.raises(EvalSetError, match=message) as err:
+        load_xverse(file)
+    assert str(file) in str(err.value) and "item 0 (7)" in str(err.value)
+
+
+def test_xverse_symlinks_out_of_the_root_are_refused(bench, tmp_path):
+    (bench / "sample/human/link.png").symlink_to(png(tmp_path / "secret.png"))
+    file = bench / "bad.json"
+    file.write_text(json.dumps([xverse_item(0, "sample/human/link.png")]))
+    with pytest.raises(EvalSetError, match="leaves the benchmark root"):
+        load_xverse(file)
+
+
+def test_xverse_format_mistakes_name_the_item(bench):
+    file = bench / "bad.json"
+    file.write_text(json.dumps([xverse_item(0, "sample/human/a.png"), {"index": 1, "prompt": "x"}]))
+    with pytest.raises(EvalSetError, match="item 1: expected"):
+        load_xverse(file)
+    file.write_text(json.dumps({"not": "a list"}))
+    with pytest.raises(EvalSetError, match="expected a JSON list"):
+        load_xverse(file)

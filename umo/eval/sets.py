@@ -1,0 +1,85 @@
+"""Evaluation sets: what to generate (prompt + reference images) and which references are people to score.
+
+- `heldout`: our test manifest (umo.samples): every reference is a person.
+- `xverse`: the XVerseBench JSON format: a list of {index, prompt, modulation: [{src_inputs: [{image_path,
+  caption}]}]}; every src_input conditions the generator, and the ones stored under a folder named `human`
+  are the identities scored.
+
+Paths in a benchmark file are resolved under the benchmark's root (the JSON file's folder unless given) and
+may not leave it (absolute paths, `..` or symlinks pointing out are errors naming the file and the item).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class EvalSetError(ValueError):
+    """A benchmark file that does not follow its format; the message names the file and the item."""
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    id: str
+    prompt: str
+    references: tuple[Path, ...]  # every conditioning image, in order
+    identities: tuple[int, ...]  # indices into `references` of the people to score
+
+    @property
+    def n_identities(self) -> int:
+        return len(self.identities)
+
+
+def _confined(root: Path, rel: str, file: Path, where: str) -> Path:
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute():
+        raise EvalSetError(f"{file}: {where}: {rel!r} must be a relative path under {root}")
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise EvalSetError(f"{file}: {where}: {rel!r} leaves the benchmark root {root}")
+    if not path.is_file():
+        raise EvalSetError(f"{file}: {where}: {rel!r} not found under {root}")
+    return path
+
+
+def load_heldout(manifest: str | Path) -> list[EvalItem]:
+    """Our held-out manifest (validated by umo.data.manifest)."""
+    from umo.data.manifest import read_manifest
+
+    m = read_manifest(manifest)
+    return [EvalItem(s.id, s.prompt, tuple(m.path(r.path) for r in s.references), tuple(range(len(s.references))))
+            for s in m.samples]
+
+
+def load_xverse(file: str | Path, root: str | Path | None = None) -> list[EvalItem]:
+    """An XVerseBench JSON file (single or multi); items without a human reference have nothing to score and
+    are left out (their number is logged by the caller through len(raw) - len(items))."""
+    file = Path(file)
+    root = Path(root) if root is not None else file.parent
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise EvalSetError(f"{file}: cannot read the XVerseBench JSON: {err}") from err
+    if not isinstance(data, list):
+        raise EvalSetError(f"{file}: expected a JSON list of items, got {type(data).__name__}")
+    items, seen = [], set()
+    for n, entry in enumerate(data):
+        where = f"item {n}"
+        try:
+            index, prompt = str(entry["index"]), entry["prompt"]
+            inputs = [s for mod in entry["modulation"] for s in mod["src_inputs"]]
+            paths = [s["image_path"] for s in inputs]
+        except (KeyError, TypeError) as err:
+            raise EvalSetError(f"{file}: {where}: expected {{index, prompt, modulation: [{{src_inputs: "
+                               f"[{{image_path, caption}}]}}]}}, missing {err}") from err
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise EvalSetError(f"{file}: {where}: empty prompt")
+        if index in seen:
+            raise EvalSetError(f"{file}: {where}: index {index} appears twice")
+        seen.add(index)
+        refs = tuple(_confined(root, p, file, f"{where} ({index})") for p in paths)
+        humans = tuple(k for k, p in enumerate(paths) if "human" in Path(p).parent.parts[-1:])
+        if humans:
+            items.append(EvalItem(index, prompt, refs, humans))
+    return items
