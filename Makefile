@@ -17,6 +17,7 @@ bench: setup
 	$(PY) benchmarks/toyworld_build.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/prepare.py
+	$(PY) benchmarks/eval.py
 
 # Re-resolve every dependency (one resolve, torch pinned) and write the constraints file.
 lock:
