@@ -70,3 +70,39 @@ def test_xverse_format_mistakes_name_the_item(bench):
     file.write_text(json.dumps({"not": "a list"}))
     with pytest.raises(EvalSetError, match="expected a JSON list"):
         load_xverse(file)
+
+
+def write_omnicontext(root, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), root / "data" / "test-00000-of-00001.parquet")
+
+
+def test_omnicontext_parquet_images_are_extracted_and_characters_scored(tmp_path):
+    import io
+
+    def png_bytes(seed):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((16, 16, 3), seed, np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    root = tmp_path / "OmniContext"
+    png(root / "images" / "local.png")
+    rows = [{"key": "m1", "task_type": "multiple_character", "instruction": "two people meet",
+             "input_images": [{"bytes": png_bytes(1), "path": None}, {"bytes": None, "path": "images/local.png"}]},
+            {"key": "o1", "task_type": "single_object", "instruction": "a cup",
+             "input_images": [{"bytes": png_bytes(2), "path": None}]}]
+    write_omnicontext(root, rows)
+    from umo.eval.sets import load_omnicontext
+
+    items = load_omnicontext(root, tmp_path / "extracted")
+    assert [i.id for i in items] == ["m1"] and items[0].identities == (0, 1)
+    assert items[0].references[0].read_bytes() == png_bytes(1)
+    assert items[0].references[1] == (root / "images" / "local.png").resolve()
+    rows[0]["input_images"][1]["path"] = "../../escape.png"
+    (tmp_path / "again").mkdir()
+    write_omnicontext(tmp_path / "again", rows)
+    with pytest.raises(EvalSetError, match="leaves the benchmark root"):
+        load_omnicontext(tmp_path / "again", tmp_path / "extracted")

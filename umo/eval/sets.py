@@ -4,6 +4,11 @@
 - `xverse`: the XVerseBench JSON format: a list of {index, prompt, modulation: [{src_inputs: [{image_path,
   caption}]}]}; every src_input conditions the generator, and the ones stored under a folder named `human`
   are the identities scored.
+- `omnicontext`: the OmniContext dataset as the Hugging Face hub stores it, copied to local disk: parquet files
+  with key, task_type, instruction and input_images (image structs {bytes, path}). Items whose task_type names
+  a `character` are scored; their input images are the candidate identities (the scorer takes each one's
+  largest face; an input with no face is counted, not scored). Embedded image bytes are written once to
+  `extract_to` (image files named by key), so generation and scoring read plain files.
 
 Paths in a benchmark file are resolved under the benchmark's root (the JSON file's folder unless given) and
 may not leave it (absolute paths, `..` or symlinks pointing out are errors naming the file and the item).
@@ -83,3 +88,50 @@ def load_xverse(file: str | Path, root: str | Path | None = None) -> list[EvalIt
         if humans:
             items.append(EvalItem(index, prompt, refs, humans))
     return items
+
+
+def load_omnicontext(root: str | Path, extract_to: str | Path) -> list[EvalItem]:
+    """Every `*.parquet` under `root` (sorted), in the OmniContext columns; see the module docstring."""
+    import pyarrow.parquet as pq
+
+    root, extract_to = Path(root), Path(extract_to)
+    files = sorted(root.rglob("*.parquet"))
+    if not files:
+        raise EvalSetError(f"{root}: no parquet files (expected the OmniContext dataset, e.g. data/*.parquet)")
+    extract_to.mkdir(parents=True, exist_ok=True)
+    items, seen = [], set()
+    for file in files:
+        table = pq.read_table(file)
+        missing = {"key", "task_type", "instruction", "input_images"} - set(table.column_names)
+        if missing:
+            raise EvalSetError(f"{file}: missing OmniContext columns {sorted(missing)}")
+        for n, row in enumerate(table.to_pylist()):
+            where = f"row {n} ({row.get('key')})"
+            key, task, prompt = str(row["key"]), str(row["task_type"]), row["instruction"]
+            if key in seen or not isinstance(prompt, str) or not prompt.strip() or not row["input_images"]:
+                raise EvalSetError(f"{file}: {where}: duplicate key, empty instruction or no input images")
+            seen.add(key)
+            if "character" not in task:
+                continue
+            refs = tuple(_omni_image(image, root, extract_to / f"{key}_{k}", file, f"{where} image {k}")
+                         for k, image in enumerate(row["input_images"]))
+            items.append(EvalItem(key, prompt, refs, tuple(range(len(refs)))))
+    return items
+
+
+def _omni_image(image, root: Path, stem: Path, file: Path, where: str) -> Path:
+    """An image struct: its bytes written to `stem`.<format> (atomically, once), or its path under `root`."""
+    from umo.io import atomic_write_bytes
+
+    if not isinstance(image, dict):
+        raise EvalSetError(f"{file}: {where}: expected an image struct {{bytes, path}}, got {type(image).__name__}")
+    data = image.get("bytes")
+    if data:
+        suffix = ".png" if data[:8] == b"\x89PNG\r\n\x1a\n" else ".jpg" if data[:2] == b"\xff\xd8" else ".img"
+        out = stem.with_suffix(suffix)
+        if not out.is_file() or out.read_bytes() != data:
+            atomic_write_bytes(out, data)
+        return out
+    if image.get("path"):
+        return _confined(root, image["path"], file, where)
+    raise EvalSetError(f"{file}: {where}: image struct with neither bytes nor path")
