@@ -45,9 +45,13 @@ class ImageFaces:
         return int(self.scores.shape[0])
 
     def sizes(self) -> np.ndarray:
-        """Face side in pixels: the geometric mean of box width and height."""
-        wh = self.boxes[:, 2:] - self.boxes[:, :2]
-        return np.sqrt(np.clip(wh[:, 0], 0, None) * np.clip(wh[:, 1], 0, None))
+        return face_sizes(self.boxes)
+
+
+def face_sizes(boxes: np.ndarray) -> np.ndarray:
+    """Face side in pixels: the geometric mean of box width and height, per (x1, y1, x2, y2) box."""
+    wh = np.asarray(boxes)[:, 2:4] - np.asarray(boxes)[:, 0:2]
+    return np.sqrt(np.clip(wh[:, 0], 0, None) * np.clip(wh[:, 1], 0, None))
 
 
 def models_key(detector_files: Sequence[Path], embedder_file: Path, settings: dict) -> str:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from umo.data.faces import FaceCache, FaceEmbedder, ImageFaces, index_collection, models_key
+from umo.data.faces import FaceCache, FaceEmbedder, ImageFaces, face_sizes, index_collection, models_key
 from umo.data.identities import cluster_faces, match_truth, purity_completeness
 from umo.data.ingest import RawImage, decode_rgb
 from umo.data.manifest import Manifest, Reference, Sample, write_manifest
@@ -133,20 +133,29 @@ def read_truth(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
     return truth
 
 
-def cluster_quality(groups: list[Group], truth: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
-    """Purity and completeness of the clusters against the truth's identities within each group (clustering
-    never links groups). Detections that match no true face (or lie in an image the truth lacks) are counted in
-    `faces_without_truth`, not scored."""
+def truth_ids(groups: list[Group], truth: dict[tuple[str, str], dict[str, Any]]) -> dict[str, list[list | None]]:
+    """Per group, per image: the true identity of each detected face (None: no true face matches), or None for
+    an image the truth lacks. Matched once, for every report that needs it."""
+    out: dict[str, list[list | None]] = {}
+    for g in groups:
+        rows = [truth.get((g.name, PurePosixPath(image.path).name)) for image in g.images]
+        out[g.name] = [None if row is None else match_truth(f.boxes, row["boxes"], row["identity_ids"])
+                       for f, row in zip(g.faces, rows)]
+    return out
+
+
+def cluster_quality(groups: list[Group], ids: dict[str, list[list | None]]) -> dict[str, Any]:
+    """Purity and completeness of the clusters against the truth's identities (`truth_ids`) within each group
+    (clustering never links groups). Detections that match no true face (or lie in an image the truth lacks) are
+    counted in `faces_without_truth`, not scored."""
     predicted, actual, unmatched, missing = [], [], 0, 0
     for g in groups:
-        for image, f, labels in zip(g.images, g.faces, g.labels):
-            row = truth.get((g.name, PurePosixPath(image.path).name))
-            if row is None:
+        for f, labels, image_ids in zip(g.faces, g.labels, ids[g.name]):
+            if image_ids is None:
                 missing += 1
                 unmatched += len(f)
                 continue
-            ids = match_truth(f.boxes, row["boxes"], row["identity_ids"])
-            for label, true_id in zip(labels.tolist(), ids):
+            for label, true_id in zip(labels.tolist(), image_ids):
                 if true_id is None:
                     unmatched += 1
                 else:
@@ -284,8 +293,9 @@ def prepare(config, *, device: str = "cpu") -> PrepareResult:
         "seconds": {"face_index": round(t_index, 2), "total": round(time.perf_counter() - t0, 2)},
     }
     if truth is not None:
-        stats["identities"]["quality"] = cluster_quality(groups, truth)
-        stats["identities"]["quality"]["split_leaks"] = _truth_leaks(groups, truth, manifests_data)
+        ids = truth_ids(groups, truth)
+        stats["identities"]["quality"] = cluster_quality(groups, ids)
+        stats["identities"]["quality"]["split_leaks"] = _truth_leaks(groups, ids, manifests_data)
     atomic_write_json(out / STATS_FILE, stats)
     if p.contact_sheet:
         atomic_write_bytes(out / SHEET_FILE, _png(contact_sheet(out / SAMPLES_DIR, manifests_data, p.contact_sheet,
@@ -310,17 +320,13 @@ def _is_toy(raw: Path) -> bool:
         return False
 
 
-def _truth_leaks(groups: list[Group], truth, manifests_data) -> int:
-    """People (by ground truth) who appear in samples of both splits: what linking missed."""
+def _truth_leaks(groups: list[Group], ids: dict[str, list[list | None]], manifests_data) -> int:
+    """People (by ground truth: each cluster's majority true identity) who appear in samples of both splits:
+    what linking missed."""
     names: dict[str, Any] = {}
     for g in groups:
         for identity in g.identities.values():
-            votes = Counter()
-            for key in identity.faces:
-                row = truth.get((g.name, PurePosixPath(g.images[key.image].path).name))
-                if row is not None:
-                    ids = match_truth(g.faces[key.image].boxes, row["boxes"], row["identity_ids"])
-                    votes[ids[key.face]] += 1
+            votes = Counter(ids[g.name][k.image][k.face] for k in identity.faces if ids[g.name][k.image] is not None)
             votes.pop(None, None)
             if votes:
                 names[identity.name] = votes.most_common(1)[0][0]
@@ -370,12 +376,12 @@ class _Writer:
         candidates = []  # (identity, its best reference face: the largest usable one)
         for ident in identities:
             g = by_name[ident.group]
-            sizes = [(float(g.faces[k.image].sizes()[k.face]), float(g.faces[k.image].scores[k.face]), k)
-                     for k in ident.faces]
-            good = [(size, k) for size, score, k in sizes
-                    if size >= self.p.min_face_size and score >= self.p.min_det_score]
-            if good:
-                candidates.append((ident, max(good, key=lambda t: t[0])[1]))
+            sizes = np.array([g.faces[k.image].sizes()[k.face] for k in ident.faces])
+            scores = np.array([g.faces[k.image].scores[k.face] for k in ident.faces])
+            good = np.flatnonzero(usable(sizes, scores, min_face_size=self.p.min_face_size,
+                                         min_det_score=self.p.min_det_score))
+            if good.size:  # the largest usable face (ties: the first)
+                candidates.append((ident, ident.faces[int(good[np.argmax(sizes[good])])]))
         if not candidates:
             stats["no_candidates"] += 1
             return
@@ -406,8 +412,7 @@ class _Writer:
 
         def embed(rgb: np.ndarray) -> np.ndarray:  # the usable faces, as for real targets
             (det, emb), = self.embedder([rgb])
-            sizes = np.sqrt(np.prod(np.clip(det.boxes[:, 2:] - det.boxes[:, :2], 0, None), axis=1))
-            return emb[usable(sizes, det.scores, min_face_size=self.p.min_face_size,
+            return emb[usable(face_sizes(det.boxes), det.scores, min_face_size=self.p.min_face_size,
                               min_det_score=self.p.min_det_score)]
 
         def reference_embeddings(pick) -> np.ndarray:
