@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from umo.config import load_config
-from umo.eval.score import Judge, largest_face, score_item
+from umo.eval.score import Judge, largest_only, score_item
 from umo.faces.types import Detections
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,19 +56,14 @@ def load_items(world, n_items: int):
 
 
 def detect(judge: Judge, items):
-    refs = [r for refs, _ in items for r in refs]
-    gens = [g for _, g in items]
-    dets = [d for k in range(0, len(refs), 16) for d in judge.detector.detect(refs[k:k + 16])]
-    return dets, [d for k in range(0, len(gens), 16) for d in judge.detector.detect(gens[k:k + 16])]
+    return judge.detect([r for refs, _ in items for r in refs]), judge.detect([g for _, g in items])
 
 
 def ours(judge: Judge, items, dets):
-    """Every face of the batch in one judge run, then one matrix per image."""
+    """Every face of the batch in one judge call (the references' largest faces), then one matrix per image."""
     ref_dets, gen_dets = dets
     refs = [r for refs, _ in items for r in refs]
-    best = [largest_face(d.boxes) for d in ref_dets]
-    one = [Detections(d.boxes[k:k + 1], d.landmarks[k:k + 1], d.scores[k:k + 1]) for d, k in zip(ref_dets, best)]
-    emb = judge.recognizer.embed(refs + [g for _, g in items], one + list(gen_dets))
+    emb = judge.embed(refs + [g for _, g in items], [largest_only(d) for d in ref_dets] + list(gen_dets))
     ref_emb = np.concatenate(emb[:len(refs)])
     gen_emb = emb[len(refs):]
     return [score_item(str(k), ref_emb[3 * k:3 * k + 3], [gen_emb[k]]) for k in range(len(items))]
@@ -82,9 +77,7 @@ def per_pair(judge: Judge, items, dets):
         gen_det = gen_dets[k]
         sim = np.zeros((len(refs), len(gen_det)))
         for r, img in enumerate(refs):
-            det = ref_dets[3 * k + r]
-            b = largest_face(det.boxes)
-            one = Detections(det.boxes[b:b + 1], det.landmarks[b:b + 1], det.scores[b:b + 1])
+            one = largest_only(ref_dets[3 * k + r])
             for j in range(len(gen_det)):
                 (a,) = judge.recognizer.embed([img], [one])
                 face = Detections(gen_det.boxes[j:j + 1], gen_det.landmarks[j:j + 1], gen_det.scores[j:j + 1])

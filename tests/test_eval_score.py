@@ -75,7 +75,8 @@ def test_the_judge_embeds_each_face_once_and_scores_a_scene_against_its_own_peop
     refs, missing = judge.references([rgb, blank])
     assert missing == [1] and not refs[1].any() and np.linalg.norm(refs[0]) == pytest.approx(1, abs=1e-4)
     (boxes, faces), = judge.faces([rgb])
-    assert len(faces) == 2 and embedded == [2, 2]  # one judge run per call, every detected face embedded once
+    # one judge call each: the reference image's largest face only, then every face of the scene, once
+    assert len(faces) == 2 and embedded == [1, 2]
     item = score_item("scene", faces, [faces])  # a scene against its own two faces
     assert item.images[0].id_sim == pytest.approx(1.0, abs=1e-4) and item.images[0].count_ok
     assert item.images[0].id_match == pytest.approx(1.0, abs=1e-4)

@@ -114,6 +114,15 @@ def largest_face(boxes: np.ndarray) -> int | None:
     return int(np.argmax(wh[:, 0] * wh[:, 1]))
 
 
+def largest_only(det):
+    """The `Detections` holding only the largest face of `det` (empty when it has none)."""
+    from umo.faces.types import Detections
+
+    k = largest_face(det.boxes)
+    keep = slice(0, 0) if k is None else slice(k, k + 1)
+    return Detections(det.boxes[keep], det.landmarks[keep], det.scores[keep])
+
+
 class Judge:
     """The evaluation face pipeline: the detector plus the judge recognizer (never the reward's embedder)."""
 
@@ -128,9 +137,8 @@ class Judge:
         return cls(FaceDetector.from_config(faces.detector),
                    OnnxRecognizer.from_model_root(faces.judge.root, faces.judge.pack))
 
-    def faces(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """RGB uint8 images -> per image (boxes (K, 4), embeddings (K, D)): one detector call per batch of
-        same-size images and one judge run for all their faces."""
+    def detect(self, images: Sequence[np.ndarray]) -> list:
+        """RGB uint8 images -> their `Detections`: one detector call per batch of same-size images."""
         out: list = [None] * len(images)
         by_size: dict[tuple, list[int]] = {}
         for i, img in enumerate(images):
@@ -138,23 +146,28 @@ class Judge:
         for idx in by_size.values():
             for k in range(0, len(idx), self.batch):
                 chunk = idx[k:k + self.batch]
-                imgs = [np.asarray(images[i]) for i in chunk]
-                dets = self.detector.detect(imgs)
-                for i, det, emb in zip(chunk, dets, self.recognizer.embed(imgs, dets)):
-                    out[i] = (det.boxes, emb)
+                for i, det in zip(chunk, self.detector.detect([np.asarray(images[i]) for i in chunk])):
+                    out[i] = det
         return out
+
+    def embed(self, images: Sequence[np.ndarray], detections: Sequence) -> list[np.ndarray]:
+        """Every given face of every image embedded once, all together: per image (K, D)."""
+        return self.recognizer.embed([np.asarray(img) for img in images], detections)
+
+    def faces(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """RGB uint8 images -> per image (boxes (K, 4), embeddings (K, D)) of every detected face."""
+        dets = self.detect(images)
+        return [(det.boxes, emb) for det, emb in zip(dets, self.embed(images, dets))]
 
     def references(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
         """Each reference image's largest face embedding (R, D), and the indices of images with no face
-        (their rows are zero)."""
-        found = self.faces(images)
-        dim = next((e.shape[1] for _, e in found if len(e)), 0)
+        (their rows are zero). Only the largest face of each image is embedded."""
+        largest = [largest_only(det) for det in self.detect(images)]
+        missing = [r for r, det in enumerate(largest) if len(det) == 0]
+        emb = self.embed(images, largest)
+        dim = next((e.shape[1] for e in emb if len(e)), 0)
         out = np.zeros((len(images), dim), np.float32)
-        missing = []
-        for r, (boxes, emb) in enumerate(found):
-            k = largest_face(boxes)
-            if k is None:
-                missing.append(r)
-            else:
-                out[r] = emb[k]
+        for r, e in enumerate(emb):
+            if len(e):
+                out[r] = e[0]
         return out, missing
