@@ -233,15 +233,9 @@ def _run_part(name: str, root: str, cfg_data: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     metrics: dict[str, Any] = {}
     if name == "collection":
-        from umo.toyworld.collection import write_raw_collection
-
         shutil.rmtree(world.raw, ignore_errors=True)
         world.truth.unlink(missing_ok=True)
-        c = cfg.collection
-        meta = write_raw_collection(world.raw, world_seed=cfg.world_seed, n_groups=c.n_groups,
-                                    images_per_group=tuple(c.images_per_group), cast_size=tuple(c.cast_size),
-                                    n_identities=cfg.n_identities, image_size=tuple(c.image_size),
-                                    truth_path=world.truth)
+        meta = _write_collection(cfg, world.raw, world.truth)
         metrics = {k: meta[k] for k in ("n_groups", "n_images", "n_faces", "n_identities")}
     elif name == "detector":
         from umo.faces.detect import FaceDetector
@@ -408,15 +402,18 @@ def build_toyworld(out: str | Path, cfg: ToyWorldConfig, *, workers: int = 2, fo
     return BuildResult(world, reused, seconds)
 
 
-def _write_raw(out: str, truth: str, cfg_data: dict[str, Any]) -> dict[str, Any]:
+def _write_collection(cfg: ToyWorldConfig, out: Path, truth: Path) -> dict[str, Any]:
+    """The raw collection of `cfg` into `out`, its ground truth at `truth` (the build's part and `write_raw`)."""
     from umo.toyworld.collection import write_raw_collection
 
-    cfg = from_dict(ToyWorldConfig, cfg_data, source="toyworld raw")
     c = cfg.collection
-    return write_raw_collection(Path(out), world_seed=cfg.world_seed, n_groups=c.n_groups,
+    return write_raw_collection(out, world_seed=cfg.world_seed, n_groups=c.n_groups,
                                 images_per_group=tuple(c.images_per_group), cast_size=tuple(c.cast_size),
-                                n_identities=cfg.n_identities, image_size=tuple(c.image_size),
-                                truth_path=Path(truth))
+                                n_identities=cfg.n_identities, image_size=tuple(c.image_size), truth_path=truth)
+
+
+def _write_raw(out: str, truth: str, cfg_data: dict[str, Any]) -> dict[str, Any]:
+    return _write_collection(from_dict(ToyWorldConfig, cfg_data, source="toyworld raw"), Path(out), Path(truth))
 
 
 def write_raw(out: str | Path, cfg: ToyWorldConfig, *, truth: str | Path) -> dict[str, Any]:
