@@ -292,6 +292,36 @@ class PrepareConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Benchmark evaluation (issue 6): base and candidate generate under the same seeds; the judge scores both."""
+
+    benchmark: Literal["heldout", "xverse", "omnicontext"] = "heldout"
+    path: str = "artifacts/prepared/samples/test.json"
+    """heldout: the test manifest; xverse: the benchmark JSON file; omnicontext: the dataset folder (parquet)."""
+    root: str | None = None
+    """xverse: the folder its image paths are relative to (null: the JSON file's folder)."""
+    images_per_item: int = 4
+    """Seeds per item and model (XVerseBench: 4, saved as one 2x2 grid per item)."""
+    steps: int = 8
+    """Sampler steps."""
+    seed: int = 0
+    """Image k of item i uses a seed derived from (seed, item id, k): the same for every model and sharding."""
+    max_items: int | None = None
+    """Evaluate only the first N items (by id); null = all."""
+    report_items: int = 3
+    """The most improved and the most regressed items (candidate vs base ID-Sim) drawn as PNG grids."""
+    precision: Literal["fp32", "bf16"] = "bf16"
+    """Generator weights on a GPU (a CPU always runs fp32)."""
+    out: str = "artifacts/reports/heldout"
+
+    def __post_init__(self) -> None:
+        if self.images_per_item < 1 or self.steps < 1 or self.report_items < 0:
+            raise ConfigError("images_per_item and steps: expected >= 1; report_items: expected >= 0")
+        if self.max_items is not None and self.max_items < 1:
+            raise ConfigError(f"max_items: expected null or >= 1, got {self.max_items}")
+
+
+@dataclass
 class TrackingConfig:
     """MLflow tracking (the main process of a run logs; the others never touch MLflow)."""
 
@@ -415,6 +445,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     toyworld: ToyWorldConfig = field(default_factory=ToyWorldConfig)
 

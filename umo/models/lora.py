@@ -69,12 +69,12 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict(model: nn.Module, *, adapter_name: str = ADAPTER) -> dict[str, torch.Tensor]:
     """The adapter's tensors in peft naming (`<module>.lora_A.weight`), detached copies on the CPU."""
     from peft.utils import get_peft_model_state_dict
 
     return {k: v.detach().to("cpu").clone().contiguous() for k, v in
-            get_peft_model_state_dict(model, adapter_name=ADAPTER).items()}
+            get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
 
 
 def save_lora(model: nn.Module, out_dir: str | Path, *, pipeline_cls=None) -> Path:
@@ -101,7 +101,7 @@ def save_lora(model: nn.Module, out_dir: str | Path, *, pipeline_cls=None) -> Pa
     return out_dir / LORA_FILE
 
 
-def load_lora(model: nn.Module, path: str | Path) -> None:
+def load_lora(model: nn.Module, path: str | Path, *, adapter_name: str = ADAPTER) -> None:
     """Load a LoRA file written by `save_lora` into `model`'s adapter (same targets and rank), exactly.
 
     Raises ValueError naming the file when its tensors do not fit the adapter (missing or unexpected keys).
@@ -112,11 +112,46 @@ def load_lora(model: nn.Module, path: str | Path) -> None:
     path = Path(path)
     prefix = "transformer."
     state = {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
-    expected = set(lora_state_dict(model))
+    expected = set(lora_state_dict(model, adapter_name=adapter_name))
     if set(state) != expected:
         extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
         raise ValueError(f"{path}: LoRA tensors do not fit the model's adapter: {len(missing)} missing "
                          f"(first {missing[:2]}), {len(extra)} unexpected (first {extra[:2]})")
-    result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"{path}: unexpected LoRA keys {result.unexpected_keys[:3]}")
+
+
+def lora_file(path: str | Path) -> Path:
+    """A LoRA file, or a folder holding one (a training run's `lora/`, a checkpoint): the file's path."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LORA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no LoRA file (expected {LORA_FILE} written by `umo train`)")
+    return path
+
+
+def attach_lora_file(model: nn.Module, path: str | Path, adapter_name: str) -> None:
+    """Add the adapter a LoRA file describes (rank, alpha, targets from the metadata `save_lora` writes) to
+    `model` under `adapter_name`, and load its weights exactly. Several such adapters may sit side by side;
+    choose one with `model.set_adapter(name)`, none with `model.disable_adapters()`."""
+    import json
+    import warnings
+
+    from peft import LoraConfig
+    from safetensors import safe_open
+
+    path = lora_file(path)
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    if raw is None:
+        raise ValueError(f"{path}: no LoRA adapter metadata (rank, alpha, targets); write LoRAs with `umo train`")
+    meta = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()}
+    config = LoraConfig(r=int(meta["r"]), lora_alpha=float(meta["lora_alpha"]),
+                        target_modules=list(meta["target_modules"]), lora_dropout=0.0)
+    with warnings.catch_warnings():  # peft warns that a second adapter is a second adapter
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        model.add_adapter(config, adapter_name=adapter_name)
+    model.requires_grad_(False)
+    load_lora(model, path, adapter_name=adapter_name)

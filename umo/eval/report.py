@@ -1,0 +1,188 @@
+"""The evaluation report: one folder a person, DVC, the approval gate and the MLflow run all read.
+
+    out/metrics.json          DVC metrics: per model the set metrics (umo.eval.score.aggregate), deltas vs the
+                              base (and vs the champion), the toy-world flag and the settings
+    out/report.md             base | candidate | delta (| champion | delta) tables, overall and per number of people
+    out/scores.jsonl          one line per item and model: every image's scores and seeds
+    out/plots/by_identities.json  DVC plots: ID-Sim / ID-Conf per model and number of people
+    out/plots/items.json          DVC plots: per item ID-Sim of base and candidate, sorted by the change
+    out/grids/improved-<k>-<item>.png, regressed-<k>-<item>.png
+                              references | base | candidate (| champion) for the items whose ID-Sim rose most
+                              and fell most (candidate vs base)
+    out/images/<model>/<item>.png   every generated grid (XVerseBench output format: 2x2 for 4 images)
+
+Built in a temporary sibling and renamed (umo.io.atomic_dir): a reader sees the old report or the new one.
+MLflow logging belongs to the caller that owns the run (`umo.tracking`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from umo.config import Config
+from umo.eval.score import SCALES, ItemScore, aggregate
+from umo.eval.sets import EvalItem
+from umo.io import atomic_dir
+
+BASE, CANDIDATE, CHAMPION = "base", "candidate", "champion"
+METRICS = [("id_sim", "ID-Sim"), ("id_conf", "ID-Conf"), ("id_match", "ID-Match"),
+           ("face_count_accuracy", "Face-count acc."), ("items", "Items scored"), ("unscored", "Items unscored")]
+
+
+def delta(new: dict, old: dict) -> dict:
+    """Metric differences new - old (None where either side has no value), per number of people too.
+
+    >>> delta({"id_sim": 50.0, "id_conf": None, "by_identities": {"2": {"id_sim": 40.0}}},
+    ...       {"id_sim": 45.5, "id_conf": 3.0, "by_identities": {"2": {"id_sim": 41.0}}})
+    {'id_sim': 4.5, 'id_conf': None, 'by_identities': {'2': {'id_sim': -1.0}}}
+    """
+    def diff(a: dict, b: dict) -> dict:
+        return {k: None if a.get(k) is None or b.get(k) is None else round(a[k] - b[k], 4)
+                for k in a if k not in ("by_identities", "scale")}
+
+    out = diff(new, old)
+    out["by_identities"] = {n: diff(v, old.get("by_identities", {}).get(n, {}))
+                            for n, v in new.get("by_identities", {}).items()}
+    return out
+
+
+def write_report(out: Path, config: Config, items: list[EvalItem], scores: dict[str, list[ItemScore]], *,
+                 images: Path, models: dict[str, Path | None]) -> dict[str, Any]:
+    """Write the report folder (see the module docstring) and return metrics.json's content."""
+    from umo.eval.run import file_stem
+
+    cfg = config.eval
+    scale = SCALES[cfg.benchmark]
+    results = {name: aggregate(s, scale) for name, s in scores.items()}
+    metrics: dict[str, Any] = {"benchmark": cfg.benchmark, "toy_world": _toy_world(config, items),
+                               "images_per_item": cfg.images_per_item, "steps": cfg.steps, "seed": cfg.seed,
+                               **results, "delta": delta(results[CANDIDATE], results[BASE])}
+    if CHAMPION in results:
+        metrics["delta_vs_champion"] = delta(results[CANDIDATE], results[CHAMPION])
+    metrics["models"] = {name: None if path is None else str(path) for name, path in models.items()}
+    changes = _item_changes(scores)
+    with atomic_dir(out) as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (tmp / "report.md").write_text(_markdown(metrics, list(scores), changes))
+        with open(tmp / "scores.jsonl", "w") as f:
+            for name, item_scores in scores.items():
+                for s in item_scores:
+                    f.write(json.dumps({"model": name, **asdict(s)}) + "\n")
+        (tmp / "plots").mkdir()
+        (tmp / "plots" / "by_identities.json").write_text(json.dumps(
+            [{"model": name, "identities": int(n), "id_sim": v["id_sim"], "id_conf": v["id_conf"]}
+             for name, r in results.items() for n, v in r["by_identities"].items()], indent=1))
+        (tmp / "plots" / "items.json").write_text(json.dumps(
+            [{"rank": k, "item": item, "base": b, "candidate": c, "change": round(c - b, 6)}
+             for k, (item, b, c) in enumerate(changes)], indent=1))
+        if images.is_dir():
+            shutil.copytree(images, tmp / "images")
+        by_id = {i.id: i for i in items}
+        picks = _picks(changes, cfg.report_items)
+        if picks:
+            (tmp / "grids").mkdir()
+        for label, k, item_id in picks:
+            _comparison(tmp / "grids" / f"{label}-{k}-{file_stem(item_id)}.png", by_id[item_id], list(scores),
+                        tmp / "images", cfg.images_per_item)
+    return metrics
+
+
+def _toy_world(config: Config, items: list[EvalItem]) -> bool:
+    """True when the judge is a toy-world model (its pack folder says so) or the held-out set is toy data."""
+    from umo.toyworld.build import JUDGE_PACK
+
+    if config.faces.judge.pack == JUDGE_PACK:
+        return True
+    if config.eval.benchmark == "heldout":
+        from umo.data.manifest import read_manifest
+
+        return bool(read_manifest(config.eval.path).toy_world)
+    return False
+
+
+def _item_changes(scores: dict[str, list[ItemScore]]) -> list[tuple[str, float, float]]:
+    """(item, base ID-Sim, candidate ID-Sim) of every item both scored, the most improved first (unscaled)."""
+    rows = []
+    for b, c in zip(scores[BASE], scores[CANDIDATE]):
+        if b.unscored is None and c.unscored is None and b.images and c.images:
+            rows.append((b.item, b.mean("id_sim"), c.mean("id_sim")))
+    return sorted(rows, key=lambda r: (r[1] - r[2], r[0]))
+
+
+def _picks(changes: list[tuple[str, float, float]], n: int) -> list[tuple[str, int, str]]:
+    """The n most improved items (change > 0) and the n most regressed (change < 0), never one item twice."""
+    up = [item for item, b, c in changes if c > b][:n]
+    down = [item for item, b, c in reversed(changes) if c < b and item not in up][:n]
+    return [("improved", k + 1, i) for k, i in enumerate(up)] + [("regressed", k + 1, i) for k, i in enumerate(down)]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _signed(v: Any) -> str:
+    return "–" if v is None else f"{v:+.4g}"
+
+
+def _markdown(metrics: dict, models: list[str], changes: list[tuple[str, float, float]]) -> str:
+    champion = CHAMPION in models
+    scale = metrics[BASE]["scale"]
+    lines = [f"# Evaluation: {metrics['benchmark']}", ""]
+    if metrics["toy_world"]:
+        lines += ["> **Toy world.** These numbers come from the offline synthetic world and tiny models; they say "
+                  "that the chain works, not how good a model is.", ""]
+    lines += [f"{metrics[BASE]['items'] + metrics[BASE]['unscored']} items, {metrics['images_per_item']} images "
+              f"per item (seeds shared by every model), {metrics['steps']} sampler steps. ID-Sim, ID-Conf and "
+              f"ID-Match x{scale:g}; face-count accuracy is the share of images with as many faces as people.", ""]
+    head = "| metric | base | candidate | Δ vs base |" + (" champion | Δ vs champion |" if champion else "")
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for key, label in METRICS:
+        row = [label, _fmt(metrics[BASE].get(key)), _fmt(metrics[CANDIDATE].get(key)),
+               _signed(metrics["delta"].get(key))]
+        if champion:
+            row += [_fmt(metrics[CHAMPION].get(key)), _signed(metrics["delta_vs_champion"].get(key))]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "## By number of people", "", "| people | items | ID-Sim base | ID-Sim candidate | Δ | "
+              "ID-Conf base | ID-Conf candidate | Δ |", "|---|---|---|---|---|---|---|---|"]
+    for n, cand in metrics[CANDIDATE]["by_identities"].items():
+        base = metrics[BASE]["by_identities"].get(n, {})
+        d = metrics["delta"]["by_identities"].get(n, {})
+        lines.append(f"| {n} | {cand['items']} | {_fmt(base.get('id_sim'))} | {_fmt(cand['id_sim'])} | "
+                     f"{_signed(d.get('id_sim'))} | {_fmt(base.get('id_conf'))} | {_fmt(cand['id_conf'])} | "
+                     f"{_signed(d.get('id_conf'))} |")
+    if changes:
+        better = sum(c > b for _, b, c in changes)
+        worse = sum(c < b for _, b, c in changes)
+        lines += ["", f"Per item (ID-Sim, candidate vs base): {better} improved, {worse} regressed, "
+                  f"{len(changes) - better - worse} unchanged. The most improved and most regressed are drawn in "
+                  "`grids/` (references | base | candidate" + (" | champion" if champion else "") + ")."]
+    return "\n".join(lines) + "\n"
+
+
+def _comparison(path: Path, item: EvalItem, models: list[str], images: Path, n: int) -> None:
+    """One PNG: a row of the item's reference images, then one row of images per model, each labelled."""
+    from PIL import Image, ImageDraw
+
+    from umo.data.ingest import decode_rgb
+    from umo.eval.run import file_stem, from_grid
+
+    rows = {name: from_grid(np.asarray(Image.open(images / name / f"{file_stem(item.id)}.png").convert("RGB")), n)
+            for name in models}
+    h, w = next(iter(rows.values()))[0].shape[:2]
+    refs = [np.asarray(Image.fromarray(decode_rgb(p, max_pixels=None)[0]).resize((w, h))) for p in item.references]
+    label_w, cols = 88, max(n, len(refs))
+    sheet = Image.new("RGB", (label_w + cols * w, (len(models) + 1) * h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, row) in enumerate([("references", refs), *rows.items()]):
+        draw.text((4, r * h + h // 2 - 6), label, fill="black")
+        for c, img in enumerate(row):
+            sheet.paste(Image.fromarray(img), (label_w + c * w, r * h))
+    sheet.save(path)

@@ -1,0 +1,268 @@
+"""`umo evaluate`: generate with the base generator and with LoRA checkpoints under identical seeds, score every
+image with the judge, merge the shards once, write the report.
+
+Processes. One per device (`accelerate launch`, `torchrun`; a plain `python` call is one process). Items are
+sorted by id and dealt round-robin (`items[rank::world]`); each process generates and scores only its own.
+Every model's images of an item are one batch of `images_per_item` (the item's prompt and references repeated),
+and image k's noise comes from its own seed, derived from (eval.seed, item id, k). So an image, and its score, is
+the same whatever the number of processes, and the same noise serves the base, the candidate and the champion.
+
+Work folder and crashes. Each finished (model, item) is written at once to `.<out>.work/`: its images (one grid
+PNG, the XVerseBench output format) and its judge scores (JSON). A run that stops is re-run with the same
+command and skips what is done; a change of any setting, LoRA file or item list empties the work folder first.
+When every process is done (a barrier), the main process reads all the score files, the one merge, and builds
+`out` in a temporary sibling renamed into place (umo.eval.report); the work folder is then removed.
+
+Scoring (umo.eval.score): each reference image's largest judge face is its identity; a benchmark item with a
+reference the judge finds no face in is `unscored` (counted, reason kept) and not generated, except on
+OmniContext, whose inputs may be non-human characters: there faceless inputs are left out of the identities.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from umo.config import Config, to_dict
+from umo.eval.score import SCALES, ImageScore, ItemScore, Judge, score_item
+from umo.eval.sets import EvalItem, load_heldout, load_omnicontext, load_xverse
+from umo.io import atomic_write_bytes, atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+BASE = "base"
+
+
+@dataclass
+class EvalResult:
+    out: Path
+    metrics: dict[str, Any]
+
+
+def load_items(config: Config) -> list[EvalItem]:
+    """The configured benchmark's items, sorted by id, cut to eval.max_items."""
+    cfg = config.eval
+    if cfg.benchmark == "heldout":
+        items = load_heldout(cfg.path)
+    elif cfg.benchmark == "xverse":
+        items = load_xverse(cfg.path, cfg.root)
+    else:
+        work = Path(cfg.out)
+        items = load_omnicontext(cfg.path, work.with_name(f".{work.name}.inputs"))
+    items = sorted(items, key=lambda i: i.id)
+    return items[:cfg.max_items] if cfg.max_items else items
+
+
+def image_seeds(seed: int, item_id: str, n: int) -> list[int]:
+    """The seeds of an item's n images: independent of the model, the process and the other items.
+
+    >>> image_seeds(0, "a", 2) == image_seeds(0, "a", 3)[:2] != image_seeds(0, "b", 2)
+    True
+    """
+    key = int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:8], "little")
+    return [int(np.random.SeedSequence([seed, key, k]).generate_state(1)[0]) for k in range(n)]
+
+
+def file_stem(item_id: str) -> str:
+    """A file name for an item id (ids may hold any character): readable, and unique through a short hash.
+
+    >>> file_stem("12"), file_stem("a/b c")
+    ('12', 'a_b_c-1e5ed7ff')
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", item_id)[:80]
+    return safe if safe == item_id else f"{safe}-{hashlib.sha256(item_id.encode()).hexdigest()[:8]}"
+
+
+def grid_shape(n: int) -> tuple[int, int]:
+    """(rows, cols) of the grid an item's n images are saved in: 4 -> 2x2 (XVerseBench).
+
+    >>> grid_shape(4), grid_shape(1), grid_shape(3)
+    ((2, 2), (1, 1), (2, 2))
+    """
+    cols = int(np.ceil(np.sqrt(n)))
+    return int(np.ceil(n / cols)), cols
+
+
+def to_grid(images: list[np.ndarray]) -> np.ndarray:
+    rows, cols = grid_shape(len(images))
+    h, w = images[0].shape[:2]
+    grid = np.zeros((rows * h, cols * w, 3), np.uint8)
+    for k, img in enumerate(images):
+        r, c = divmod(k, cols)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    return grid
+
+
+def from_grid(grid: np.ndarray, n: int) -> list[np.ndarray]:
+    rows, cols = grid_shape(n)
+    h, w = grid.shape[0] // rows, grid.shape[1] // cols
+    return [grid[(k // cols) * h:(k // cols + 1) * h, (k % cols) * w:(k % cols + 1) * w] for k in range(n)]
+
+
+def fingerprint(config: Config, items: list[EvalItem], models: dict[str, Path | None]) -> dict[str, Any]:
+    """Everything a finished (model, item) result depends on; a work folder made under another is discarded."""
+    cfg = to_dict(config)
+    listing = hashlib.sha256(json.dumps([[i.id, i.prompt, [str(p) for p in i.references], list(i.identities)]
+                                         for i in items]).encode()).hexdigest()
+    return {"eval": {k: cfg["eval"][k] for k in ("benchmark", "images_per_item", "steps", "seed", "precision")},
+            "generator": cfg["generator"], "judge": cfg["faces"]["judge"], "detector": cfg["faces"]["detector"],
+            "items": listing,
+            "models": {name: None if path is None else sha256_file(path) for name, path in models.items()}}
+
+
+def evaluate(config: Config, *, lora: str | Path, champion: str | Path | None = None, judge: Judge | None = None,
+             out: str | Path | None = None) -> EvalResult:
+    """Evaluate the base, the candidate LoRA (`lora`: a file or a folder holding one) and optionally the current
+    champion's LoRA on config.eval's benchmark; returns the merged metrics (on every process)."""
+    from accelerate import PartialState
+
+    from umo.eval.report import write_report
+    from umo.models.lora import lora_file
+
+    cfg = config.eval
+    out = Path(out or cfg.out)
+    state = PartialState()
+    models: dict[str, Path | None] = {BASE: None, "candidate": lora_file(lora)}
+    if champion is not None:
+        models["champion"] = lora_file(champion)
+    items = load_items(config)
+    if not items:
+        raise ValueError(f"{cfg.path}: the {cfg.benchmark} set has no items to evaluate")
+    work = out.with_name(f".{out.name}.work")
+    stamp = fingerprint(config, items, models)
+    if state.is_main_process:
+        _prepare_work(work, stamp)
+    state.wait_for_everyone()
+
+    mine = items[state.process_index::state.num_processes]
+    todo = [(i, [m for m in models if not _done(work, m, i)]) for i in mine]
+    todo = [(i, ms) for i, ms in todo if ms]
+    log.info("evaluate %s: %d items, process %d/%d has %d to do (%d already done)", cfg.benchmark, len(items),
+             state.process_index, state.num_processes, len(todo), len(mine) - len(todo))
+    if todo:
+        _run(config, todo, models, work, judge or Judge.from_config(config.faces), state.device)
+    state.wait_for_everyone()
+
+    if state.is_main_process:
+        scores = {m: [_read_score(work, m, i) for i in items] for m in models}
+        write_report(out, config, items, scores, images=work / "images", models=models)
+        shutil.rmtree(work, ignore_errors=True)
+    state.wait_for_everyone()
+    return EvalResult(out, json.loads((out / "metrics.json").read_text()))
+
+
+def _prepare_work(work: Path, stamp: dict) -> None:
+    path = work / "fingerprint.json"
+    if work.exists() and (not path.is_file() or json.loads(path.read_text()) != stamp):
+        log.warning("%s: made with other settings, models or items: starting over", work)
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, stamp)
+
+
+def _score_path(work: Path, model: str, item: EvalItem) -> Path:
+    return work / "scores" / model / f"{file_stem(item.id)}.json"
+
+
+def _done(work: Path, model: str, item: EvalItem) -> bool:
+    return _score_path(work, model, item).is_file()
+
+
+def _read_score(work: Path, model: str, item: EvalItem) -> ItemScore:
+    path = _score_path(work, model, item)
+    if not path.is_file():  # a process died without raising; never report a partial merge
+        raise RuntimeError(f"{path}: missing: a process did not finish item {item.id!r} for {model}")
+    d = json.loads(path.read_text())
+    return ItemScore(d["item"], d["identities"], [ImageScore(**s) for s in d["images"]], d["unscored"])
+
+
+def _run(config: Config, todo: list[tuple[EvalItem, list[str]]], models: dict[str, Path | None], work: Path,
+         judge: Judge, device: torch.device) -> None:
+    from umo.data.ingest import decode_rgb
+    from umo.models import load_generator, sample
+    from umo.models.lora import attach_lora_file
+    from umo.train.data import load_image
+
+    cfg, gen = config.eval, config.generator
+    dtype = torch.bfloat16 if device.type == "cuda" and cfg.precision == "bf16" else torch.float32
+    model = load_generator(gen, dtype=dtype, device=device)
+    for name, path in models.items():
+        if path is not None:
+            attach_lora_file(model.transformer, path, name)
+    model.transformer.eval()
+    for name in models:
+        (work / "images" / name).mkdir(parents=True, exist_ok=True)
+        (work / "scores" / name).mkdir(parents=True, exist_ok=True)
+    height, width = gen.resolution
+    start, total = time.monotonic(), sum(len(ms) for _, ms in todo)
+    done = 0
+    for item, names in todo:
+        refs, reason = _reference_faces(judge, item, [decode_rgb(p, max_pixels=None)[0] for p in item.references],
+                                        drop_faceless=config.eval.benchmark == "omnicontext")
+        seeds = image_seeds(cfg.seed, item.id, cfg.images_per_item)
+        conditioning = [load_image(p, gen.reference_resolution) for p in item.references]
+        for name in names:
+            score = ItemScore(item.id, len(item.identities), unscored=reason)
+            if reason is None:
+                _use(model.transformer, name)
+                with torch.no_grad():
+                    cond = model.condition([item.prompt] * len(seeds), [conditioning] * len(seeds),
+                                           height=height, width=width)
+                    noise = torch.cat([model.initial_latents(cond, torch.Generator().manual_seed(s))[:1]
+                                       for s in seeds])
+                    pixels = model.decode(sample(model, cond, cfg.steps, latents=noise), cond)
+                images = list(((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+                              .permute(0, 2, 3, 1).cpu().numpy())
+                score = score_item(item.id, refs, [emb for _, emb in judge.faces(images)])
+                _write_grid(work / "images" / name / f"{file_stem(item.id)}.png", images)
+            atomic_write_json(_score_path(work, name, item), asdict(score) | {"seeds": seeds})
+            done += 1
+            rate = (time.monotonic() - start) / done
+            log.info("%s %s: %d/%d done, about %.0f s left", name, item.id, done, total, rate * (total - done))
+
+
+def _use(transformer: torch.nn.Module, name: str) -> None:
+    if not getattr(transformer, "_hf_peft_config_loaded", False):
+        return
+    if name == BASE:
+        transformer.disable_adapters()
+    else:
+        transformer.enable_adapters()
+        transformer.set_adapter(name)
+
+
+def _reference_faces(judge: Judge, item: EvalItem, images: list[np.ndarray], *,
+                     drop_faceless: bool) -> tuple[np.ndarray, str | None]:
+    """The identities' judge embeddings (M, D), and why the item cannot be scored (None when it can)."""
+    people = [images[k] for k in item.identities]
+    emb, missing = judge.references(people)
+    if missing and not drop_faceless:
+        names = ", ".join(item.references[item.identities[r]].name for r in missing)
+        return emb, f"no face found in reference {names}"
+    keep = [r for r in range(len(people)) if r not in missing]
+    if not keep:
+        return emb[:0], "no face found in any input image"
+    return emb[keep], None
+
+
+def _write_grid(path: Path, images: list[np.ndarray]) -> None:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(to_grid(images)).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+__all__ = ["EvalResult", "evaluate", "load_items", "image_seeds", "SCALES"]
