@@ -64,6 +64,9 @@ def random_lora(config: Config, out: Path, seed: int, scale: float = 0.3) -> Pat
 
 def main(argv: list[str]) -> None:
     """One process of a distributed evaluation test."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from umo.eval.run import evaluate
     from umo.toyworld.build import load_toyworld
 

@@ -131,6 +131,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Base vs candidate LoRA (vs champion) on eval.benchmark, scored by the judge; writes the report folder."""
+    import torch.distributed as dist
+
+    from umo.eval.run import evaluate
+
+    config = load_config(args.params, args.overrides)
+    try:
+        result = evaluate(config, lora=args.lora, champion=args.champion, out=args.out)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        m = result.metrics
+        print(json.dumps({name: {k: m[name][k] for k in ("id_sim", "id_conf", "id_match", "face_count_accuracy",
+                                                        "items", "unscored")}
+                          for name in m["models"]} | {"delta": m["delta"]}, indent=2))
+        print(f"report: {result.out / 'report.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="umo",
@@ -186,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the newest checkpoint in --out (latest) or from a checkpoint folder")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="benchmark evaluation: base vs a LoRA, same seeds, judge scores, report")
+    _add_config_args(p)
+    p.add_argument("--lora", type=Path, required=True,
+                   help="the candidate LoRA: pytorch_lora_weights.safetensors or a folder holding it")
+    p.add_argument("--champion", type=Path, default=None, help="the current champion's LoRA, compared too")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default: eval.out)")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

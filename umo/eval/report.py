@@ -55,7 +55,7 @@ def delta(new: dict, old: dict) -> dict:
 def write_report(out: Path, config: Config, items: list[EvalItem], scores: dict[str, list[ItemScore]], *,
                  images: Path, models: dict[str, Path | None]) -> dict[str, Any]:
     """Write the report folder (see the module docstring) and return metrics.json's content."""
-    from umo.eval.run import file_stem
+    from umo.eval.sets import file_stem
 
     cfg = config.eval
     scale = SCALES[cfg.benchmark]
@@ -172,7 +172,8 @@ def _comparison(path: Path, item: EvalItem, models: list[str], images: Path, n: 
     from PIL import Image, ImageDraw
 
     from umo.data.ingest import decode_rgb
-    from umo.eval.run import file_stem, from_grid
+    from umo.eval.run import from_grid
+    from umo.eval.sets import file_stem
 
     rows = {name: from_grid(np.asarray(Image.open(images / name / f"{file_stem(item.id)}.png").convert("RGB")), n)
             for name in models}

@@ -5,7 +5,8 @@ Processes. One per device (`accelerate launch`, `torchrun`; a plain `python` cal
 sorted by id and dealt round-robin (`items[rank::world]`); each process generates and scores only its own.
 Every model's images of an item are one batch of `images_per_item` (the item's prompt and references repeated),
 and image k's noise comes from its own seed, derived from (eval.seed, item id, k). So an image, and its score, is
-the same whatever the number of processes, and the same noise serves the base, the candidate and the champion.
+the same whatever the number of processes (bit for bit with the same threads per process: CPU kernels split their
+sums by thread count), and the same noise serves the base, the candidate and the champion.
 
 Work folder and crashes. Each finished (model, item) is written at once to `.<out>.work/`: its images (one grid
 PNG, the XVerseBench output format) and its judge scores (JSON). A run that stops is re-run with the same
@@ -34,8 +35,8 @@ import numpy as np
 import torch
 
 from umo.config import Config, to_dict
-from umo.eval.score import SCALES, ImageScore, ItemScore, Judge, score_item
-from umo.eval.sets import EvalItem, load_heldout, load_omnicontext, load_xverse
+from umo.eval.score import ImageScore, ItemScore, Judge, score_item
+from umo.eval.sets import EvalItem, file_stem, load_heldout, load_omnicontext, load_xverse
 from umo.io import atomic_write_bytes, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -49,16 +50,16 @@ class EvalResult:
     metrics: dict[str, Any]
 
 
-def load_items(config: Config) -> list[EvalItem]:
-    """The configured benchmark's items, sorted by id, cut to eval.max_items."""
+def load_items(config: Config, out: Path) -> list[EvalItem]:
+    """The configured benchmark's items, sorted by id, cut to eval.max_items (OmniContext's embedded images are
+    extracted beside the report folder `out`)."""
     cfg = config.eval
     if cfg.benchmark == "heldout":
         items = load_heldout(cfg.path)
     elif cfg.benchmark == "xverse":
         items = load_xverse(cfg.path, cfg.root)
     else:
-        work = Path(cfg.out)
-        items = load_omnicontext(cfg.path, work.with_name(f".{work.name}.inputs"))
+        items = load_omnicontext(cfg.path, out.with_name(f".{out.name}.inputs"))
     items = sorted(items, key=lambda i: i.id)
     return items[:cfg.max_items] if cfg.max_items else items
 
@@ -71,16 +72,6 @@ def image_seeds(seed: int, item_id: str, n: int) -> list[int]:
     """
     key = int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:8], "little")
     return [int(np.random.SeedSequence([seed, key, k]).generate_state(1)[0]) for k in range(n)]
-
-
-def file_stem(item_id: str) -> str:
-    """A file name for an item id (ids may hold any character): readable, and unique through a short hash.
-
-    >>> file_stem("12"), file_stem("a/b c")
-    ('12', 'a_b_c-1e5ed7ff')
-    """
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", item_id)[:80]
-    return safe if safe == item_id else f"{safe}-{hashlib.sha256(item_id.encode()).hexdigest()[:8]}"
 
 
 def grid_shape(n: int) -> tuple[int, int]:
@@ -131,11 +122,11 @@ def evaluate(config: Config, *, lora: str | Path, champion: str | Path | None = 
 
     cfg = config.eval
     out = Path(out or cfg.out)
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo across CPU processes
     models: dict[str, Path | None] = {BASE: None, "candidate": lora_file(lora)}
     if champion is not None:
         models["champion"] = lora_file(champion)
-    items = load_items(config)
+    items = load_items(config, out)
     if not items:
         raise ValueError(f"{cfg.path}: the {cfg.benchmark} set has no items to evaluate")
     work = out.with_name(f".{out.name}.work")
@@ -183,7 +174,7 @@ def _read_score(work: Path, model: str, item: EvalItem) -> ItemScore:
     if not path.is_file():  # a process died without raising; never report a partial merge
         raise RuntimeError(f"{path}: missing: a process did not finish item {item.id!r} for {model}")
     d = json.loads(path.read_text())
-    return ItemScore(d["item"], d["identities"], [ImageScore(**s) for s in d["images"]], d["unscored"])
+    return ItemScore(d["item"], d["identities"], [ImageScore(**s) for s in d["images"]], d["unscored"], d["seeds"])
 
 
 def _run(config: Config, todo: list[tuple[EvalItem, list[str]]], models: dict[str, Path | None], work: Path,
@@ -224,8 +215,9 @@ def _run(config: Config, todo: list[tuple[EvalItem, list[str]]], models: dict[st
                 images = list(((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
                               .permute(0, 2, 3, 1).cpu().numpy())
                 score = score_item(item.id, refs, [emb for _, emb in judge.faces(images)])
+                score.seeds = seeds
                 _write_grid(work / "images" / name / f"{file_stem(item.id)}.png", images)
-            atomic_write_json(_score_path(work, name, item), asdict(score) | {"seeds": seeds})
+            atomic_write_json(_score_path(work, name, item), asdict(score))
             done += 1
             rate = (time.monotonic() - start) / done
             log.info("%s %s: %d/%d done, about %.0f s left", name, item.id, done, total, rate * (total - done))
@@ -264,5 +256,3 @@ def _write_grid(path: Path, images: list[np.ndarray]) -> None:
     Image.fromarray(to_grid(images)).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
 
-
-__all__ = ["EvalResult", "evaluate", "load_items", "image_seeds", "SCALES"]

@@ -47,6 +47,7 @@ class ItemScore:
     identities: int
     images: list[ImageScore] = field(default_factory=list)
     unscored: str | None = None  # why the item could not be scored (e.g. a reference without a face)
+    seeds: list[int] = field(default_factory=list)  # of the images, when they were generated
 
     def mean(self, key: str) -> float | None:
         values = [getattr(i, key) for i in self.images]

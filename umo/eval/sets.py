@@ -16,7 +16,9 @@ may not leave it (absolute paths, `..` or symlinks pointing out are errors namin
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,16 @@ class EvalItem:
     @property
     def n_identities(self) -> int:
         return len(self.identities)
+
+
+def file_stem(item_id: str) -> str:
+    """A file name for an item id (ids may hold any character): readable, and unique through a short hash.
+
+    >>> file_stem("12"), file_stem("a/b c")
+    ('12', 'a_b_c-0af99a60')
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", item_id)[:80]
+    return safe if safe == item_id else f"{safe}-{hashlib.sha256(item_id.encode()).hexdigest()[:8]}"
 
 
 def _confined(root: Path, rel: str, file: Path, where: str) -> Path:
@@ -113,7 +125,7 @@ def load_omnicontext(root: str | Path, extract_to: str | Path) -> list[EvalItem]
             seen.add(key)
             if "character" not in task:
                 continue
-            refs = tuple(_omni_image(image, root, extract_to / f"{key}_{k}", file, f"{where} image {k}")
+            refs = tuple(_omni_image(image, root, extract_to / f"{file_stem(key)}_{k}", file, f"{where} image {k}")
                          for k, image in enumerate(row["input_images"]))
             items.append(EvalItem(key, prompt, refs, tuple(range(len(refs)))))
     return items
