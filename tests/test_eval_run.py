@@ -68,7 +68,8 @@ def test_the_report_holds_every_model_and_its_numbers_add_up(report):
     assert "| metric | base | candidate | Δ vs base | champion | Δ vs champion |" in text and "Toy world" in text
     assert f"| ID-Sim | {m['base']['id_sim']:.4g} | {m['candidate']['id_sim']:.4g} |" in text
     plots = json.loads((out / "plots" / "by_identities.json").read_text())
-    assert {(p["model"], p["identities"]) for p in plots} == {(name, 2) for name in MODELS}
+    assert plots == [{"identities": 2, **{f"{name}_{k}": m[name]["by_identities"]["2"][k] for name in MODELS
+                                          for k in ("id_sim", "id_conf")}}]
     items = json.loads((out / "plots" / "items.json").read_text())
     changes = [p["change"] for p in items]
     assert changes == sorted(changes, reverse=True)
@@ -252,3 +253,28 @@ def test_the_cli_evaluates_with_the_configured_judge_and_names_a_missing_lora(se
     assert metrics["candidate"]["items"] == 2 and metrics["candidate"]["face_count_accuracy"] == 0.0
     assert metrics["candidate"]["id_sim"] == 0.0 and metrics["candidate"]["id_conf"] is None
     assert "report.md" in printed
+
+
+def test_dvc_reads_the_report_through_the_projects_dvc_yaml(report, tmp_path):
+    """DVC's own `metrics show` and `plots show` on the report, placed where the project's dvc.yaml expects it."""
+    import shutil
+
+    import yaml
+
+    dvc = Path(sys.executable).parent / "dvc"
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({k: spec[k] for k in ("metrics", "plots")}))
+    shutil.copytree(report.out, tmp_path / "artifacts" / "reports" / "heldout")
+    env = os.environ | {"DVC_NO_ANALYTICS": "1"}
+    subprocess.run([dvc, "init", "--no-scm", "-q"], check=True, cwd=tmp_path, env=env)
+    shown = subprocess.run([dvc, "metrics", "show", "--json"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert shown.returncode == 0, shown.stderr
+    (workspace,) = json.loads(shown.stdout).values()  # one revision: the workspace ("" without git)
+    metrics = workspace["data"]["artifacts/reports/heldout/metrics.json"]["data"]
+    assert metrics["candidate"]["id_sim"] == report.metrics["candidate"]["id_sim"]
+    plots = subprocess.run([dvc, "plots", "show", "--json"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert plots.returncode == 0, plots.stderr
+    text = plots.stdout
+    assert not json.loads(text).get("errors"), text[:2000]
+    assert "base_id_sim" in text and "candidate_id_conf" in text and '"rank"' in text
+    assert "improved-1-" in text and "regressed-1-" in text  # the comparison grids, as image plots

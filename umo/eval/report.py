@@ -4,7 +4,7 @@
                               base (and vs the champion), the toy-world flag and the settings
     out/report.md             base | candidate | delta (| champion | delta) tables, overall and per number of people
     out/scores.jsonl          one line per item and model: every image's scores and seeds
-    out/plots/by_identities.json  DVC plots: ID-Sim / ID-Conf per model and number of people
+    out/plots/by_identities.json  DVC plots: per number of people, <model>_id_sim and <model>_id_conf
     out/plots/items.json          DVC plots: per item ID-Sim of base and candidate, sorted by the change
     out/grids/improved-<k>-<item>.png, regressed-<k>-<item>.png
                               references | base | candidate (| champion) for the items whose ID-Sim rose most
@@ -75,9 +75,11 @@ def write_report(out: Path, config: Config, items: list[EvalItem], scores: dict[
                 for s in item_scores:
                     f.write(json.dumps({"model": name, **asdict(s)}) + "\n")
         (tmp / "plots").mkdir()
+        sizes = sorted({int(n) for r in results.values() for n in r["by_identities"]})
         (tmp / "plots" / "by_identities.json").write_text(json.dumps(
-            [{"model": name, "identities": int(n), "id_sim": v["id_sim"], "id_conf": v["id_conf"]}
-             for name, r in results.items() for n, v in r["by_identities"].items()], indent=1))
+            [{"identities": n, **{f"{name}_{key}": r["by_identities"].get(str(n), {}).get(key)
+                                  for name, r in results.items() for key in ("id_sim", "id_conf")}}
+             for n in sizes], indent=1))
         (tmp / "plots" / "items.json").write_text(json.dumps(
             [{"rank": k, "item": item, "base": b, "candidate": c, "change": round(c - b, 6)}
              for k, (item, b, c) in enumerate(changes)], indent=1))
