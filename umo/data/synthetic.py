@@ -88,12 +88,10 @@ def pick_identities(means: np.ndarray, count: int, sizes: Sequence[int], *, link
 def generate(generator, prompt: str, references: Sequence[torch.Tensor], *, size: Sequence[int], steps: int,
              seed: int) -> np.ndarray:
     """One (H, W) = size image from the generator (plain Euler sampling): (H, W, 3) uint8 RGB."""
-    from umo.models import sample
+    from umo.models import generate_images
 
-    cond = generator.condition([prompt], [list(references)], height=int(size[0]), width=int(size[1]))
-    latents = sample(generator, cond, steps, generator=torch.Generator(device="cpu").manual_seed(seed))
-    image = generator.decode(latents, cond)[0].float().clamp(-1, 1)
-    return ((image.permute(1, 2, 0).cpu().numpy() + 1.0) * 127.5).round().astype(np.uint8)
+    return generate_images(generator, prompt, references, seeds=[seed], steps=steps, height=int(size[0]),
+                           width=int(size[1]))[0]
 
 
 def synthesize(picks: Sequence[Pick], *, render: Callable[[Pick], np.ndarray],

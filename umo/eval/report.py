@@ -28,7 +28,7 @@ import numpy as np
 from umo.config import Config
 from umo.eval.score import SCALES, ItemScore, aggregate
 from umo.eval.sets import EvalItem
-from umo.io import atomic_dir
+from umo.io import atomic_dir, sha256_file
 
 BASE, CANDIDATE, CHAMPION = "base", "candidate", "champion"
 METRICS = [("id_sim", "ID-Sim"), ("id_conf", "ID-Conf"), ("id_match", "ID-Match"),
@@ -65,7 +65,8 @@ def write_report(out: Path, config: Config, items: list[EvalItem], scores: dict[
                                **results, "delta": delta(results[CANDIDATE], results[BASE])}
     if CHAMPION in results:
         metrics["delta_vs_champion"] = delta(results[CANDIDATE], results[CHAMPION])
-    metrics["models"] = {name: None if path is None else str(path) for name, path in models.items()}
+    metrics["models"] = {name: None if path is None else {"path": str(path), "sha256": sha256_file(path)}
+                         for name, path in models.items()}
     changes = _item_changes(scores)
     with atomic_dir(out) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

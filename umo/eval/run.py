@@ -180,7 +180,7 @@ def _read_score(work: Path, model: str, item: EvalItem) -> ItemScore:
 def _run(config: Config, todo: list[tuple[EvalItem, list[str]]], models: dict[str, Path | None], work: Path,
          judge: Judge, device: torch.device) -> None:
     from umo.data.ingest import decode_rgb
-    from umo.models import load_generator, sample
+    from umo.models import generate_images, load_generator
     from umo.models.lora import attach_lora_file
     from umo.train.data import load_image
 
@@ -206,14 +206,8 @@ def _run(config: Config, todo: list[tuple[EvalItem, list[str]]], models: dict[st
             score = ItemScore(item.id, len(item.identities), unscored=reason)
             if reason is None:
                 _use(model.transformer, name)
-                with torch.no_grad():
-                    cond = model.condition([item.prompt] * len(seeds), [conditioning] * len(seeds),
-                                           height=height, width=width)
-                    noise = torch.cat([model.initial_latents(cond, torch.Generator().manual_seed(s))[:1]
-                                       for s in seeds])
-                    pixels = model.decode(sample(model, cond, cfg.steps, latents=noise), cond)
-                images = list(((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-                              .permute(0, 2, 3, 1).cpu().numpy())
+                images = generate_images(model, item.prompt, conditioning, seeds=seeds, steps=cfg.steps,
+                                         height=height, width=width)
                 score = score_item(item.id, refs, [emb for _, emb in judge.faces(images)])
                 score.seeds = seeds
                 _write_grid(work / "images" / name / f"{file_stem(item.id)}.png", images)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from umo.models.base import Conditioning, Generator, euler_step, predict_x0, sample
+from umo.models.base import Conditioning, Generator, euler_step, generate_images, predict_x0, sample
 
-__all__ = ["Conditioning", "Generator", "euler_step", "load_generator", "predict_x0", "sample"]
+__all__ = ["Conditioning", "Generator", "euler_step", "generate_images", "load_generator", "predict_x0", "sample"]
 
 
 def load_generator(config, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Generator:

@@ -121,3 +121,17 @@ def sample(model: Generator, cond: Conditioning, num_steps: int, *, generator: t
     for i in range(num_steps):
         x = euler_step(x, model.velocity(x, sig[i], cond), sig[i], sig[i + 1])
     return x
+
+
+@torch.no_grad()
+def generate_images(model: Generator, prompt: str, references: Sequence[torch.Tensor], *, seeds: Sequence[int],
+                    steps: int, height: int, width: int) -> list:
+    """len(seeds) images of one prompt and reference set, as one batch: (H, W, 3) uint8 RGB arrays.
+
+    Image k starts from the noise a batch of one draws with seeds[k], so an image does not depend on the batch
+    it is made in (nor on the model: a base and its LoRA start from the same noise).
+    """
+    cond = model.condition([prompt] * len(seeds), [list(references)] * len(seeds), height=height, width=width)
+    noise = torch.cat([model.initial_latents(cond, torch.Generator().manual_seed(int(s)))[:1] for s in seeds])
+    pixels = model.decode(sample(model, cond, steps, latents=noise), cond).float().clamp(-1, 1)
+    return list(((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
