@@ -67,3 +67,26 @@ class MlflowServer:
         if self.proc is not None:
             stop(self.proc)
             self.proc = None
+
+
+class MotoServer:
+    """moto's S3 API server (`moto_server`) on 127.0.0.1 (S3's rules: multipart parts of at least 5 MiB)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "MotoServer":
+        log = self.root / "moto.log"
+        cmd = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+        wait_http(f"{self.uri}/moto-api/data.json", self.proc, log)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None

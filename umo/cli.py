@@ -152,6 +152,55 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    """A training run + its evaluation report -> an MLflow model version (alias challenger)."""
+    from umo.registry import RegistryError, register
+
+    try:
+        result = register(load_config(args.params, args.overrides), train_dir=args.train, report=args.report)
+    except RegistryError as err:
+        log.error("%s", err)
+        return 2
+    print(json.dumps({"model": result.name, "version": result.version, "run_id": result.run_id,
+                      "created": result.created}, indent=2))
+    return 0
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    """The approval gate on a version (default: the challenger); exit 1 when it fails."""
+    from umo.registry import RegistryError, gate
+
+    try:
+        decision = gate(load_config(args.params, args.overrides), version=args.version)
+    except RegistryError as err:
+        log.error("%s", err)
+        return 2
+    print(json.dumps({"model": decision.name, "version": decision.version, "passed": decision.passed,
+                      "rules": {r.name: ("pass: " if r.passed else "FAIL: ") + r.detail for r in decision.rules}},
+                     indent=2))
+    return 0 if decision.passed else 1
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Deploy the approved champion (or roll back, or verify what is deployed)."""
+    from umo.deploy import DeployError, deploy, rollback, verify_current
+
+    config = load_config(args.params, args.overrides)
+    try:
+        if args.rollback:
+            result = rollback(config, target=args.target)
+        elif args.verify:
+            result = verify_current(config, target=args.target)
+        else:
+            result = deploy(config, version=args.version, target=args.target)
+    except DeployError as err:
+        log.error("%s", err)
+        return 1
+    print(json.dumps({"model": result.model, "version": result.version, "location": result.location,
+                      "changed": result.changed}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="umo",
@@ -215,6 +264,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--champion", type=Path, default=None, help="the current champion's LoRA, compared too")
     p.add_argument("--out", type=Path, default=None, help="report folder (default: eval.out)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("register", help="register a trained LoRA with its evaluation in the MLflow registry")
+    _add_config_args(p)
+    p.add_argument("--train", type=Path, required=True, help="the training run folder (`umo train --out`)")
+    p.add_argument("--report", type=Path, required=True, help="its evaluation report folder (`umo evaluate`)")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("gate", help="the approval gate: registry.gate policy -> champion alias (exit 1: failed)")
+    _add_config_args(p)
+    p.add_argument("--version", default=None, help="model version (default: the challenger)")
+    p.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser("deploy", help="deploy the approved champion to deploy.target (S3 or a folder)")
+    _add_config_args(p)
+    p.add_argument("--version", default=None, help="must be the champion (default: the champion)")
+    p.add_argument("--target", default=None, help="s3://bucket/prefix or a folder (default: deploy.target)")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--rollback", action="store_true", help="point current.json back at the previous version")
+    action.add_argument("--verify", action="store_true", help="verify what current.json points at")
+    p.set_defaults(func=cmd_deploy)
     return parser
 
 

@@ -322,6 +322,57 @@ class EvalConfig:
 
 
 @dataclass
+class GateConfig:
+    """The approval policy (issue 7): every rule must hold for a version to become `champion`.
+
+    Metrics are on the report's scale (x100 for the held-out set and XVerseBench)."""
+
+    min_id_sim_gain: float = 0.0
+    """delta: candidate ID-Sim >= base ID-Sim + delta."""
+    max_id_conf_drop: float = 0.0
+    """epsilon: candidate ID-Conf >= base ID-Conf - epsilon."""
+    face_count_not_lower: bool = True
+    """candidate face-count accuracy >= base's."""
+    require_all_scored: bool = True
+    """no unscored evaluation item (every reference had a face the judge found)."""
+    champion_margin: float = 0.0
+    """When a champion exists: candidate ID-Sim >= champion ID-Sim + margin, both from the SAME report (same
+    seeds; `umo evaluate --champion`). A report without the champion's column fails this rule."""
+
+
+@dataclass
+class RegistryConfig:
+    """MLflow model registry: what `umo register` creates and what `umo gate` decides."""
+
+    model_name: str = "umo-flux2-klein-lora"
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    def __post_init__(self) -> None:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.model_name):
+            raise ConfigError(f"model_name: letters, digits, '.', '_' and '-' only (at most 128), got "
+                              f"{self.model_name!r}")
+
+
+@dataclass
+class DeployConfig:
+    """`umo deploy`: where approved checkpoints go."""
+
+    target: str = "artifacts/deploy"
+    """s3://bucket/prefix (credentials from boto3's standard chain) or a local folder with the same layout."""
+    multipart_threshold_mb: float = 64.0
+    """Files from this size (MiB) upload in parts."""
+    multipart_chunk_mb: float = 16.0
+    """Part size in MiB (S3 allows >= 5 MiB except for the last part)."""
+
+    def __post_init__(self) -> None:
+        if self.multipart_threshold_mb <= 0 or self.multipart_chunk_mb < 5:
+            raise ConfigError(f"multipart_threshold_mb: expected > 0; multipart_chunk_mb: expected >= 5 (S3's "
+                              f"smallest part), got {self.multipart_threshold_mb}, {self.multipart_chunk_mb}")
+
+
+@dataclass
 class TrackingConfig:
     """MLflow tracking (the main process of a run logs; the others never touch MLflow)."""
 
@@ -446,6 +497,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     toyworld: ToyWorldConfig = field(default_factory=ToyWorldConfig)
 

@@ -1,0 +1,268 @@
+"""Registration, the approval gate and deployment against a real `mlflow server` (SQLite store) and moto's S3
+server, both on 127.0.0.1 with free ports, started and stopped here by their own PIDs.
+
+The story: a real (tiny) training run tracked in MLflow, evaluated (evalkit's judge), registered as version 1;
+the gate refuses it under the default policy (the random-ish candidate scores below the base) and approves it
+under a lenient one; version 2 (another LoRA) is refused while its report lacks the champion's column, then
+approved from a report with it; deployments follow the champion, and roll back."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from evalkit import eval_config, fixed_judge, random_lora
+from servers import MlflowServer, MotoServer
+from trainkit import fixed_reward, make_manifest
+from umo.deploy import DeployError, deploy, parse_target, rollback, verify_current
+from umo.eval.run import evaluate
+from umo.registry import CHAMPION, RegistryError, champion_lora, gate, register
+
+SECRET = "umo-test-secret-key-never-logged"
+NAME = "umo-test"
+LENIENT = ["registry.gate.min_id_sim_gain=-100", "registry.gate.max_id_conf_drop=100",
+           "registry.gate.champion_margin=-100"]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = MotoServer(tmp_path_factory.mktemp("moto")).start()
+    mp = pytest.MonkeyPatch()
+    for k, v in {"AWS_ACCESS_KEY_ID": "umo-test-key", "AWS_SECRET_ACCESS_KEY": SECRET,
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": server.uri}.items():
+        mp.setenv(k, v)
+    boto3.client("s3").create_bucket(Bucket="models")
+    try:
+        yield server
+    finally:
+        mp.undo()
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def world(toy_world, tiny_generator_dir, tmp_path_factory):
+    """A tracked training run, its report, and the settings every test uses."""
+    from umo.train.loop import train
+
+    root = tmp_path_factory.mktemp("registry")
+    server = MlflowServer(root / "mlflow").start()
+    manifest = make_manifest(root / "data", toy_world)
+
+    def config(*overrides):
+        return eval_config(toy_world, tiny_generator_dir, manifest, f"tracking.tracking_uri={server.uri}",
+                           f"registry.model_name={NAME}", f"deploy.target={root / 'deployed'}", *overrides)
+
+    trained = train(config("train.max_steps=2"), manifest=manifest, out=root / "train", reward=fixed_reward(toy_world),
+                    tracking=True)
+    report = evaluate(config(), lora=trained.lora, judge=fixed_judge(config()), out=root / "report-v1")
+    try:
+        yield {"root": root, "server": server, "config": config, "train": root / "train", "report": report,
+               "run_id": trained.run_id, "lora": trained.lora, "toy_world": toy_world}
+    finally:
+        server.stop()
+
+
+def test_registration_carries_the_evidence_and_is_not_repeated(world):
+    import mlflow
+
+    config = world["config"]()
+    first = register(config, train_dir=world["train"], report=world["report"].out)
+    assert (first.version, first.run_id, first.created) == ("1", world["run_id"], True)
+    client = mlflow.MlflowClient(world["server"].uri)
+    mv = client.get_model_version_by_alias(NAME, "challenger")
+    assert mv.version == "1" and mv.run_id == world["run_id"]
+    assert {"git_commit", "dvc.data_md5", "dvc.params_md5", "base_model", "toy_world", "umo.lora_sha256"} <= set(mv.tags)
+    assert mv.tags["toy_world"] == "true" and mv.tags["dvc.data_md5"] == "8a122753fc64b559fcc01a0813e68a40.dir"
+    metrics = world["report"].metrics
+    assert mv.tags["eval.candidate.id_sim"] == str(metrics["candidate"]["id_sim"])
+    assert "ID-Sim" in mv.description and "Toy world" in mv.description
+    run = client.get_run(world["run_id"])
+    assert run.data.metrics["eval.candidate.id_sim"] == pytest.approx(metrics["candidate"]["id_sim"])
+    assert run.data.metrics["eval.delta.id_sim"] == pytest.approx(metrics["delta"]["id_sim"])
+    logged = {a.path for a in client.list_artifacts(world["run_id"], "evaluation")}
+    assert {"evaluation/report.md", "evaluation/metrics.json", "evaluation/grids"} <= logged
+
+    again = register(config, train_dir=world["train"], report=world["report"].out)
+    assert (again.version, again.created) == ("1", False)
+    assert len(client.search_model_versions(f"name = '{NAME}'")) == 1
+
+    other = random_lora(config, world["root"] / "other-train" / "lora", 9)
+    with pytest.raises(RegistryError, match="evaluated another LoRA"):
+        register(config, train_dir=other.parent.parent, report=world["report"].out)
+
+
+def test_the_registered_pyfunc_generates_from_a_prompt_and_references(world):
+    import mlflow
+
+    register(world["config"](), train_dir=world["train"], report=world["report"].out)
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
+    refs = sorted(str(p) for p in (world["root"] / "data" / "refs").glob("*.png"))[:2]
+    rows = pd.DataFrame({"prompt": ["two people", "two people"], "references": [json.dumps(refs)] * 2,
+                         "seed": [3, 3]})
+    out = model.predict(rows)
+    images = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in out["image"]]
+    assert images[0].shape == (64, 64, 3) and np.array_equal(images[0], images[1])  # same seed, same image
+
+
+def test_gate_policy_champion_and_deployment_follow_each_other(world, s3, caplog):
+    import mlflow
+
+    config = world["config"]()
+    register(config, train_dir=world["train"], report=world["report"].out)
+    client = mlflow.MlflowClient(world["server"].uri)
+
+    refused = gate(config)  # the default policy: the candidate must not score below the base
+    assert not refused.passed and [r.name for r in refused.rules if not r.passed] == ["id_sim", "id_conf"]
+    mv = client.get_model_version(NAME, "1")
+    assert mv.tags["gate.decision"] == "failed" and mv.tags["gate.rule.id_sim"].startswith("fail: candidate")
+    assert CHAMPION not in client.get_registered_model(NAME).aliases
+    with pytest.raises(DeployError, match="no version holds `champion`"):
+        deploy(config)
+
+    lenient = world["config"](*LENIENT)
+    assert gate(lenient).passed
+    assert client.get_registered_model(NAME).aliases[CHAMPION] == "1"
+    target = "s3://models/umo/prod"
+    first = deploy(lenient, target=target)
+    assert (first.version, first.changed) == ("1", True)
+    assert not deploy(lenient, target=target).changed  # same version again: nothing to do
+
+    # version 2: another LoRA, registered from an untracked run folder
+    v2_train = world["root"] / "train-v2"
+    lora2 = random_lora(config, v2_train / "lora", 5)
+    alone = evaluate(config, lora=lora2, judge=fixed_judge(config), out=world["root"] / "report-v2-alone")
+    assert register(config, train_dir=v2_train, report=alone.out).version == "2"
+    world["server"].stop()  # the registry restarts between registration and gate: nothing lost, nothing doubled
+    world["server"].start()
+    assert register(config, train_dir=v2_train, report=alone.out).created is False
+    no_column = gate(lenient)
+    assert not no_column.passed and "no column for the current champion" in \
+        next(r.detail for r in no_column.rules if r.name == "champion")
+    champion = champion_lora(config, world["root"] / "champion-download")
+    assert champion is not None and champion.read_bytes() == world["lora"].read_bytes()
+    with_champion = evaluate(config, lora=lora2, champion=champion, judge=fixed_judge(config),
+                             out=world["root"] / "report-v2")
+    v2 = register(config, train_dir=v2_train, report=with_champion.out)  # new evidence, same version
+    assert (v2.version, v2.created) == ("2", False)
+    decision = gate(lenient, version=v2.version)
+    assert decision.passed and decision.previous_champion == "1"
+    aliases = client.get_registered_model(NAME).aliases
+    assert aliases[CHAMPION] == v2.version and aliases["previous"] == "1"
+    assert len(client.search_model_versions(f"name = '{NAME}'")) == 2
+
+    with pytest.raises(DeployError, match="is not the champion"):
+        deploy(lenient, version="1", target=target)
+    second = deploy(lenient, target=target)
+    assert second.pointer["history"] == ["1"] and second.version == v2.version
+    back = rollback(lenient, target=target)
+    assert back.version == "1" and back.pointer["rolled_back_from"] == v2.version
+    assert verify_current(lenient, target=target).version == "1"
+    pointer = json.loads(boto3.client("s3").get_object(Bucket="models", Key=f"umo/prod/{NAME}/current.json")
+                         ["Body"].read())
+    assert pointer["version"] == "1"
+    assert SECRET not in caplog.text
+    run = client.get_run(world["run_id"])
+    assert SECRET not in json.dumps([run.data.params, run.data.tags])
+
+
+class FailAfterParts:
+    """A botocore hook that fails the upload of part number > n (a network cut in the middle of a multipart)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.seen = n, 0
+
+    def __call__(self, params, **kwargs):
+        if "PartNumber" in params:
+            self.seen += 1
+            if params["PartNumber"] > self.n:
+                raise ConnectionError(f"cut after part {self.n}")
+
+
+def test_an_interrupted_multipart_upload_leaves_the_pointer_and_a_rerun_completes(s3, tmp_path):
+    from safetensors.numpy import save_file
+
+    from umo.config import load_config
+    from umo.deploy import POINTER, publish, verify
+
+    weights = tmp_path / "pytorch_lora_weights.safetensors"  # 12.8 MB: three 5 MiB parts
+    save_file({"w": np.random.default_rng(0).standard_normal(3_200_000).astype(np.float32)}, str(weights))
+    card = tmp_path / "MODEL_CARD.md"
+    card.write_text("# a model\n")
+    config = load_config(None, ["deploy.multipart_threshold_mb=5", "deploy.multipart_chunk_mb=5"])
+    client = boto3.client("s3")
+    store = parse_target("s3://models/faults", config, s3_client=client)
+    first = publish(store, "m", "1", [card], {}, None)
+    before = store.read(f"m/{POINTER}")
+    hook = FailAfterParts(1)
+    client.meta.events.register("provide-client-params.s3.UploadPart", hook)
+    with pytest.raises(Exception, match="cut after part 1"):
+        publish(store, "m", "2", [weights, card], {}, first.pointer)
+    assert hook.seen == 2 and store.read(f"m/{POINTER}") == before  # cut in the middle; readers still see 1
+    client.meta.events.unregister("provide-client-params.s3.UploadPart", hook)
+    done = publish(store, "m", "2", [weights, card], {}, json.loads(store.read(f"m/{POINTER}")))
+    assert done.pointer["history"] == ["1"] and verify(store, "m", "2") == []
+    assert json.loads(store.read(f"m/{POINTER}"))["version"] == "2"
+
+
+def test_an_object_altered_after_upload_fails_verification_loudly(world, s3):
+    config = world["config"](*LENIENT)
+    _ensure_champion(world, config)
+    target = "s3://models/tamper"
+    result = deploy(config, target=target)
+    key = f"tamper/{NAME}/{result.version}/pytorch_lora_weights.safetensors"
+    client = boto3.client("s3")
+    data = bytearray(client.get_object(Bucket="models", Key=key)["Body"].read())
+    data[-1] ^= 0xFF
+    client.put_object(Bucket="models", Key=key, Body=bytes(data))
+    with pytest.raises(DeployError, match="pytorch_lora_weights.safetensors: size .* sha256"):
+        verify_current(config, target=target)
+    repaired = deploy(config, target=target)  # the same version again: it does not verify, so it is re-uploaded
+    assert repaired.changed and verify_current(config, target=target).version == result.version
+
+
+def test_a_local_folder_target_has_the_s3_layout(world, tmp_path):
+    config = world["config"](*LENIENT)
+    _ensure_champion(world, config)
+    result = deploy(config, target=str(tmp_path / "serve"))
+    folder = tmp_path / "serve" / NAME / result.version
+    assert sorted(p.name for p in folder.iterdir()) == ["MODEL_CARD.md", "config.json", "manifest.json",
+                                                       "pytorch_lora_weights.safetensors"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["files"]["pytorch_lora_weights.safetensors"]["size"] == \
+        (folder / "pytorch_lora_weights.safetensors").stat().st_size
+    assert json.loads((tmp_path / "serve" / NAME / "current.json").read_text())["version"] == result.version
+    assert "# umo-test" in (folder / "MODEL_CARD.md").read_text()
+
+
+@pytest.mark.parametrize("target, message", [
+    ("s3://Bad_Bucket/x", "not a valid S3 bucket"), ("s3://ab/x", "not a valid S3 bucket"),
+    ("s3://models/../etc", "prefix"), ("s3://models/a//b", "prefix"), ("gs://models/x", "unsupported target")])
+def test_bucket_and_prefix_are_validated(target, message):
+    with pytest.raises(DeployError, match=message):
+        parse_target(target)
+
+
+def test_only_the_gate_sets_the_champion_alias():
+    root = Path(__file__).resolve().parents[1] / "umo"
+    setters = [(p.name, line.strip()) for p in root.rglob("*.py") for line in p.read_text().splitlines()
+               if "set_registered_model_alias" in line]
+    assert setters == [("registry.py", "client.set_registered_model_alias(name, CHALLENGER, version.version)"),
+                       ("registry.py", "client.set_registered_model_alias(name, PREVIOUS, champion.version)"),
+                       ("registry.py", "client.set_registered_model_alias(name, CHAMPION, version)")]
+
+
+def _ensure_champion(world, config) -> None:
+    import mlflow
+
+    register(config, train_dir=world["train"], report=world["report"].out)
+    client = mlflow.MlflowClient(world["server"].uri)
+    if CHAMPION not in client.get_registered_model(NAME).aliases:
+        assert gate(config).passed

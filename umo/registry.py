@@ -1,0 +1,530 @@
+"""The MLflow model registry: register a trained LoRA with its evidence, and the approval gate.
+
+`register` turns a training run plus its evaluation report into a model version of `registry.model_name`:
+- in the training run (a new run when training was not tracked): the evaluation metrics as `eval.<model>.<metric>`,
+  the report (report.md, metrics.json, the comparison grids) under `evaluation/`, lineage tags;
+- a pyfunc model (`UmoLoraModel`: `predict` generates images from prompts and reference images) whose artifacts
+  are the LoRA (safetensors), its config and a model card;
+- a model version with tags (git commit, DVC hashes of data and params, base model, toy-world flag, LoRA sha256,
+  evaluation metrics), a readable description, and the alias `challenger`.
+Registering the same LoRA from the same run again returns the existing version (tag `umo.lora_sha256`).
+
+`gate` applies `registry.gate` to a version: against the base (the report's base column) and the current
+`champion` (the report's champion column, i.e. the same seeds). The decision and each rule's outcome are version
+tags (`gate.decision`, `gate.rule.<name>`); on pass the alias `champion` moves to the version and the version that
+held it gets `previous`. The gate is the only code that sets `champion` (`_promote`).
+
+mlflow is imported here and in umo.tracking only. Credentials stay in the environment (MLFLOW_TRACKING_TOKEN,
+..., read by MLflow itself); URIs are logged without them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from umo import __version__
+from umo.config import Config, to_dict
+from umo.io import sha256_file
+from umo.tracking import flatten, redact_uri, tracking_uri
+
+log = logging.getLogger(__name__)
+
+CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous"
+MODEL_ARTIFACT = "umo_lora"
+CONFIG_FILE, CARD_FILE = "config.json", "MODEL_CARD.md"
+LORA_SHA_TAG = "umo.lora_sha256"
+DECISION_TAG = "gate.decision"
+
+
+class RegistryError(ValueError):
+    """A registration or gate request that cannot be honoured (the message says why)."""
+
+
+@dataclass
+class Registered:
+    name: str
+    version: str
+    run_id: str
+    created: bool  # False: this LoRA from this run was registered before; that version is returned
+
+
+@dataclass
+class Rule:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class GateDecision:
+    name: str
+    version: str
+    passed: bool
+    rules: list[Rule] = field(default_factory=list)
+    previous_champion: str | None = None
+
+
+def client_for(config: Config):
+    import mlflow
+
+    uri = tracking_uri(config.tracking.tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+# ------------------------------------------------------------------------------------------------ lineage
+
+
+def git_commit(root: Path = Path(".")) -> str:
+    """HEAD's commit, with `-dirty` when tracked files differ from it; "unknown" outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def dvc_hashes(root: Path = Path(".")) -> dict[str, str]:
+    """The data's DVC hash (data.dvc's md5) and params.yaml's md5 (DVC's file hash)."""
+    import yaml
+
+    out = {}
+    data = root / "data.dvc"
+    if data.is_file():
+        outs = yaml.safe_load(data.read_text()).get("outs") or [{}]
+        out["dvc.data_md5"] = str(outs[0].get("md5", "unknown"))
+    params = root / "params.yaml"
+    if params.is_file():
+        out["dvc.params_md5"] = hashlib.md5(params.read_bytes()).hexdigest()
+    return out
+
+
+def _train_run_id(train_dir: Path) -> str | None:
+    pointer = train_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    state = train_dir / "checkpoints" / pointer.read_text().strip() / "train_state.json"
+    return json.loads(state.read_text()).get("mlflow_run_id") if state.is_file() else None
+
+
+def _read_report(report: Path, lora_sha: str) -> dict:
+    path = report / "metrics.json"
+    if not path.is_file():
+        raise RegistryError(f"{path}: no evaluation report (run `umo evaluate` on this LoRA first)")
+    metrics = json.loads(path.read_text())
+    candidate = (metrics.get("models") or {}).get("candidate") or {}
+    if candidate.get("sha256") != lora_sha:
+        raise RegistryError(f"{path}: the report evaluated another LoRA (sha256 {candidate.get('sha256')}, this "
+                            f"one {lora_sha}); evaluate this LoRA first")
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------ register
+
+
+def register(config: Config, *, train_dir: str | Path, report: str | Path) -> Registered:
+    """Register the LoRA of a training run folder (`umo train --out`) with its evaluation report folder."""
+    from umo.models.lora import lora_file
+
+    train_dir, report = Path(train_dir), Path(report)
+    lora = lora_file(train_dir / "lora")
+    sha = sha256_file(lora)
+    metrics = _read_report(report, sha)
+    name = config.registry.model_name
+    client = client_for(config)
+    run_id = _train_run_id(train_dir)
+
+    existing = _find_version(client, name, sha, run_id)
+    if existing is not None:
+        if _logged_report(client, existing.run_id) == metrics:
+            log.info("%s version %s already holds this LoRA and this report (run %s): nothing to do", name,
+                     existing.version, existing.run_id)
+        else:  # a newer evaluation of the same LoRA (e.g. with the champion's column): refresh the evidence
+            lineage = {k: v for k, v in existing.tags.items() if not k.startswith(("eval.", "gate."))}
+            _log_evidence(client, existing.run_id, metrics, report, {})
+            for k, v in _metric_tags(metrics).items():
+                client.set_model_version_tag(name, existing.version, k, v)
+            client.update_model_version(name, existing.version,
+                                        description=_description(metrics, lineage, existing.run_id))
+            log.info("%s version %s: evaluation evidence replaced by %s", name, existing.version, report)
+        return Registered(name, existing.version, existing.run_id, created=False)
+
+    if run_id is None:
+        experiment = client.get_experiment_by_name(config.tracking.experiment)
+        exp_id = experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment)
+        run_id = client.create_run(exp_id, run_name=f"register-{sha[:8]}", tags={"umo.stage": "register"}).info.run_id
+    lineage = {"git_commit": git_commit(), **dvc_hashes(), "base_model": _base_model(config),
+               "toy_world": str(bool(metrics.get("toy_world"))).lower(), LORA_SHA_TAG: sha,
+               "eval.benchmark": str(metrics.get("benchmark"))}
+    _log_evidence(client, run_id, metrics, report, lineage)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = _model_files(Path(tmp), config, metrics, lineage, lora)
+        model_uri = _log_pyfunc(run_id, files)
+    _ensure_registered_model(client, name)
+    import mlflow
+
+    version = mlflow.register_model(model_uri, name, tags=lineage | _metric_tags(metrics))
+    client.update_model_version(name, version.version, description=_description(metrics, lineage, run_id))
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    log.info("registered %s version %s (alias %s) from run %s at %s", name, version.version, CHALLENGER, run_id,
+             redact_uri(tracking_uri(config.tracking.tracking_uri)))
+    return Registered(name, str(version.version), run_id, created=True)
+
+
+def _find_version(client, name: str, sha: str, run_id: str | None):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    for v in sorted(versions, key=lambda v: int(v.version)):
+        if v.tags.get(LORA_SHA_TAG) == sha and (run_id is None or v.run_id == run_id):
+            return v
+    return None
+
+
+def _ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description=(
+            "UMO multi-identity LoRAs (ReReFL with the matching reward). Each version carries its evaluation "
+            "(base vs candidate, judge scores), lineage tags and a model card. Aliases: `challenger` = newest "
+            "registered, `champion` = approved by the gate (the one deployed), `previous` = the champion before."))
+
+
+def _base_model(config: Config) -> str:
+    """family:path of the base generator, plus its model_index.json's sha256 (a weights-free fingerprint)."""
+    index = Path(config.generator.path) / "model_index.json"
+    digest = sha256_file(index)[:12] if index.is_file() else "unknown"
+    return f"{config.generator.family}:{config.generator.path}@{digest}"
+
+
+def _metric_tags(metrics: dict) -> dict[str, str]:
+    return {f"eval.{m}.{k}": str(metrics[m][k]) for m in ("base", "candidate", "champion") if m in metrics
+            for k in ("id_sim", "id_conf", "id_match", "face_count_accuracy", "unscored")}
+
+
+def _numeric(metrics: dict) -> dict[str, float]:
+    """The report's numbers as MLflow metrics: eval.<model>.<metric>[.by_identities.<n>.<metric>]."""
+    out = {}
+    for m in ("base", "candidate", "champion", "delta", "delta_vs_champion"):
+        for k, v in flatten(metrics.get(m) or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"eval.{m}.{k}"] = float(v)
+    return out
+
+
+def _log_evidence(client, run_id: str, metrics: dict, report: Path, lineage: dict[str, str]) -> None:
+    import time
+
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, v, now, 0) for k, v in _numeric(metrics).items()]
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i:i + 500])
+    if lineage:
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in lineage.items()])
+    for f in ("report.md", "metrics.json"):
+        client.log_artifact(run_id, str(report / f), "evaluation")
+    if (report / "grids").is_dir():
+        client.log_artifacts(run_id, str(report / "grids"), "evaluation/grids")
+
+
+def _model_files(tmp: Path, config: Config, metrics: dict, lineage: dict, lora: Path) -> dict[str, Path]:
+    cfg = to_dict(config)
+    settings = {"umo_version": __version__, "generator": cfg["generator"], "lora": cfg["lora"],
+                "sampling": {"steps": cfg["eval"]["steps"]}, "lineage": lineage}
+    (tmp / CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    (tmp / CARD_FILE).write_text(model_card(config, metrics, lineage))
+    return {"lora": lora, "config": tmp / CONFIG_FILE, "model_card": tmp / CARD_FILE}
+
+
+def _log_pyfunc(run_id: str, files: dict[str, Path]) -> str:
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "references"),
+                       ColSpec("long", "seed", required=False)]),
+        outputs=Schema([ColSpec("string", "image")]))
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT, python_model=UmoLoraModel(), artifacts={k: str(v) for k, v in files.items()},
+            signature=signature, pip_requirements=_requirements())
+    return info.model_uri
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "numpy", "pillow",
+                "mlflow"):
+        try:
+            out.append(f"{pkg}=={version(pkg).split('+')[0]}")
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _fmt(v: Any) -> str:
+    return "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _table(metrics: dict) -> str:
+    models = [m for m in ("base", "candidate", "champion") if m in metrics]
+    lines = ["| metric | " + " | ".join(models) + " | Δ vs base |", "|---" * (len(models) + 2) + "|"]
+    for key, label in (("id_sim", "ID-Sim"), ("id_conf", "ID-Conf"), ("id_match", "ID-Match"),
+                       ("face_count_accuracy", "Face-count acc."), ("unscored", "Items unscored")):
+        delta = metrics.get("delta", {}).get(key)
+        lines.append(f"| {label} | " + " | ".join(_fmt(metrics[m].get(key)) for m in models)
+                     + f" | {'–' if delta is None else f'{delta:+.4g}'} |")
+    return "\n".join(lines)
+
+
+def _description(metrics: dict, lineage: dict, run_id: str) -> str:
+    toy = metrics.get("toy_world")
+    head = ("**Toy world**: trained and evaluated on the offline synthetic world with tiny models; it shows that "
+            "the chain works, not a usable model.\n\n") if toy else ""
+    return (f"{head}LoRA for `{lineage['base_model']}`, ReReFL with the multi-identity matching reward "
+            f"(training run `{run_id}`).\n\nEvaluation on `{metrics.get('benchmark')}` "
+            f"({metrics.get('images_per_item')} images per item, shared seeds; judge ≠ reward model):\n\n"
+            f"{_table(metrics)}\n\nLineage: git `{lineage['git_commit']}`, data md5 "
+            f"`{lineage.get('dvc.data_md5', 'unknown')}`, params md5 `{lineage.get('dvc.params_md5', 'unknown')}`, "
+            f"LoRA sha256 `{lineage[LORA_SHA_TAG][:16]}…`. Approval: see the `gate.*` tags.")
+
+
+def model_card(config: Config, metrics: dict, lineage: dict) -> str:
+    """The model card shipped with every version (and every deployment)."""
+    lora = config.lora
+    toy = bool(metrics.get("toy_world"))
+    return "\n".join([
+        f"# {config.registry.model_name}", "",
+        *(["> **Toy world.** Trained on procedurally drawn cartoon identities with tiny models, offline. It exists to",
+           "> exercise the pipeline; it is not a usable model.", ""] if toy else []),
+        "A LoRA for a multi-reference image generator, fine-tuned with ReReFL and the multi-identity matching reward",
+        "of UMO (arXiv 2509.06818) so that each person in a multi-person image keeps their own identity.", "",
+        "## Model", "",
+        f"- base: `{lineage['base_model']}` (weights not included; point `generator.path` or `UMO_GENERATOR_PATH` at "
+        "a local copy)",
+        f"- LoRA: rank {lora.rank}, alpha {lora.alpha:g}, on {', '.join(lora.target_modules)}; "
+        "`pytorch_lora_weights.safetensors` in the diffusers LoRA format (`pipe.load_lora_weights(folder)`)",
+        f"- sha256 {lineage[LORA_SHA_TAG]}", "",
+        f"## Evaluation ({metrics.get('benchmark')})", "",
+        "ID-Sim: similarity of each reference to its best generated face; ID-Conf: margin over the second best "
+        "(identity confusion); ID-Match: mean Hungarian-assigned similarity; scored by a judge face model "
+        "independent of the reward.", "", _table(metrics), "",
+        "## Lineage", "",
+        f"- git commit `{lineage['git_commit']}`",
+        f"- data (DVC md5) `{lineage.get('dvc.data_md5', 'unknown')}`, params.yaml md5 "
+        f"`{lineage.get('dvc.params_md5', 'unknown')}`", "",
+        "## Use and limits", "",
+        "Generates images of the people in the reference images. Use only with references of people who consented; "
+        "identity similarity is measured by a face model and inherits its biases. Not for impersonation.", ""])
+
+
+# ------------------------------------------------------------------------------------------------ the pyfunc
+
+
+try:
+    import mlflow.pyfunc as _pyfunc
+
+    _PythonModel = _pyfunc.PythonModel
+except ImportError:  # pragma: no cover - mlflow is a dependency
+    _PythonModel = object
+
+
+class UmoLoraModel(_PythonModel):
+    """MLflow pyfunc: rows of (prompt, references, seed?) -> one generated image per row (base64 PNG).
+
+    references: a JSON list of image file paths. The base generator is loaded from `UMO_GENERATOR_PATH`, else the
+    `generator.path` recorded at registration; the LoRA from the version's artifacts."""
+
+    def load_context(self, context) -> None:
+        from umo.config import GeneratorConfig, from_dict
+        from umo.models import load_generator
+        from umo.models.lora import attach_lora_file
+
+        settings = json.loads(Path(context.artifacts["config"]).read_text())
+        gen = from_dict(GeneratorConfig, settings["generator"], source=context.artifacts["config"])
+        if os.environ.get("UMO_GENERATOR_PATH"):
+            gen.path = os.environ["UMO_GENERATOR_PATH"]
+        self.config, self.steps = gen, int(settings["sampling"]["steps"])
+        self.model = load_generator(gen)
+        attach_lora_file(self.model.transformer, context.artifacts["lora"], "umo")
+        self.model.transformer.set_adapter("umo")
+
+    def predict(self, context, model_input, params=None):
+        import base64
+        import io
+
+        import pandas as pd
+        from PIL import Image
+
+        from umo.models import generate_images
+        from umo.train.data import load_image
+
+        images = []
+        height, width = self.config.resolution
+        for k, row in enumerate(model_input.to_dict("records")):
+            paths = json.loads(row["references"]) if isinstance(row["references"], str) else list(row["references"])
+            refs = [load_image(Path(p), self.config.reference_resolution) for p in paths]
+            seed = row.get("seed")
+            seed = k if seed is None or seed != seed else int(seed)  # NaN when the column is partly missing
+            (image,) = generate_images(self.model, row["prompt"], refs, seeds=[seed], steps=self.steps,
+                                       height=height, width=width)
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="PNG")
+            images.append(base64.b64encode(buf.getvalue()).decode())
+        return pd.DataFrame({"image": images})
+
+
+# ------------------------------------------------------------------------------------------------ the gate
+
+
+def gate(config: Config, *, version: str | None = None) -> GateDecision:
+    """Decide on `version` (default: the `challenger`) of registry.model_name; see the module docstring."""
+    client = client_for(config)
+    name = config.registry.model_name
+    mv = client.get_model_version_by_alias(name, CHALLENGER) if version is None else \
+        client.get_model_version(name, str(version))
+    metrics = _version_report(client, mv)
+    champion = _alias_version(client, name, CHAMPION)
+    decision = GateDecision(name, str(mv.version), False, previous_champion=champion.version if champion else None)
+    decision.rules = rules(config.registry.gate, metrics,
+                           champion_sha=None if champion is None or champion.version == mv.version
+                           else champion.tags.get(LORA_SHA_TAG))
+    decision.passed = all(r.passed for r in decision.rules)
+    for r in decision.rules:
+        client.set_model_version_tag(name, mv.version, f"gate.rule.{r.name}",
+                                     f"{'pass' if r.passed else 'fail'}: {r.detail}"[:5000])
+    client.set_model_version_tag(name, mv.version, "gate.policy", json.dumps(to_dict(config)["registry"]["gate"]))
+    client.set_model_version_tag(name, mv.version, DECISION_TAG, "passed" if decision.passed else "failed")
+    if decision.passed:
+        _promote(client, name, mv.version, champion)
+    log.info("gate %s version %s: %s (%s)", name, mv.version, "PASSED" if decision.passed else "FAILED",
+             "; ".join(f"{r.name} {'ok' if r.passed else 'FAILED'}: {r.detail}" for r in decision.rules))
+    return decision
+
+
+def rules(policy, metrics: dict, *, champion_sha: str | None) -> list[Rule]:
+    """Each rule of the policy on a report's metrics.json (pure: no MLflow).
+
+    >>> from umo.config import GateConfig
+    >>> m = {"base": {"id_sim": 10.0, "id_conf": 50.0, "face_count_accuracy": 0.5, "unscored": 0},
+    ...      "candidate": {"id_sim": 12.0, "id_conf": 49.0, "face_count_accuracy": 0.5, "unscored": 0}}
+    >>> [(r.name, r.passed) for r in rules(GateConfig(min_id_sim_gain=1.0, max_id_conf_drop=0.5), m,
+    ...                                    champion_sha=None)]
+    [('id_sim', True), ('id_conf', False), ('face_count', True), ('all_scored', True)]
+    """
+    base, cand = metrics["base"], metrics["candidate"]
+    out = [_at_least("id_sim", cand.get("id_sim"), base.get("id_sim"), policy.min_id_sim_gain, "base"),
+           _at_least("id_conf", cand.get("id_conf"), base.get("id_conf"), -policy.max_id_conf_drop, "base")]
+    if policy.face_count_not_lower:
+        out.append(_at_least("face_count", cand.get("face_count_accuracy"), base.get("face_count_accuracy"), 0.0,
+                             "base"))
+    if policy.require_all_scored:
+        n = cand.get("unscored", 0) or 0
+        out.append(Rule("all_scored", n == 0, f"{n} evaluation items unscored"))
+    if champion_sha is not None:
+        reported = ((metrics.get("models") or {}).get("champion") or {}).get("sha256")
+        if reported != champion_sha:
+            out.append(Rule("champion", False, "the report has no column for the current champion's LoRA "
+                                               "(evaluate with --champion)"))
+        else:
+            out.append(_at_least("champion", cand.get("id_sim"), metrics["champion"].get("id_sim"),
+                                 policy.champion_margin, "champion"))
+    return out
+
+
+def _at_least(name: str, value, reference, margin: float, against: str) -> Rule:
+    if value is None and reference is None:
+        return Rule(name, True, f"not measured for the candidate nor the {against}")
+    if value is None or reference is None:
+        return Rule(name, False, f"candidate {value} vs {against} {reference}: one side has no value")
+    ok = value >= reference + margin - 1e-9
+    return Rule(name, ok, f"candidate {value:.4g} {'>=' if ok else '<'} {against} {reference:.4g} "
+                          f"{'+' if margin >= 0 else '-'} {abs(margin):g}")
+
+
+def _logged_report(client, run_id: str) -> dict | None:
+    """The evaluation metrics.json logged in a run (None when there is none)."""
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory(prefix="umo-report-") as tmp:
+        try:
+            path = client.download_artifacts(run_id, "evaluation/metrics.json", tmp)
+        except (MlflowException, OSError):
+            return None
+        return json.loads(Path(path).read_text())
+
+
+def _version_report(client, mv) -> dict:
+    metrics = _logged_report(client, mv.run_id)
+    if metrics is None:
+        raise RegistryError(f"version {mv.version}: its run {mv.run_id} has no evaluation/metrics.json")
+    sha = ((metrics.get("models") or {}).get("candidate") or {}).get("sha256")
+    if sha != mv.tags.get(LORA_SHA_TAG):
+        raise RegistryError(f"version {mv.version}: its run's evaluation report is of another LoRA ({sha})")
+    return metrics
+
+
+def _alias_version(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _promote(client, name: str, version: str, champion) -> None:
+    """The only code that sets `champion`: the old champion keeps `previous`."""
+    if champion is not None and champion.version == version:
+        return
+    if champion is not None:
+        client.set_registered_model_alias(name, PREVIOUS, champion.version)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    log.info("%s: champion is now version %s (previous: %s)", name, version,
+             champion.version if champion else "none")
+
+
+def champion_lora(config: Config, out: str | Path) -> Path | None:
+    """The current champion's LoRA downloaded into `out` (for `umo evaluate --champion`); None without one."""
+    client = client_for(config)
+    champion = _alias_version(client, config.registry.model_name, CHAMPION)
+    if champion is None:
+        return None
+    return version_files(client, config.registry.model_name, champion.version, out)["lora"]
+
+
+def version_files(client, name: str, version: str, out: str | Path) -> dict[str, Path]:
+    """A version's deployable files (LoRA, config, model card) downloaded into `out`."""
+    import mlflow
+
+    mv = client.get_model_version(name, str(version))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(out)))
+    found = {p.name: p for p in local.rglob("*") if p.is_file()}
+    from umo.models.lora import LORA_FILE
+
+    missing = [f for f in (LORA_FILE, CONFIG_FILE, CARD_FILE) if f not in found]
+    if missing:
+        raise RegistryError(f"{name} version {mv.version}: its model lacks {missing}")
+    return {"lora": found[LORA_FILE], "config": found[CONFIG_FILE], "model_card": found[CARD_FILE]}
