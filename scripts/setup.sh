@@ -17,6 +17,14 @@ if [ -z "$py" ]; then
 fi
 [ -n "$py" ] || { echo "setup: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
 
+# The registry UI test drives Debian's chromium (headless). Installed once, when we may (root, apt).
+if [[ "$extras" == *test* ]] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null \
+    && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+    || echo "setup: could not install chromium (apt); the registry UI test needs it" >&2
+fi
+
 stamp="$venv/.umo-installed"
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)-$extras
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

@@ -266,3 +266,30 @@ def _ensure_champion(world, config) -> None:
     client = mlflow.MlflowClient(world["server"].uri)
     if CHAMPION not in client.get_registered_model(NAME).aliases:
         assert gate(config).passed
+
+
+@pytest.mark.slow
+def test_the_registry_ui_shows_the_version_its_aliases_and_metrics(world, tmp_path):
+    """The MLflow UI, rendered by a real headless Chromium: the model version page a reviewer opens."""
+    import shutil
+    import subprocess
+
+    config = world["config"](*LENIENT)
+    _ensure_champion(world, config)
+    import mlflow
+
+    mv = mlflow.MlflowClient(world["server"].uri).get_model_version_by_alias(NAME, CHAMPION)
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium is required (scripts/setup.sh installs it)"
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--window-size=1400,1100"]
+    url = f"{world['server'].uri}/#/models/{NAME}/versions/{mv.version}"
+    shot = tmp_path / "model_version.png"
+    subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
+    (tmp_path / "model_version.html").write_text(dom)
+    assert shot.stat().st_size > 10_000
+    assert f"Version {mv.version}" in dom, dom[-3000:]
+    assert "@&nbsp;champion" in dom and "@&nbsp;challenger" in dom  # the alias tags the page draws
+    assert "ID-Sim" in dom and str(world["report"].metrics["candidate"]["id_sim"])[:4] in dom
