@@ -56,15 +56,18 @@ def world(toy_world, tiny_generator_dir, tmp_path_factory):
     server = MlflowServer(root / "mlflow").start()
     manifest = make_manifest(root / "data", toy_world)
 
+    settings = [f"tracking.tracking_uri={server.uri}", f"registry.model_name={NAME}",
+                f"deploy.target={root / 'deployed'}"]
+
     def config(*overrides):
-        return eval_config(toy_world, tiny_generator_dir, manifest, f"tracking.tracking_uri={server.uri}",
-                           f"registry.model_name={NAME}", f"deploy.target={root / 'deployed'}", *overrides)
+        return eval_config(toy_world, tiny_generator_dir, manifest, *settings, *overrides)
 
     trained = train(config("train.max_steps=2"), manifest=manifest, out=root / "train", reward=fixed_reward(toy_world),
                     tracking=True)
     report = evaluate(config(), lora=trained.lora, judge=fixed_judge(config()), out=root / "report-v1")
     try:
-        yield {"root": root, "server": server, "config": config, "train": root / "train", "report": report,
+        cli = [*toy_world.faces_overrides(), f"generator.path={tiny_generator_dir}", *settings]
+        yield {"root": root, "server": server, "config": config, "cli": sum((["-S", o] for o in cli), []), "train": root / "train", "report": report,
                "run_id": trained.run_id, "lora": trained.lora, "toy_world": toy_world}
     finally:
         server.stop()
@@ -293,3 +296,22 @@ def test_the_registry_ui_shows_the_version_its_aliases_and_metrics(world, tmp_pa
     assert f"Version {mv.version}" in dom, dom[-3000:]
     assert "@&nbsp;champion" in dom and "@&nbsp;challenger" in dom  # the alias tags the page draws
     assert "ID-Sim" in dom and str(world["report"].metrics["candidate"]["id_sim"])[:4] in dom
+
+
+def test_the_cli_commands_exit_with_what_happened(world, tmp_path, capsys, caplog):
+    from umo.cli import main
+
+    cli = world["cli"]
+    register(world["config"](), train_dir=world["train"], report=world["report"].out)
+    assert main(["register", *cli, "--train", str(world["train"]), "--report", str(world["report"].out)]) == 0
+    assert json.loads(capsys.readouterr().out)["created"] is False
+    other = tmp_path / "other"
+    random_lora(world["config"](), other / "lora", 11)
+    assert main(["register", *cli, "--train", str(other), "--report", str(world["report"].out)]) == 2
+    assert "evaluated another LoRA" in caplog.text
+    assert main(["gate", *cli, "--version", "1"]) == 1  # the default policy refuses version 1 (below the base)
+    assert json.loads(capsys.readouterr().out)["passed"] is False
+    assert main(["deploy", *cli, "--verify", "--target", str(tmp_path / "empty")]) == 1
+    assert "nothing deployed" in caplog.text
+    assert main(["deploy", *cli, "--rollback", "--target", str(tmp_path / "empty")]) == 1
+    assert "nothing to roll back" in caplog.text

@@ -174,11 +174,14 @@ class S3Store:
 
 def deploy(config: Config, *, version: str | None = None, target: str | None = None, s3_client=None) -> DeployResult:
     """Deploy `version` (default: the `champion`) of registry.model_name to `target` (default deploy.target)."""
-    from umo.registry import CHAMPION, DECISION_TAG, client_for, version_files
+    from umo.registry import CHAMPION, DECISION_TAG, RegistryError, approved_champion, client_for, version_files
 
     name = config.registry.model_name
     client = client_for(config)
-    mv = _approved(client, name, version)
+    try:
+        mv = approved_champion(client, name, version)
+    except RegistryError as err:
+        raise DeployError(str(err)) from err
     store = parse_target(target or config.deploy.target, config, s3_client=s3_client)
     pointer = _read_json(store, f"{name}/{POINTER}")
     if pointer and pointer.get("version") == str(mv.version):
@@ -284,24 +287,6 @@ def verify_current(config: Config, *, target: str | None = None, s3_client=None)
         raise DeployError(f"{store.location}/{name} version {pointer['version']} does not verify: "
                           + "; ".join(problems))
     return DeployResult(name, pointer["version"], store.location, False, pointer)
-
-
-def _approved(client, name: str, version: str | None):
-    from mlflow.exceptions import MlflowException
-
-    from umo.registry import CHAMPION, DECISION_TAG
-
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException as err:
-        raise DeployError(f"{name}: no version holds `{CHAMPION}`; run `umo gate` first") from err
-    if version is not None and str(version) != str(champion.version):
-        raise DeployError(f"{name} version {version} is not the champion (version {champion.version} is): only "
-                          "the champion is deployed")
-    if champion.tags.get(DECISION_TAG) != "passed":
-        raise DeployError(f"{name} version {champion.version} holds `{CHAMPION}` but has no passed gate decision "
-                          f"({DECISION_TAG} = {champion.tags.get(DECISION_TAG)})")
-    return champion
 
 
 def _check_safetensors(path: Path) -> None:

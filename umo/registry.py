@@ -506,6 +506,20 @@ def _promote(client, name: str, version: str, champion) -> None:
              champion.version if champion else "none")
 
 
+def approved_champion(client, name: str, version: str | None = None):
+    """The version holding `champion` with a passed gate decision (and equal to `version` when given)."""
+    champion = _alias_version(client, name, CHAMPION)
+    if champion is None:
+        raise RegistryError(f"{name}: no version holds `{CHAMPION}`; run `umo gate` first")
+    if version is not None and str(version) != str(champion.version):
+        raise RegistryError(f"{name} version {version} is not the champion (version {champion.version} is): only "
+                            "the champion is deployed")
+    if champion.tags.get(DECISION_TAG) != "passed":
+        raise RegistryError(f"{name} version {champion.version} holds `{CHAMPION}` but has no passed gate decision "
+                            f"({DECISION_TAG} = {champion.tags.get(DECISION_TAG)})")
+    return champion
+
+
 def champion_lora(config: Config, out: str | Path) -> Path | None:
     """The current champion's LoRA downloaded into `out` (for `umo evaluate --champion`); None without one."""
     client = client_for(config)
