@@ -1,10 +1,15 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast bench lock clean
+.PHONY: setup run test test-fast bench lock clean
 
 setup:
 	bash scripts/setup.sh
+
+# The main job: the whole chain (dvc.yaml) on the embedded default, then where everything is.
+run: setup
+	@start=$$(date +%s); PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro && \
+	  $(PY) scripts/summary.py $$(( $$(date +%s) - start ))
 
 test: setup
 	$(PY) -m pytest -q

@@ -21,7 +21,8 @@ def test_repo_params_match_schema_defaults():
 def test_overrides_are_typed(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("reward:\n  kind: mimr\n")
-    config = load_config(params, ["reward.kind=sir", "reward.matched_weight=2", "faces.detector.input_size=[64, 96]"])
+    config = load_config(params, ["reward.kind=sir", "reward.matched_weight=2", "faces.detector.input_size=[64, 96]",
+                                  "faces.detector.pack=null"])
     assert config.reward.kind == "sir"
     assert config.reward.matched_weight == 2.0 and isinstance(config.reward.matched_weight, float)
     assert config.faces.detector.input_size == [64, 96]

@@ -138,8 +138,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from umo.eval.run import evaluate
 
     config = load_config(args.params, args.overrides)
+    champion = args.champion
+    if champion is not None and str(champion) == "registry":  # the registry's current champion, if any
+        import tempfile
+
+        from umo.registry import champion_lora
+
+        champion = champion_lora(config, tempfile.mkdtemp(prefix="umo-champion-"))
+        log.info("champion from the registry: %s", champion or "none yet")
     try:
-        result = evaluate(config, lora=args.lora, champion=args.champion, out=args.out)
+        result = evaluate(config, lora=args.lora, champion=champion, out=args.out)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -152,6 +160,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _record(args: argparse.Namespace, result: dict) -> None:
+    """Print a stage's result as JSON; with --record also write it there (atomically: a DVC output)."""
+    from umo.io import atomic_write_json
+
+    print(json.dumps(result, indent=2))
+    if getattr(args, "record", None):
+        args.record.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(args.record, result)
+
+
 def cmd_register(args: argparse.Namespace) -> int:
     """A training run + its evaluation report -> an MLflow model version (alias challenger)."""
     from umo.registry import RegistryError, register
@@ -161,8 +179,8 @@ def cmd_register(args: argparse.Namespace) -> int:
     except RegistryError as err:
         log.error("%s", err)
         return 2
-    print(json.dumps({"model": result.name, "version": result.version, "run_id": result.run_id,
-                      "created": result.created}, indent=2))
+    _record(args, {"model": result.name, "version": result.version, "run_id": result.run_id,
+                   "created": result.created})
     return 0
 
 
@@ -175,10 +193,10 @@ def cmd_gate(args: argparse.Namespace) -> int:
     except RegistryError as err:
         log.error("%s", err)
         return 2
-    print(json.dumps({"model": decision.name, "version": decision.version, "passed": decision.passed,
-                      "rules": {r.name: ("pass: " if r.passed else "FAIL: ") + r.detail for r in decision.rules}},
-                     indent=2))
-    return 0 if decision.passed else 1
+    _record(args, {"model": decision.name, "version": decision.version, "passed": decision.passed,
+                   "champion_before": decision.previous_champion,
+                   "rules": {r.name: ("pass: " if r.passed else "FAIL: ") + r.detail for r in decision.rules}})
+    return 0 if decision.passed or args.exit_zero else 1
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -196,8 +214,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     except DeployError as err:
         log.error("%s", err)
         return 1
-    print(json.dumps({"model": result.model, "version": result.version, "location": result.location,
-                      "changed": result.changed}, indent=2))
+    _record(args, {"model": result.model, "version": result.version, "location": result.location,
+                   "changed": result.changed})
     return 0
 
 
@@ -233,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = toy_sub.add_parser("raw", help="write only the raw collection (the embedded default's data/, seconds)")
     _add_config_args(p)
     p.add_argument("--out", type=Path, default=Path("data"), help="empty or new folder (default: %(default)s)")
-    p.add_argument("--truth", type=Path, default=Path("artifacts/toyworld/toy_raw_truth.jsonl"),
+    p.add_argument("--truth", type=Path, default=Path("artifacts/toy_raw_truth.jsonl"),
                    help="ground-truth JSONL, outside --out (default: %(default)s)")
     p.set_defaults(func=cmd_toyworld_raw)
 
@@ -261,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--lora", type=Path, required=True,
                    help="the candidate LoRA: pytorch_lora_weights.safetensors or a folder holding it")
-    p.add_argument("--champion", type=Path, default=None, help="the current champion's LoRA, compared too")
+    p.add_argument("--champion", type=Path, default=None,
+                   help="the current champion's LoRA, compared too; `registry`: the registry's champion, if any")
     p.add_argument("--out", type=Path, default=None, help="report folder (default: eval.out)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -269,11 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--train", type=Path, required=True, help="the training run folder (`umo train --out`)")
     p.add_argument("--report", type=Path, required=True, help="its evaluation report folder (`umo evaluate`)")
+    p.add_argument("--record", type=Path, default=None, help="also write the result JSON here")
     p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("gate", help="the approval gate: registry.gate policy -> champion alias (exit 1: failed)")
     _add_config_args(p)
     p.add_argument("--version", default=None, help="model version (default: the challenger)")
+    p.add_argument("--record", type=Path, default=None, help="also write the decision JSON here")
+    p.add_argument("--exit-zero", action="store_true", help="exit 0 when the gate refuses (the decision is the "
+                   "output; for pipelines that go on to deploy whatever is champion)")
     p.set_defaults(func=cmd_gate)
 
     p = sub.add_parser("deploy", help="deploy the approved champion to deploy.target (S3 or a folder)")
@@ -283,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     action = p.add_mutually_exclusive_group()
     action.add_argument("--rollback", action="store_true", help="point current.json back at the previous version")
     action.add_argument("--verify", action="store_true", help="verify what current.json points at")
+    p.add_argument("--record", type=Path, default=None, help="also write the result JSON here")
     p.set_defaults(func=cmd_deploy)
     return parser
 

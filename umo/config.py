@@ -28,9 +28,9 @@ class ConfigError(ValueError):
 class DetectorConfig:
     """Face detector: an insightface model pack (SCRFD/RetinaFace ONNX with 5 landmarks)."""
 
-    root: str = "models/faces"
+    root: str = "artifacts/toyworld/models/faces"
     """Model root folder; never downloaded from anywhere."""
-    pack: str | None = None
+    pack: str | None = "toy_detector"
     """Sub-folder of `root` holding the pack (e.g. buffalo_l); null = the ONNX files are in `root`."""
     det_thresh: float = 0.5
     """Minimum detection score, in [0, 1]."""
@@ -52,8 +52,8 @@ class DetectorConfig:
 class EmbedderConfig:
     """Reward embedder: ArcFace IResNet (arcface_torch state dict, .pth or .safetensors)."""
 
-    path: str = "models/faces/arcface_r50.safetensors"
-    arch: Literal["r18", "r34", "r50", "r100", "toy_r10", "toy_r18"] = "r50"
+    path: str = "artifacts/toyworld/models/faces/arcface_toy_r18.safetensors"
+    arch: Literal["r18", "r34", "r50", "r100", "toy_r10", "toy_r18"] = "toy_r18"
     """IResNet depth of the checkpoint (toy_* are the toy world's small variants)."""
 
 
@@ -61,8 +61,8 @@ class EmbedderConfig:
 class JudgeConfig:
     """Evaluation judge: an insightface ONNX recognizer, a different model from the reward embedder."""
 
-    root: str = "models/faces"
-    pack: str | None = None
+    root: str = "artifacts/toyworld/models/faces"
+    pack: str | None = "toy_judge"
 
 
 @dataclass
@@ -263,7 +263,7 @@ class PrepareConfig:
     """The face index cache (per image content hash and face models); safe to delete."""
     index_batch: int = 16
     """Images per detector/embedder batch."""
-    truth: str | None = None
+    truth: str | None = "artifacts/toyworld/toy_raw_truth.jsonl"
     """Optional ground-truth JSONL ({group, image, boxes, identity_ids} per image, like the toy world's
     toy_raw_truth.jsonl): cluster purity and completeness are then reported in stats.json."""
     contact_sheet: int = 8
