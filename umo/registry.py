@@ -407,7 +407,8 @@ def gate(config: Config, *, version: str | None = None) -> GateDecision:
         client.get_model_version(name, str(version))
     metrics = _version_report(client, mv)
     champion = _alias_version(client, name, CHAMPION)
-    decision = GateDecision(name, str(mv.version), False, previous_champion=champion.version if champion else None)
+    decision = GateDecision(name, str(mv.version), False,
+                            previous_champion=str(champion.version) if champion else None)
     decision.rules = rules(config.registry.gate, metrics,
                            champion_sha=None if champion is None or champion.version == mv.version
                            else champion.tags.get(LORA_SHA_TAG))
