@@ -43,8 +43,8 @@ def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
             proc.wait(timeout)
 
 
-class MlflowServer:
-    """`mlflow server` with a SQLite store and local artifacts, restartable on the same port and store."""
+class _Server:
+    """A server subprocess on 127.0.0.1 and a free port, logging under `root`, stopped by its own PID."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -53,40 +53,32 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
+    def _launch(self, cmd: list[str], log_name: str, health: str, env: dict | None = None) -> None:
+        log = self.root / log_name
+        self.proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env)
+        wait_http(f"{self.uri}{health}", self.proc, log)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+
+class MlflowServer(_Server):
+    """`mlflow server` with a SQLite store and local artifacts, restartable on the same port and store."""
+
     def start(self) -> "MlflowServer":
-        log = self.root / "server.log"
-        env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
                "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
                "--artifacts-destination", str(self.root / "artifacts")]
-        self.proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env)
-        wait_http(f"{self.uri}/health", self.proc, log)
+        self._launch(cmd, "server.log", "/health", os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         return self
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop(self.proc)
-            self.proc = None
 
-
-class MotoServer:
+class MotoServer(_Server):
     """moto's S3 API server (`moto_server`) on 127.0.0.1 (S3's rules: multipart parts of at least 5 MiB)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
     def start(self) -> "MotoServer":
-        log = self.root / "moto.log"
         cmd = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
-        wait_http(f"{self.uri}/moto-api/data.json", self.proc, log)
+        self._launch(cmd, "moto.log", "/moto-api/data.json")
         return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop(self.proc)
-            self.proc = None

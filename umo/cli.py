@@ -172,13 +172,10 @@ def _record(args: argparse.Namespace, result: dict) -> None:
 
 def cmd_register(args: argparse.Namespace) -> int:
     """A training run + its evaluation report -> an MLflow model version (alias challenger)."""
-    from umo.registry import RegistryError, register
+    from umo.registry import register
 
-    try:
-        result = register(load_config(args.params, args.overrides), train_dir=args.train, report=args.report)
-    except RegistryError as err:
-        log.error("%s", err)
-        return 2
+    # A RegistryError is a ValueError: main() reports it in one line and exits 2.
+    result = register(load_config(args.params, args.overrides), train_dir=args.train, report=args.report)
     _record(args, {"model": result.name, "version": result.version, "run_id": result.run_id,
                    "created": result.created})
     return 0
@@ -186,13 +183,9 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def cmd_gate(args: argparse.Namespace) -> int:
     """The approval gate on a version (default: the challenger); exit 1 when it fails."""
-    from umo.registry import RegistryError, gate
+    from umo.registry import gate
 
-    try:
-        decision = gate(load_config(args.params, args.overrides), version=args.version)
-    except RegistryError as err:
-        log.error("%s", err)
-        return 2
+    decision = gate(load_config(args.params, args.overrides), version=args.version)  # RegistryError: exit 2
     _record(args, {"model": decision.name, "version": decision.version, "passed": decision.passed,
                    "champion_before": decision.previous_champion,
                    "rules": {r.name: ("pass: " if r.passed else "FAIL: ") + r.detail for r in decision.rules}})

@@ -179,7 +179,6 @@ def _read_score(work: Path, model: str, item: EvalItem) -> ItemScore:
 
 def _run(config: Config, todo: list[tuple[EvalItem, list[str]]], models: dict[str, Path | None], work: Path,
          judge: Judge, device: torch.device) -> None:
-    from umo.data.ingest import decode_rgb
     from umo.models import generate_images, load_generator
     from umo.models.lora import attach_lora_file
     from umo.train.data import load_image
@@ -198,10 +197,10 @@ def _run(config: Config, todo: list[tuple[EvalItem, list[str]]], models: dict[st
     start, total = time.monotonic(), sum(len(ms) for _, ms in todo)
     done = 0
     for item, names in todo:
-        refs, reason = _reference_faces(judge, item, [decode_rgb(p, max_pixels=None)[0] for p in item.references],
-                                        drop_faceless=config.eval.benchmark == "omnicontext")
+        refs, reason = _reference_faces(judge, item, drop_faceless=config.eval.benchmark == "omnicontext")
         seeds = image_seeds(cfg.seed, item.id, cfg.images_per_item)
-        conditioning = [load_image(p, gen.reference_resolution) for p in item.references]
+        if reason is None:
+            conditioning = [load_image(p, gen.reference_resolution) for p in item.references]
         for name in names:
             score = ItemScore(item.id, len(item.identities), unscored=reason)
             if reason is None:
@@ -227,10 +226,11 @@ def _use(transformer: torch.nn.Module, name: str) -> None:
         transformer.set_adapter(name)
 
 
-def _reference_faces(judge: Judge, item: EvalItem, images: list[np.ndarray], *,
-                     drop_faceless: bool) -> tuple[np.ndarray, str | None]:
+def _reference_faces(judge: Judge, item: EvalItem, *, drop_faceless: bool) -> tuple[np.ndarray, str | None]:
     """The identities' judge embeddings (M, D), and why the item cannot be scored (None when it can)."""
-    people = [images[k] for k in item.identities]
+    from umo.data.ingest import decode_rgb
+
+    people = [decode_rgb(item.references[k], max_pixels=None)[0] for k in item.identities]
     emb, missing = judge.references(people)
     if missing and not drop_faceless:
         names = ", ".join(item.references[item.identities[r]].name for r in missing)
