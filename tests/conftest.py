@@ -66,3 +66,13 @@ def mlflow_server(tmp_path_factory):
         yield server.uri
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness: a temporary database behind a local API server for the session's flow runs."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -11,6 +11,7 @@ from accelerate.utils import DistributedType
 CONFIGS = Path(__file__).resolve().parents[1] / "infra" / "accelerate"
 
 EXPECTED = {
+    "cpu.yaml": (DistributedType.NO, 1, 1),
     "single_gpu.yaml": (DistributedType.NO, 1, 1),
     "ddp_8gpu.yaml": (DistributedType.MULTI_GPU, 8, 1),
     "fsdp_8gpu.yaml": (DistributedType.FSDP, 8, 1),
@@ -28,7 +29,8 @@ def test_config_parses_with_accelerate(name):
     kind, processes, machines = EXPECTED[name]
     assert config.distributed_type == kind
     assert (config.num_processes, config.num_machines) == (processes, machines)
-    assert config.mixed_precision == "bf16" and not config.use_cpu
+    cpu = name == "cpu.yaml"
+    assert (config.mixed_precision, config.use_cpu) == (("no", True) if cpu else ("bf16", False))
     if kind == DistributedType.FSDP:
         layers = config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")
         import diffusers.models.transformers.transformer_flux2 as flux2

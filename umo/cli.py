@@ -138,16 +138,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from umo.eval.run import evaluate
 
     config = load_config(args.params, args.overrides)
-    champion = args.champion
-    if champion is not None and str(champion) == "registry":  # the registry's current champion, if any
+    lora, champion = args.lora, args.champion
+    if "registry" in (str(lora), str(champion)):  # the registry's current champion, if any
         import tempfile
 
         from umo.registry import champion_lora
 
-        champion = champion_lora(config, tempfile.mkdtemp(prefix="umo-champion-"))
-        log.info("champion from the registry: %s", champion or "none yet")
+        registered = champion_lora(config, tempfile.mkdtemp(prefix="umo-champion-"))
+        log.info("champion from the registry: %s", registered or "none yet")
+        if str(lora) == "registry":
+            if registered is None:
+                raise ValueError(f"--lora registry: {config.registry.model_name} has no champion yet")
+            lora, champion = registered, None  # the champion IS the candidate: compared with the base only
+        else:
+            champion = registered
     try:
-        result = evaluate(config, lora=args.lora, champion=champion, out=args.out)
+        result = evaluate(config, lora=lora, champion=champion, out=args.out)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -271,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="benchmark evaluation: base vs a LoRA, same seeds, judge scores, report")
     _add_config_args(p)
     p.add_argument("--lora", type=Path, required=True,
-                   help="the candidate LoRA: pytorch_lora_weights.safetensors or a folder holding it")
+                   help="the candidate LoRA: pytorch_lora_weights.safetensors or a folder holding it; "
+                   "`registry`: the registry's champion (its re-evaluation against the base)")
     p.add_argument("--champion", type=Path, default=None,
                    help="the current champion's LoRA, compared too; `registry`: the registry's champion, if any")
     p.add_argument("--out", type=Path, default=None, help="report folder (default: eval.out)")

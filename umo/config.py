@@ -8,6 +8,7 @@ overrides use dotted keys (`-S reward.kind=sir`), parsed as YAML scalars, and go
 from __future__ import annotations
 
 import dataclasses
+import io
 import types
 import typing
 from dataclasses import dataclass, field
@@ -187,6 +188,9 @@ class TrainConfig:
     """Log the decoded x0_hat images of the step as a grid to MLflow every N optimizer steps (0 = never)."""
     max_nonfinite_steps: int = 5
     """A non-finite loss or gradient skips the step (counted); this many in a row abort the run."""
+    accelerate_config: str = "infra/accelerate/cpu.yaml"
+    """The `accelerate launch --config_file` of dvc.yaml's train stage (and so of the Prefect flow): one CPU
+    process by default; infra/accelerate/ holds single-GPU, 8-GPU DDP and multi-node configs."""
 
     def __post_init__(self) -> None:
         lo_hi = self.grad_step_range
@@ -543,6 +547,28 @@ def apply_override(data: dict[str, Any], item: str) -> None:
             raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth])} is a value, not a section")
         node = child
     node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def write_overrides(path: str | Path, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply dotted `key=value` overrides to the params file itself (what `dvc exp run -S` does), keeping its
+    comments and layout; validated first, so a bad key or value leaves the file untouched. Atomic."""
+    from ruamel.yaml import YAML
+
+    from umo.io import atomic_write_bytes
+
+    config = load_config(path, overrides)  # raises ConfigError naming the key before anything is written
+    path = Path(path)
+    rt = YAML()  # round trip: comments, order and quoting survive
+    rt.preserve_quotes = True
+    rt.width = 4096
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    data = rt.load(path.read_text())
+    for item in overrides:
+        apply_override(data, item)
+    text = io.StringIO()
+    rt.dump(data, text)
+    atomic_write_bytes(path, text.getvalue().encode())
+    return config
 
 
 def from_dict(cls: type, data: Any, *, source: str = "params", prefix: str = "") -> Any:
