@@ -32,15 +32,21 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90.0
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s; log {log}:\n{log.read_text()[-3000:]}")
 
 
-def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    """SIGTERM to the PID we started, then SIGKILL if it lingers."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+def stop(proc: subprocess.Popen, timeout: float = 20.0, signals: tuple[int, ...] = (signal.SIGTERM,)) -> int:
+    """Each signal in turn to the PID we started (waiting `timeout` after each), then SIGKILL if it lingers.
+    Returns the exit code (-9: it had to be killed)."""
+    for sig in signals:
+        if proc.poll() is not None:
+            break
+        proc.send_signal(sig)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
+            continue
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout)
+    return proc.returncode
 
 
 class _Server:
@@ -81,4 +87,19 @@ class MotoServer(_Server):
     def start(self) -> "MotoServer":
         cmd = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)]
         self._launch(cmd, "moto.log", "/moto-api/data.json")
+        return self
+
+
+class PrefectServer(_Server):
+    """`prefect server start` (SQLite, no UI) with its own PREFECT_HOME; `env()` is what its clients need."""
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return os.environ | {"PREFECT_HOME": str(self.root / "home"), "PREFECT_API_URL": f"{self.uri}/api",
+                             "PREFECT_SERVER_ANALYTICS_ENABLED": "false"} | extra
+
+    def start(self) -> "PrefectServer":
+        cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
+               "--no-ui", "--analytics-off"]
+        db = f"sqlite+aiosqlite:///{self.root / 'prefect.db'}"
+        self._launch(cmd, "server.log", "/api/health", self.env(PREFECT_API_DATABASE_CONNECTION_URL=db))
         return self

@@ -1,0 +1,189 @@
+"""The whole chain in a temporary copy of this repository, driven both ways: `dvc repro` (then a no-op, then
+`dvc exp run -S`), the Prefect flow under the test harness, and a deployment run by a real Prefect server and
+process worker. The copy uses the tests' small toy world and a few training steps (the embedded default's own
+numbers are the README's `make run`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import SMALL_WORLD
+
+from umo.config import write_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from flows.umo_pipeline import STAGES, umo_pipeline  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+FAST = {  # a chain of seconds per stage: a few training steps, two evaluation items, one image each
+    "train.max_steps": 2, "train.checkpoint_every": 2, "train.sample_every": 0, "train.warmup_steps": 0,
+    "train.sampler_steps": 4, "train.grad_step_range": [1, 2],
+    "prepare.synthetic.count": 2, "prepare.synthetic.steps": 4,
+    "eval.max_items": 2, "eval.images_per_item": 1, "eval.steps": 4, "eval.report_items": 1,
+    # the small world's reward embedder is a toy_r10 (params.yaml's world: toy_r18)
+    "faces.embedder.path": "artifacts/toyworld/models/faces/arcface_toy_r10.safetensors",
+    "faces.embedder.arch": "toy_r10",
+}
+
+
+def dotted(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= dotted(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def env() -> dict[str, str]:
+    """The chain's environment: this venv's tools first, the embedded default's stores (no servers, no S3)."""
+    drop = {"MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    clean = {k: v for k, v in os.environ.items() if k not in drop}
+    return clean | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def run(cmd: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=cwd, env=kw.pop("env", env()), capture_output=True, text=True, **kw)
+    assert out.returncode == 0, f"{' '.join(cmd)} exited {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def git(cwd: Path, *args: str) -> None:
+    run(["git", "-c", "user.name=umo-test", "-c", "user.email=test@umo.invalid", *args], cwd)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, toy_world):
+    """A copy of this checkout (tracked and new files, as git sees them) with the small world's settings, its
+    raw collection re-added to data.dvc, and the small world's models copied in (the build reuses them)."""
+    root = tmp_path_factory.mktemp("chain") / "umo"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, root / name)
+    items = dotted({"toyworld": SMALL_WORLD}) | FAST
+    write_overrides(root / "params.yaml", [f"{k}={json.dumps(v)}" for k, v in items.items()])
+    shutil.copytree(toy_world.root, root / "artifacts" / "toyworld")
+    run(["git", "init", "-q"], root)
+    run([sys.executable, "-m", "umo.cli", "toyworld", "raw", "--out", "data", "--truth", "artifacts/raw_truth.jsonl"],
+        root)
+    run([sys.executable, "-m", "dvc", "add", "-q", "data"], root)
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "the small world")
+    return root
+
+
+def test_dvc_repro_runs_the_chain_then_is_a_noop(project):
+    out = run([sys.executable, "-m", "dvc", "repro"], project).stdout
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in out or stage == "toyworld", out[-2000:]
+    assert "accelerate launch --config_file infra/accelerate/cpu.yaml -m umo.cli train" in out
+    report = json.loads((project / "artifacts/reports/heldout/metrics.json").read_text())
+    assert report["toy_world"] and set(report["models"]) >= {"base", "candidate"}
+    registered = json.loads((project / "artifacts/registry/registered.json").read_text())
+    gate = json.loads((project / "artifacts/registry/gate.json").read_text())
+    deployed = json.loads((project / "artifacts/registry/deployed.json").read_text())
+    assert registered["version"] == gate["version"] == "1" and gate["passed"]
+    pointer = json.loads((project / "artifacts/deploy/umo-flux2-klein-lora/current.json").read_text())
+    assert pointer["version"] == "1" and deployed["version"] == "1"
+    lock = (project / "dvc.lock").read_text()
+    assert all(f"\n  {stage}:" in lock for stage in STAGES)
+
+    again = run([sys.executable, "-m", "dvc", "repro"], project).stdout
+    assert "Running stage" not in again
+    assert all(f"Stage '{stage}' didn't change, skipping" in again for stage in STAGES), again
+
+
+def test_dvc_exp_run_with_another_learning_rate(project):
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "the chain's first run")
+    out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.learning_rate=0.0003"], project).stdout
+    for stage in ("toyworld", "generator", "prepare"):
+        assert f"Stage '{stage}' didn't change, skipping" in out
+    assert "Running stage 'train'" in out and "Running stage 'deploy'" in out
+    registered = json.loads((project / "artifacts/registry/registered.json").read_text())
+    assert registered["version"] == "2"
+    shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], project).stdout
+    assert "0.0003" in shown
+    # back to the committed workspace (params 1e-4), as the flow's test expects it
+    git(project, "checkout", "--", "params.yaml", "dvc.lock")
+    run([sys.executable, "-m", "dvc", "checkout", "-q"], project)
+
+
+def test_flow_reruns_only_what_an_override_changes(project, prefect_harness):
+    from prefect.artifacts import Artifact
+
+    done = umo_pipeline(overrides={"train.learning_rate": 0.0002}, project_dir=str(project),
+                        retry_delay_seconds=0)
+    assert done == {s: "skipped" for s in ("toyworld", "generator", "prepare")} | {
+        s: "ran" for s in ("train", "evaluate", "register", "gate", "deploy")}
+    assert "learning_rate: 0.0002       # paper: 5e-6 at rank 512" in (project / "params.yaml").read_text()
+    registered = json.loads((project / "artifacts/registry/registered.json").read_text())
+    assert int(registered["version"]) >= 2
+
+    evaluation, decision = Artifact.get("umo-evaluation"), Artifact.get("umo-gate")
+    assert "ID-Sim" in evaluation.data and "toy world" in evaluation.data.lower()
+    assert f"version {registered['version']}: PASSED" in decision.data
+    assert umo_pipeline(project_dir=str(project)) == {s: "skipped" for s in STAGES}
+
+
+def api(server, path: str, body: dict | None = None):
+    """The server's REST API, read directly (not through the Prefect client of this process)."""
+    request = urllib.request.Request(f"{server.uri}/api{path}", data=json.dumps(body or {}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_prefect_server_worker_deploy_and_run(project, tmp_path):
+    """`prefect deploy --all` of prefect.yaml against a real server; a process worker runs the on-demand
+    deployment in the checkout (UMO_PROJECT_DIR) to completion; the worker is stopped by its PID."""
+    from servers import PrefectServer, stop
+
+    server = PrefectServer(tmp_path / "prefect").start()
+    worker = None
+    try:
+        cli_env = server.env() | {"PATH": env()["PATH"]}
+        prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
+        run([*prefect, "work-pool", "create", "umo-process", "--type", "process"], project, env=cli_env)
+        run([*prefect, "deploy", "--all"], project, env=cli_env)
+        deployments = {d["name"]: d for d in api(server, "/deployments/filter")}
+        assert set(deployments) == {"nightly-retrain", "weekly-champion-reevaluation", "on-demand"}
+        crons = {name: [s["schedule"]["cron"] for s in d["schedules"]] for name, d in deployments.items()}
+        assert crons == {"nightly-retrain": ["0 2 * * *"], "weekly-champion-reevaluation": ["0 4 * * 0"],
+                         "on-demand": []}
+        assert all(d["work_pool_name"] == "umo-process" for d in deployments.values())
+        # the checkout is the worker host's, resolved when the run starts there (not at deploy time)
+        assert deployments["on-demand"]["pull_steps"] == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $UMO_PROJECT_DIR }}"}}]
+
+        log = open(tmp_path / "worker.log", "wb")
+        worker = subprocess.Popen([*prefect, "worker", "start", "--pool", "umo-process", "--limit", "1"],
+                                  cwd=tmp_path, env=cli_env | {"UMO_PROJECT_DIR": str(project)},
+                                  stdout=log, stderr=subprocess.STDOUT)
+        out = subprocess.run([*prefect, "deployment", "run", "umo-pipeline/on-demand", "--watch",
+                              "--watch-timeout", "300"], cwd=tmp_path, env=cli_env, capture_output=True, text=True)
+        runs = api(server, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployments["on-demand"]["id"]]}}})
+        assert len(runs) == 1 and runs[0]["state_type"] == "COMPLETED", (
+            out.stdout[-2000:] + (tmp_path / "worker.log").read_text()[-4000:])
+        tasks = api(server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [runs[0]["id"]]}}})
+        assert sorted(t["name"] for t in tasks if t["name"] in STAGES) == sorted(STAGES)
+        assert all(t["state_name"] == "Skipped" for t in tasks if t["name"] in STAGES)  # nothing changed since
+    finally:
+        if worker is not None:  # SIGTERM lets the worker finish its poll; a second one if it lingers
+            code = stop(worker, timeout=30, signals=(signal.SIGTERM, signal.SIGTERM))
+        server.stop()
+    assert code != -signal.SIGKILL, (tmp_path / "worker.log").read_text()[-3000:]  # stopped by our signals
