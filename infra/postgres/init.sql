@@ -1,0 +1,2 @@
+-- The MLflow tracking server's database, beside Prefect's (POSTGRES_DB); same owner.
+CREATE DATABASE mlflow OWNER umo;
