@@ -111,6 +111,12 @@ def run_stage(stage: str, project_dir: str) -> str:
     return "ran"
 
 
+@task(task_run_name="{name}", retries=2, retry_delay_seconds=60, retry_condition_fn=_retry_transient)
+def run_command(name: str, cmd: list[str], project_dir: str) -> None:
+    """A umo command outside dvc.yaml (the champion's re-evaluation), with the stages' streaming and retries."""
+    _stream(cmd, Path(project_dir), name)
+
+
 @task
 def apply_overrides(project_dir: str, overrides: dict[str, Any]) -> list[str]:
     """Write the flow's overrides into params.yaml (validated first; comments kept), like `dvc exp run -S`."""
@@ -183,7 +189,7 @@ def umo_pipeline(overrides: dict[str, Any] | None = None, stages: list[str] | No
 
 @flow(name="umo-champion-reevaluation")
 def reevaluate_champion(project_dir: str = ".", benchmark: str | None = None, path: str | None = None,
-                        out: str | None = None) -> str:
+                        out: str | None = None, retry_delay_seconds: float = 60.0) -> str:
     """The registry's champion against the base on a benchmark (default: params.yaml's eval section), with the
     same seeds and judge as the gate's evaluation; the report becomes the `umo-champion-evaluation` artifact.
     Not a DVC stage: the champion lives in the registry, not in the workspace."""
@@ -195,7 +201,6 @@ def reevaluate_champion(project_dir: str = ".", benchmark: str | None = None, pa
     cmd = [sys.executable, "-m", "umo.cli", "evaluate", "--lora", "registry", "--out", str(report)]
     for item in sets:
         cmd += ["-S", item]
-    task(name="evaluate-champion", retries=2, retry_delay_seconds=60, retry_condition_fn=_retry_transient)(
-        _stream)(cmd, cwd, "evaluate-champion")
+    run_command.with_options(retry_delay_seconds=retry_delay_seconds)("evaluate-champion", cmd, str(cwd))
     _publish_evaluation(cwd, report, "umo-champion-evaluation")
     return str(cwd / report)

@@ -140,6 +140,22 @@ def test_flow_reruns_only_what_an_override_changes(project, prefect_harness):
     assert umo_pipeline(project_dir=str(project)) == {s: "skipped" for s in STAGES}
 
 
+def test_weekly_reevaluation_of_the_champion(project, prefect_harness):
+    from prefect.artifacts import Artifact
+
+    from flows.umo_pipeline import reevaluate_champion
+
+    report = Path(reevaluate_champion(project_dir=str(project), retry_delay_seconds=0))
+    assert report == project / "artifacts/reports/champion-heldout"
+    metrics = json.loads((report / "metrics.json").read_text())
+    deployed = json.loads((project / "artifacts/registry/deployed.json").read_text())
+    pointer = json.loads((project / f"artifacts/deploy/{deployed['model']}/current.json").read_text())
+    manifest = json.loads((project / "artifacts/deploy" / pointer["manifest"]).read_text())
+    champion = manifest["files"]["pytorch_lora_weights.safetensors"]["sha256"]
+    assert metrics["models"]["candidate"]["sha256"] == champion  # the champion, as deployed
+    assert "ID-Sim" in Artifact.get("umo-champion-evaluation").data
+
+
 def api(server, path: str, body: dict | None = None):
     """The server's REST API, read directly (not through the Prefect client of this process)."""
     request = urllib.request.Request(f"{server.uri}/api{path}", data=json.dumps(body or {}).encode(),

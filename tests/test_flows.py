@@ -114,3 +114,10 @@ def test_write_overrides_refuses_bad_values_and_leaves_the_file(tmp_path):
     with pytest.raises(ConfigError, match="train.mixed_precision"):
         write_overrides(params, ["train.mixed_precision=fp8"])
     assert params.read_text() == before
+
+
+def test_evaluate_lora_registry_without_a_champion_is_a_clear_error(tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = subprocess.run([PY, "-m", "umo.cli", "evaluate", "--lora", "registry", "-S", f"tracking.tracking_uri={store}"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "--lora registry: umo-flux2-klein-lora has no champion yet" in out.stderr
