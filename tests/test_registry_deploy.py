@@ -123,9 +123,11 @@ def test_gate_policy_champion_and_deployment_follow_each_other(world, s3, caplog
     client = mlflow.MlflowClient(world["server"].uri)
 
     refused = gate(config)  # the default policy: the candidate must not score below the base
-    assert not refused.passed and [r.name for r in refused.rules if not r.passed] == ["id_sim", "id_conf"]
+    failed = [r.name for r in refused.rules if not r.passed]
+    assert not refused.passed and "id_sim" in failed  # a random LoRA scores below the base (ID-Conf may too)
     mv = client.get_model_version(NAME, "1")
     assert mv.tags["gate.decision"] == "failed" and mv.tags["gate.rule.id_sim"].startswith("fail: candidate")
+    assert all(mv.tags[f"gate.rule.{name}"].startswith("fail:") for name in failed)
     assert CHAMPION not in client.get_registered_model(NAME).aliases
     with pytest.raises(DeployError, match="no version holds `champion`"):
         deploy(config)

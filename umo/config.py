@@ -242,7 +242,7 @@ class PrepareConfig:
     max_image_pixels: int = 40_000_000
     """Images with more pixels are skipped as possible decompression bombs (counted)."""
     min_image_side: int = 32
-    cluster_threshold: float = 0.15
+    cluster_threshold: float = 0.12
     """Faces of a group join one identity while their clusters' mean cosine similarity is >= this."""
     max_identities: int = 4
     """N: targets show 1..N identities (more faces: the image is skipped, counted)."""
