@@ -89,6 +89,24 @@ def test_loss_is_lambda_diff_minus_reward_and_draws_are_replayable(setup):
                for n, p in gen.transformer.named_parameters() if p.requires_grad and "lora_B" in n)
 
 
+def test_reward_weight_zero_is_sft_with_the_reward_still_measured(setup):
+    """The ablation's SFT arm: the loss is lambda * L_diff alone and its gradient is L_diff's; the reward is the
+    same number the ReReFL step measures on the same draws."""
+    gen, reward, batch = setup
+    full = rerefl_step(gen, reward, batch, grad_step_range=[1, 4], diff_weight=0.5, generator=fixed_draws(), **STEP)
+    sft = rerefl_step(gen, reward, batch, grad_step_range=[1, 4], diff_weight=0.5, reward_weight=0.0,
+                      generator=fixed_draws(), **STEP)
+    assert float(sft.loss.detach()) == pytest.approx(0.5 * float(sft.diff_loss), abs=1e-7)
+    assert float(sft.reward) == pytest.approx(float(full.reward), abs=1e-6) and sft.grad_step == full.grad_step
+    sft.loss.backward()
+    lora = [(n, p) for n, p in gen.transformer.named_parameters() if p.requires_grad]
+    got = [p.grad.clone() for _, p in lora]
+    assert all(g.abs().sum() > 0 for g, (n, _) in zip(got, lora) if "lora_B" in n)  # L_diff alone trains
+    gen.transformer.zero_grad(set_to_none=True)
+    full.loss.backward()  # the reward's gradient is what SFT lacks: the two differ
+    assert any(not torch.equal(a, p.grad) for a, (_, p) in zip(got, lora, strict=True))
+
+
 def test_grad_step_range_counts_remaining_steps(setup):
     gen, reward, batch = setup
     seen = {rerefl_step(gen, reward, batch, grad_step_range=[8, 8], diff_weight=0.0,

@@ -159,6 +159,9 @@ class TrainConfig:
     """[T_s, T_e]: the gradient step, counted as remaining steps (paper: [1, 10] / [1, 20])."""
     diff_weight: float = 1.0
     """lambda: weight of the supervised flow-matching loss L_diff (paper: 1)."""
+    reward_weight: float = 1.0
+    """w: weight of the reward term (paper: 1). 0 = supervised flow matching alone (the ablation's SFT arm); the
+    reward is still measured and logged, without gradient."""
     learning_rate: float = 1e-4
     """AdamW on the LoRA (paper: 5e-6 at rank 512)."""
     weight_decay: float = 0.0
@@ -201,6 +204,9 @@ class TrainConfig:
                      "checkpoints_total_limit", "log_every", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.diff_weight < 0 or self.reward_weight < 0 or not (self.diff_weight or self.reward_weight):
+            raise ConfigError(f"diff_weight, reward_weight: expected >= 0 and not both 0 (nothing would be "
+                              f"trained), got {self.diff_weight}, {self.reward_weight}")
         for name in ("learning_rate", "max_grad_norm", "warmup_steps", "sample_every", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: expected >= 0, got {getattr(self, name)}")

@@ -306,7 +306,8 @@ def train(config: Config, *, manifest: str | Path, out: str | Path, resume: str 
                 with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
                     out_step = rerefl_step(gen, reward, batch, sampler_steps=tc.sampler_steps,
                                            grad_step_range=tc.grad_step_range, diff_weight=tc.diff_weight,
-                                           height=height, width=width, generator=rng)
+                                           reward_weight=tc.reward_weight, height=height, width=width,
+                                           generator=rng)
                     finite = torch.isfinite(out_step.loss.detach()).float().reshape(1)
                     if accelerator.reduce(finite, reduction="sum").item() < world:
                         ok = False

@@ -5,7 +5,10 @@
     2. t ~ U{T_s..T_e}, counted as REMAINING steps of a T-step sampler.
     3. From pure noise, sample with the current weights and no gradient down to step t (index T - t).
     4. One transformer call at step t WITH gradient; x0_hat = x_t - sigma_t * v; VAE decode with gradient.
-    5. R = reward(image; cached reference embeddings) (MIMR or SIR); loss = lambda * L_diff - mean(R).
+    5. R = reward(image; cached reference embeddings) (MIMR or SIR); loss = lambda * L_diff - w * mean(R).
+
+w = 0 (`train.reward_weight`) is supervised flow matching alone, the ablation's SFT arm: steps 2-5 still run,
+without gradient, so the reward is measured on the same draws and logged like the other arms'.
 
 Gradient path: LoRA <- the step-t forward <- VAE decode <- the reward's differentiable warp <- embedder.
 No gradient through the earlier sampler steps, detection, the assignment or the reference embeddings.
@@ -77,6 +80,7 @@ def draw_grad_step(grad_step_range: Sequence[int], generator: torch.Generator) -
 
 def rerefl_step(model: Generator, reward, batch: Batch, *, sampler_steps: int, grad_step_range: Sequence[int],
                 diff_weight: float, height: int, width: int, generator: torch.Generator,
+                reward_weight: float = 1.0,
                 timer: Callable[[str], AbstractContextManager] | None = None) -> StepOutput:
     """Compute the ReReFL loss of one batch (see the module docstring); call .backward() on `.loss`.
 
@@ -111,19 +115,22 @@ def rerefl_step(model: Generator, reward, batch: Batch, *, sampler_steps: int, g
         for i in range(k):
             x = euler_step(x, model.velocity(x, sigmas[i], cond), sigmas[i], sigmas[i + 1])
 
-    # 4. the gradient step, x0_hat, decode
+    # 4. the gradient step, x0_hat, decode (no graph when the reward only is measured: w = 0)
     sigma = sigmas[k]
-    with phase("grad_step"):
-        x0_hat = predict_x0(x, model.velocity(x, sigma, cond), sigma)
-    with phase("decode"):
-        images = model.decode(x0_hat, cond)
+    with torch.enable_grad() if reward_weight else torch.no_grad():
+        with phase("grad_step"):
+            x0_hat = predict_x0(x, model.velocity(x, sigma, cond), sigma)
+        with phase("decode"):
+            images = model.decode(x0_hat, cond)
 
-    # 5. reward and loss
-    with phase("reward"):
-        out = reward.compute(images, [e.to(images.device) for e in batch.reference_embeddings])
-    # + 0 * x0_hat: the loss always has a graph through the gradient step (a zero gradient when no face was
-    # scored), so every process of a distributed run takes the same backward and all-reduce.
-    loss = diff_weight * diff_loss - out.rewards.mean() + 0.0 * x0_hat.sum()
+        # 5. reward and loss
+        with phase("reward"):
+            out = reward.compute(images, [e.to(images.device) for e in batch.reference_embeddings])
+    loss = diff_weight * diff_loss
+    if reward_weight:
+        # + 0 * x0_hat: the loss always has a graph through the gradient step (a zero gradient when no face was
+        # scored), so every process of a distributed run takes the same backward and all-reduce.
+        loss = loss - reward_weight * out.rewards.mean() + 0.0 * x0_hat.sum()
     return StepOutput(loss=loss, diff_loss=diff_loss.detach(), reward=out.rewards.detach().mean(),
                       matched=out.matched.mean(), unmatched=out.unmatched.mean(), faces=out.faces, grad_step=t,
                       sigma=float(sigma), images=images.detach())
