@@ -32,8 +32,7 @@ from prefect.states import Completed
 
 from umo.config import load_config, write_overrides
 
-# dvc.yaml's chain, in order; the records the flow turns into Prefect artifacts are those stages' outputs.
-STAGES = ("toyworld", "generator", "prepare", "train", "evaluate", "register", "gate", "deploy")
+# The gate stage's record in dvc.yaml, turned into the `umo-gate` artifact.
 GATE_RECORD = "artifacts/registry/gate.json"
 TAIL_LINES = 40
 

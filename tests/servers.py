@@ -32,9 +32,8 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90.0
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s; log {log}:\n{log.read_text()[-3000:]}")
 
 
-def stop(proc: subprocess.Popen, timeout: float = 20.0, signals: tuple[int, ...] = (signal.SIGTERM,)) -> int:
-    """Each signal in turn to the PID we started (waiting `timeout` after each), then SIGKILL if it lingers.
-    Returns the exit code (-9: it had to be killed)."""
+def stop(proc: subprocess.Popen, timeout: float = 20.0, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+    """Each signal in turn to the PID we started (waiting `timeout` after each), then SIGKILL if it lingers."""
     for sig in signals:
         if proc.poll() is not None:
             break
@@ -46,7 +45,6 @@ def stop(proc: subprocess.Popen, timeout: float = 20.0, signals: tuple[int, ...]
     if proc.poll() is None:
         proc.kill()
         proc.wait(timeout)
-    return proc.returncode
 
 
 class _Server:

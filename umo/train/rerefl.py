@@ -117,7 +117,7 @@ def rerefl_step(model: Generator, reward, batch: Batch, *, sampler_steps: int, g
 
     # 4. the gradient step, x0_hat, decode (no graph when the reward only is measured: w = 0)
     sigma = sigmas[k]
-    with torch.enable_grad() if reward_weight else torch.no_grad():
+    with nullcontext() if reward_weight else torch.no_grad():
         with phase("grad_step"):
             x0_hat = predict_x0(x, model.velocity(x, sigma, cond), sigma)
         with phase("decode"):
