@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test test-fast bench lock clean
+.PHONY: setup run ablation test test-fast bench lock clean
 
 setup:
 	bash scripts/setup.sh
@@ -10,6 +10,11 @@ setup:
 run: setup
 	@start=$$(date +%s); PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro && \
 	  $(PY) scripts/summary.py $$(( $$(date +%s) - start ))
+
+# The toy-world ablation SFT vs SIR vs MIMR (ablation/dvc.yaml; results in docs/ablation.md).
+ablation: setup
+	@start=$$(date +%s); PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro ablation/dvc.yaml && \
+	  echo "ablation: $$(( $$(date +%s) - start )) s wall; results: docs/ablation.md"
 
 test: setup
 	$(PY) -m pytest -q

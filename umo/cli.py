@@ -166,6 +166,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablation(args: argparse.Namespace) -> int:
+    """The toy-world ablation's stages (ablation/dvc.yaml; docs/ablation.md)."""
+    from umo import ablation
+
+    if args.stage == "arm":
+        result = ablation.run_arm(args.params, args.arm, args.seed, args.overrides)
+    else:
+        config = load_config(args.params, args.overrides)
+        if args.stage == "samples":
+            result = ablation.make_samples(config)
+        elif args.stage == "vae":
+            result = ablation.make_vae(config)
+        elif args.stage == "base":
+            result = ablation.make_base(config)
+        elif args.stage == "evaluate":
+            m = ablation.evaluate_all(config)["models"]
+            result = {name: {k: m[name][k] for k in ablation.METRICS} for name in m}
+        else:
+            result = {"report": str(ablation.write_report(config, args.doc))}
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def _record(args: argparse.Namespace, result: dict) -> None:
     """Print a stage's result as JSON; with --record also write it there (atomically: a DVC output)."""
     from umo.io import atomic_write_json
@@ -283,6 +306,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the current champion's LoRA, compared too; `registry`: the registry's champion, if any")
     p.add_argument("--out", type=Path, default=None, help="report folder (default: eval.out)")
     p.set_defaults(func=cmd_evaluate)
+
+    ab = sub.add_parser("ablation", help="the toy-world ablation SFT vs SIR vs MIMR (ablation/dvc.yaml)")
+    ab_sub = ab.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for name, text in (("samples", "group-photo samples: train (training identities) and test (held-out)"),
+                       ("vae", "train the base generator's VAE as an autoencoder"),
+                       ("base", "train the base generator (supervised flow matching)"),
+                       ("arm", "one fine-tuning run of an arm from the base"),
+                       ("evaluate", "the base and every run, judged on the held-out items"),
+                       ("report", "write the results page (table, intervals, curves, samples)")):
+        p = ab_sub.add_parser(name, help=text)
+        _add_config_args(p)
+        if name == "arm":
+            p.add_argument("--arm", required=True, choices=["sft", "sir", "mimr"])
+            p.add_argument("--seed", type=int, required=True)
+        if name == "report":
+            p.add_argument("--doc", type=Path, default=Path("docs/ablation.md"), help="the page (default: %(default)s)")
+        p.set_defaults(func=cmd_ablation)
 
     p = sub.add_parser("register", help="register a trained LoRA with its evaluation in the MLflow registry")
     _add_config_args(p)

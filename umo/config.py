@@ -496,6 +496,91 @@ class ToyWorldConfig:
 
 
 @dataclass
+class AblationSamplesConfig:
+    """The ablation's multi-reference samples: toy group photos (`umo.toyworld.generator.write_group_samples`)."""
+
+    n_train: int = 3000
+    """Train samples, of the toy world's training identities."""
+    n_test: int = 48
+    """Test items, of its held-out identities (the same number for each people count)."""
+    people: list[int] = field(default_factory=lambda: [1, 2])
+    """[min, max] people per image (1..3)."""
+    size: int = 128
+    """Target side, px (faces 36% of it for 1-2 people, 27% for 3: at 128 px, 46 and 35 px wide)."""
+    reference_size: int = 128
+    """Saved reference crops, px (the generator resizes them to generator.reference_resolution)."""
+    crop_scale: float = 1.5
+    """Reference crop side = this x the face box side."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.people) != 2 or not 1 <= self.people[0] <= self.people[1] <= 3:
+            raise ConfigError(f"people: expected [min, max] within 1..3, got {self.people}")
+        if self.size < 128 or self.size % 16:
+            raise ConfigError(f"size: expected a multiple of 16, >= 128, got {self.size}")
+        if self.n_train < 1 or self.n_test < 1:
+            raise ConfigError(f"n_train, n_test: expected >= 1, got {self.n_train}, {self.n_test}")
+
+
+@dataclass
+class AblationVaeConfig:
+    """The base generator's VAE (klein's AutoencoderKLFlux2, 8x), trained as an autoencoder from scratch."""
+
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64])
+    """Block widths: 3 levels = 4x downsampling (8 px per image token after klein's 2x2 patches), 4 levels = 8x
+    as the real VAE. A tiny 8x autoencoder trained for minutes blurs toy faces past the detector
+    (half the faces of real test images lost in the round trip, measured); 4x keeps them."""
+    latent_channels: int = 16
+    steps: int = 800
+    batch: int = 16
+    crop: int = 64
+    """Random square crops, px (half from targets, half from reference faces)."""
+    lr: float = 2e-3
+    kl_weight: float = 1e-6
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.channels) not in (3, 4):
+            raise ConfigError(f"channels: expected 3 (4x) or 4 (8x) block widths, got {self.channels}")
+
+
+@dataclass
+class AblationBaseConfig:
+    """The base generator's transformer (FLUX.2 [klein] KV layout), trained with supervised flow matching."""
+
+    heads: int = 4
+    head_dim: int = 32
+    double_blocks: int = 3
+    single_blocks: int = 3
+    steps: int = 1500
+    batch: int = 32
+    lr: float = 5e-4
+    """AdamW peak learning rate (linear warm-up, cosine decay)."""
+    warmup: int = 100
+    seed: int = 0
+
+
+@dataclass
+class AblationConfig:
+    """`ablation/dvc.yaml`: the toy-world ablation SFT vs SIR vs MIMR from one base (docs/ablation.md)."""
+
+    out: str = "artifacts/ablation"
+    samples: AblationSamplesConfig = field(default_factory=AblationSamplesConfig)
+    vae: AblationVaeConfig = field(default_factory=AblationVaeConfig)
+    base: AblationBaseConfig = field(default_factory=AblationBaseConfig)
+    arms: list[str] = field(default_factory=lambda: ["sft", "sir", "mimr"])
+    """sft: train.reward_weight 0; sir / mimr: reward.kind (every other setting is the params file's)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.arms) - {"sft", "sir", "mimr"})
+        if unknown or not self.arms:
+            raise ConfigError(f"arms: expected some of sft, sir, mimr, got {self.arms}")
+        if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
+            raise ConfigError(f"seeds: expected distinct integers, got {self.seeds}")
+
+
+@dataclass
 class Config:
     """Everything in params.yaml."""
 
@@ -511,6 +596,7 @@ class Config:
     deploy: DeployConfig = field(default_factory=DeployConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     toyworld: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
 
 
 def _check_unit(name: str, value: float) -> None:

@@ -130,26 +130,41 @@ def evaluate(config: Config, *, lora: str | Path, champion: str | Path | None = 
     if not items:
         raise ValueError(f"{cfg.path}: the {cfg.benchmark} set has no items to evaluate")
     work = out.with_name(f".{out.name}.work")
-    stamp = fingerprint(config, items, models)
-    if state.is_main_process:
-        _prepare_work(work, stamp)
-    state.wait_for_everyone()
-
-    mine = items[state.process_index::state.num_processes]
-    todo = [(i, [m for m in models if not _done(work, m, i)]) for i in mine]
-    todo = [(i, ms) for i, ms in todo if ms]
-    log.info("evaluate %s: %d items, process %d/%d has %d to do (%d already done)", cfg.benchmark, len(items),
-             state.process_index, state.num_processes, len(todo), len(mine) - len(todo))
-    if todo:
-        _run(config, todo, models, work, judge or Judge.from_config(config.faces), state.device)
-    state.wait_for_everyone()
+    score_models(config, items, models, work, judge=judge, state=state)
 
     if state.is_main_process:
-        scores = {m: [_read_score(work, m, i) for i in items] for m in models}
+        scores = read_scores(work, items, models)
         write_report(out, config, items, scores, images=work / "images", models=models)
         shutil.rmtree(work, ignore_errors=True)
     state.wait_for_everyone()
     return EvalResult(out, json.loads((out / "metrics.json").read_text()))
+
+
+def score_models(config: Config, items: list[EvalItem], models: dict[str, Path | None], work: Path, *,
+                 judge: Judge | None = None, state=None) -> None:
+    """Generate and judge every (model, item) not yet in `work` (None = the base; else a LoRA file), this
+    process's share of the items; returns after every process is done (see the module docstring)."""
+    from accelerate import PartialState
+
+    state = state or PartialState(cpu=not torch.cuda.is_available())
+    stamp = fingerprint(config, items, models)
+    if state.is_main_process:
+        _prepare_work(work, stamp)
+    state.wait_for_everyone()
+    mine = items[state.process_index::state.num_processes]
+    todo = [(i, [m for m in models if not _done(work, m, i)]) for i in mine]
+    todo = [(i, ms) for i, ms in todo if ms]
+    log.info("evaluate %s: %d items x %d models, process %d/%d has %d to do (%d already done)",
+             config.eval.benchmark, len(items), len(models), state.process_index, state.num_processes, len(todo),
+             len(mine) - len(todo))
+    if todo:
+        _run(config, todo, models, work, judge or Judge.from_config(config.faces), state.device)
+    state.wait_for_everyone()
+
+
+def read_scores(work: Path, items: list[EvalItem], models: dict[str, Path | None]) -> dict[str, list[ItemScore]]:
+    """Every model's item scores from a finished work folder (the one merge); a missing one is an error."""
+    return {m: [_read_score(work, m, i) for i in items] for m in models}
 
 
 def _prepare_work(work: Path, stamp: dict) -> None:

@@ -26,10 +26,14 @@ so a run that stops (or crashes) after step N and is resumed gives the LoRA of t
 run may raise `max_steps` (and change checkpoint/logging cadence); the LR schedule, defined over max_steps,
 then bends from the resume point on. Resuming on a different number of processes continues from the same data
 position, but it is then no longer bit-exact (different shards).
+
+Outputs besides the checkpoints: `out/lora/` (the final LoRA), `out/train_metrics.json` (a summary) and
+`out/history.json` (every logged step's metrics, those before a resume point kept).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -53,6 +57,7 @@ from umo.train.rerefl import Batch, rerefl_step
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.json"
+HISTORY_FILE = "history.json"  # every logged step's metrics (the curves of MLflow, as a file)
 EMA_FILE = "ema.safetensors"
 LATEST = "latest"
 # Settings a resumed run may change; any other difference from the checkpoint is an error.
@@ -240,8 +245,6 @@ def train(config: Config, *, manifest: str | Path, out: str | Path, resume: str 
         raise ResumeError(f"{out}: holds checkpoints of an earlier run; pass resume='latest' (--resume latest) "
                           "to continue it, or choose another output folder")
     if checkpoint is not None:
-        import json
-
         saved = TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))
         changed = sorted(k for k in set(saved.settings) | set(state.settings)
                          if saved.settings.get(k) != state.settings.get(k) and k not in RESUMABLE_CHANGES)
@@ -293,6 +296,8 @@ def train(config: Config, *, manifest: str | Path, out: str | Path, resume: str 
     height, width = config.generator.resolution
     accum = tc.gradient_accumulation_steps
     history: list[dict[str, float]] = []
+    if checkpoint is not None and (out / HISTORY_FILE).is_file():  # the steps before the checkpoint
+        history = [h for h in json.loads((out / HISTORY_FILE).read_text()) if h["step"] <= state.step]
     started = time.perf_counter()
     progress = _progress(tc.max_steps, state.step, enabled=main)
     status = "FAILED"
@@ -373,6 +378,7 @@ def train(config: Config, *, manifest: str | Path, out: str | Path, resume: str 
                   ("reward", "reward_matched", "reward_unmatched", "diff_loss", "faces_per_sample")
                   if tail and k in tail[0]}}
     if main:
+        atomic_write_json(out / HISTORY_FILE, history)
         atomic_write_json(out / "train_metrics.json", summary)
         if tracker:
             tracker.log_artifact(out / "train_metrics.json")

@@ -1,0 +1,344 @@
+"""The toy world's BASE generator: a small FLUX.2 [klein] pre-trained from scratch on toy group photos.
+
+The ablation (issue 9, docs/ablation.md) needs a generator that already composes its references, imperfectly:
+the random tiny model of `umo.models.tiny` draws noise, which no identity reward can improve. This module
+makes one on a CPU in minutes, in three steps, each a DVC stage of `ablation/dvc.yaml`:
+
+1. `write_group_samples`: multi-reference samples in the `umo.samples` manifest format (the format data prep
+   writes, so `umo train` and `umo evaluate` read them unchanged). A target is a group photo of 1..3 toy
+   people (`render_group`), the references are face crops of studio portraits of the same people, and the
+   reference embeddings are the REWARD embedder's. Train samples use the toy world's training identities,
+   test samples its held-out identities (never seen by the generator, the reward embedder or the judge).
+2. `train_vae`: the klein VAE (`AutoencoderKLFlux2`, 8x, `latent_channels`) trained as an autoencoder on
+   random crops of the train targets and references (L1 + MSE + a tiny KL); its batch-norm statistics, which
+   the pipeline normalizes latents with, are then measured on whole train images.
+3. `train_base`: the transformer (Flux2KleinKV layout: reference tokens first, cacheable) trained from
+   scratch with supervised flow matching (x_t = (1 - s) x0 + s noise, target v = noise - x0, s drawn with
+   the sampler's shift) on latents encoded once. The text encoder stays the tiny random one: toy prompts
+   carry no identity, so the references are the only way to draw the right people.
+
+The base is deliberately small and briefly trained: it draws the right number of people in the right places
+and their faces from the references, but it does not always give each reference its own person; that
+confusion is what the rewards of the ablation are compared on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from umo.config import AblationBaseConfig, AblationSamplesConfig, AblationVaeConfig
+
+log = logging.getLogger(__name__)
+
+BASE_MARKER = "umo_toy_base.json"  # beside model_index.json: what this model is and how it was trained
+PEOPLE_WORDS = {1: "one person", 2: "two people", 3: "three people"}
+
+
+# ------------------------------------------------------------------------------------------------ samples
+
+
+def _reference_crop(image: np.ndarray, box: np.ndarray, scale: float, size: int) -> np.ndarray:
+    import cv2
+
+    x1, y1, x2, y2 = (float(c) for c in box)
+    side = scale * max(x2 - x1, y2 - y1)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    h, w = image.shape[:2]
+    side = min(side, h, w)
+    a = int(round(min(max(cx - side / 2, 0), w - side)))
+    b = int(round(min(max(cy - side / 2, 0), h - side)))
+    crop = image[b:b + int(side), a:a + int(side)]
+    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def render_group_sample(world_seed: int, identity_ids: list[int], seed: int, cfg: AblationSamplesConfig):
+    """(target (H, W, 3) uint8, caption, [reference crops], identity ids in reference order)."""
+    from umo.toyworld.identity import make_identity
+    from umo.toyworld.render import render_group, render_portrait
+
+    rng = np.random.default_rng([cfg.seed, seed])
+    people = [make_identity(world_seed, int(i)) for i in identity_ids]
+    scene = render_group(world_seed, people, rng, cfg.size)
+    refs = []
+    for person in people:  # references in the sample's own order, which is NOT the left-to-right order
+        portrait = render_portrait(person, rng, (128, 128))
+        refs.append(_reference_crop(portrait.image, portrait.boxes[0], cfg.crop_scale, cfg.reference_size))
+    return scene.image, f"a group photo of {PEOPLE_WORDS[len(people)]}", refs
+
+
+def _render_many(args: tuple[int, list[tuple[str, list[int], int]], dict[str, Any], str]) -> list[str]:
+    world_seed, jobs, cfg_data, out = args
+    from PIL import Image
+
+    cfg = AblationSamplesConfig(**cfg_data)
+    torch.set_num_threads(1)
+    prompts = []
+    for sample_id, ids, seed in jobs:
+        image, prompt, refs = render_group_sample(world_seed, ids, seed, cfg)
+        Image.fromarray(image).save(Path(out) / "targets" / f"{sample_id}.png", compress_level=1)
+        for k, ref in enumerate(refs):
+            Image.fromarray(ref).save(Path(out) / "references" / f"{sample_id}-r{k}.png", compress_level=1)
+        prompts.append(prompt)
+    return prompts
+
+
+def write_group_samples(out: str | Path, cfg: AblationSamplesConfig, *, world_seed: int, train_ids: range,
+                        test_ids: range, reward, embedder_path: str | Path, workers: int = 2) -> dict[str, Any]:
+    """train.json and test.json (+ their embeddings) in `out`, atomically; returns stats.
+
+    reward: a `umo.reward.MatchingReward` (its detector and embedder make the reference embeddings, as data
+    prep's index does). A reference in which it finds no face drops its sample, counted in the stats.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    from PIL import Image
+
+    from umo.data.manifest import Manifest, Reference, Sample, write_manifest
+    from umo.io import atomic_dir, atomic_write_json, sha256_file
+
+    started = time.perf_counter()
+    rng = np.random.default_rng([cfg.seed, 7])
+    plan: dict[str, list[tuple[str, list[int], int]]] = {}
+    for split, n, ids in (("train", cfg.n_train, train_ids), ("test", cfg.n_test, test_ids)):
+        rows = []
+        for i in range(n):
+            k = int(rng.integers(cfg.people[0], cfg.people[1] + 1))
+            if split == "test":  # the test set: people counts in turn, so every count is equally present
+                k = cfg.people[0] + i % (cfg.people[1] - cfg.people[0] + 1)
+            who = [int(ids[j]) for j in rng.choice(len(ids), k, replace=False)]
+            rows.append((f"{split}-{i:05d}", who, int(rng.integers(0, 2**31 - 1))))
+        plan[split] = rows
+    stats: dict[str, Any] = {"dropped_no_reference_face": 0}
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        (tmp / "targets").mkdir()
+        (tmp / "references").mkdir()
+        for split, rows in plan.items():
+            chunks = [rows[i::max(workers, 1) * 4] for i in range(max(workers, 1) * 4)]
+            args = [(world_seed, chunk, asdict(cfg), str(tmp)) for chunk in chunks if chunk]
+            if workers > 1:
+                with ProcessPoolExecutor(workers) as pool:
+                    prompt_lists = list(pool.map(_render_many, args))
+            else:
+                prompt_lists = [_render_many(a) for a in args]
+            prompts = {row[0]: p for chunk, ps in zip([a[1] for a in args], prompt_lists)
+                       for row, p in zip(chunk, ps)}
+            samples, embeddings = [], {}
+            for sample_id, ids, _seed in rows:
+                paths = [f"references/{sample_id}-r{k}.png" for k in range(len(ids))]
+                images = torch.stack([torch.from_numpy(np.asarray(Image.open(tmp / p).convert("RGB"), np.float32))
+                                      .permute(2, 0, 1) / 127.5 - 1 for p in paths])
+                emb = reward.embed_references(images, largest_only=True)
+                if any(e.shape[0] != 1 for e in emb):
+                    stats["dropped_no_reference_face"] += 1
+                    continue
+                embeddings[sample_id] = torch.cat(emb).float().contiguous()
+                samples.append(Sample(id=sample_id, group=f"{split}-people{len(ids)}", prompt=prompts[sample_id],
+                                      target=f"targets/{sample_id}.png",
+                                      references=tuple(Reference(identity=f"toy/{i:04d}", path=p)
+                                                       for i, p in zip(ids, paths))))
+            manifest = Manifest(split=split, samples=samples, embeddings=f"{split}_embeddings.safetensors",
+                                embedder={"path": str(embedder_path), "sha256": sha256_file(embedder_path)},
+                                toy_world=True, root=tmp)
+            write_manifest(manifest, tmp / f"{split}.json", embeddings)
+            stats[f"{split}_samples"] = len(samples)
+            stats[f"{split}_by_people"] = {str(k): sum(len(s.references) == k for s in samples)
+                                           for k in range(cfg.people[0], cfg.people[1] + 1)}
+        stats["seconds"] = round(time.perf_counter() - started, 1)
+        atomic_write_json(tmp / "stats.json", stats)
+    log.info("group samples: %s", stats)
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def new_components(vae: AblationVaeConfig, base: AblationBaseConfig) -> dict:
+    """Untrained base components: `umo.models.tiny`'s text encoder, tokenizer and scheduler; a VAE and a
+    transformer of the configured sizes (seeded)."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+
+    from umo.models.tiny import TINY_TEXT_LAYERS, TinyFlux2Config, tiny_components
+
+    tiny = TinyFlux2Config(latent_channels=vae.latent_channels, seed=base.seed)
+    parts = tiny_components(tiny)
+    torch.manual_seed(vae.seed + 11)
+    n = len(vae.channels)
+    parts["vae"] = AutoencoderKLFlux2(
+        block_out_channels=tuple(vae.channels), down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, layers_per_block=1, latent_channels=vae.latent_channels,
+        norm_num_groups=8, sample_size=128).eval()
+    torch.manual_seed(base.seed + 12)
+    parts["transformer"] = Flux2Transformer2DModel(
+        patch_size=1, in_channels=4 * vae.latent_channels, num_layers=base.double_blocks,
+        num_single_layers=base.single_blocks, attention_head_dim=base.head_dim, num_attention_heads=base.heads,
+        joint_attention_dim=len(TINY_TEXT_LAYERS) * tiny.hidden, timestep_guidance_channels=32,
+        axes_dims_rope=(base.head_dim // 4,) * 4, guidance_embeds=False).eval()
+    return parts
+
+
+def _load_rgb(path: Path) -> torch.Tensor:
+    from PIL import Image
+
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
+def train_vae(vae, manifest_path: str | Path, cfg: AblationVaeConfig, *, log_every: int = 100) -> dict[str, float]:
+    """Train `vae` in place as an autoencoder (see the module docstring); returns the final losses."""
+    from umo.data.manifest import read_manifest
+
+    man = read_manifest(manifest_path)
+    targets = [_load_rgb(man.path(s.target)) for s in man.samples]
+    # faces are what the judge and the reward look at: half the crops are reference crops (a face each)
+    faces = [_load_rgb(man.path(r.path)) for s in man.samples[:1000] for r in s.references[:1]]
+    g = torch.Generator().manual_seed(cfg.seed)
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+    started, hist = time.perf_counter(), []
+    for step in range(cfg.steps):
+        crops = []
+        for j in range(cfg.batch):
+            pool = targets if j % 2 else faces
+            img = pool[int(torch.randint(len(pool), (1,), generator=g))]
+            h, w = img.shape[1:]
+            c = min(cfg.crop, h, w)
+            y, x = (int(torch.randint(0, h - c + 1, (1,), generator=g)), int(torch.randint(0, w - c + 1, (1,),
+                                                                                            generator=g)))
+            crops.append(img[:, y:y + c, x:x + c])
+        x = torch.stack(crops)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.sample(generator=g)
+        recon = vae.decode(z).sample
+        l1, l2 = (recon - x).abs().mean(), F.mse_loss(recon, x)
+        kl = posterior.kl().mean() / z[0].numel()
+        loss = l1 + l2 + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        hist.append((l1.item(), l2.item(), kl.item()))
+        if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
+            m = np.mean(hist[-log_every:], axis=0)
+            log.info("vae step %d/%d: l1 %.4f mse %.4f kl %.1f (%.0f s)", step + 1, cfg.steps, m[0], m[1], m[2],
+                     time.perf_counter() - started)
+    vae.eval().requires_grad_(False)
+    set_latent_statistics(vae, [_load_rgb(man.path(s.target)) for s in man.samples[:256]])
+    m = np.mean(hist[-log_every:], axis=0)
+    return {"vae_l1": float(m[0]), "vae_mse": float(m[1]), "vae_kl": float(m[2]),
+            "vae_seconds": round(time.perf_counter() - started, 1)}
+
+
+@torch.no_grad()
+def set_latent_statistics(vae, images: list[torch.Tensor]) -> None:
+    """The VAE's batch-norm running mean/var := the patchified latents' statistics over `images` (the klein
+    pipeline normalizes latents with them)."""
+    lat = torch.cat([vae.encode(torch.stack(images[i:i + 16])).latent_dist.mode() for i in range(0, len(images), 16)])
+    b, c, h, w = lat.shape
+    patches = lat.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+    vae.bn.running_mean.copy_(patches.mean(dim=(0, 2, 3)))
+    vae.bn.running_var.copy_(patches.var(dim=(0, 2, 3)))
+
+
+class _Encoded:
+    """The train manifest encoded once: packed target latents, reference tokens and prompt embeddings, grouped
+    by the number of references (a batch shares its reference layout)."""
+
+    def __init__(self, gen, manifest_path: Path, resolution: int, reference_resolution: int) -> None:
+        from umo.data.manifest import read_manifest
+        from umo.train.data import load_image
+
+        man = read_manifest(manifest_path)
+        self.buckets: dict[int, dict[str, Any]] = {}
+        prompts = sorted({s.prompt for s in man.samples})
+        emb, ids = gen.encode_prompt(prompts)
+        self.prompt = {p: (emb[i], ids[i]) for i, p in enumerate(prompts)}
+        by_k: dict[int, list] = {}
+        for s in man.samples:
+            by_k.setdefault(len(s.references), []).append(s)
+        for k, samples in sorted(by_k.items()):
+            x0, refs, ref_ids, texts = [], [], None, []
+            for i in range(0, len(samples), 32):
+                chunk = samples[i:i + 32]
+                targets = torch.stack([load_image(man.path(s.target), (resolution, resolution)) for s in chunk])
+                lat = gen.pipe._pack_latents(gen.encode_images(targets)).float()
+                r, ref_ids = gen.encode_references(
+                    [[load_image(man.path(r.path), (reference_resolution,) * 2) for r in s.references]
+                     for s in chunk])
+                x0.append(lat)
+                refs.append(r.float())
+                texts += [s.prompt for s in chunk]
+            self.buckets[k] = {"x0": torch.cat(x0), "refs": torch.cat(refs), "ref_ids": ref_ids[:1], "prompts": texts}
+        self.n = len(man.samples)
+
+
+def train_base(gen, manifest_path: str | Path, cfg: AblationBaseConfig, *, resolution: int,
+               reference_resolution: int, sampler_steps: int, log_every: int = 50) -> dict[str, float]:
+    """Train `gen.transformer` in place with supervised flow matching (see the module docstring)."""
+    from umo.models.base import Conditioning
+
+    started = time.perf_counter()
+    data = _Encoded(gen, Path(manifest_path), resolution, reference_resolution)
+    log.info("base: %d samples encoded in %.0f s (%s)", data.n, time.perf_counter() - started,
+             {k: len(b["prompts"]) for k, b in data.buckets.items()})
+    tr = gen.transformer
+    tr.train().requires_grad_(True)
+    opt = torch.optim.AdamW(tr.parameters(), lr=cfg.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
+    g = torch.Generator().manual_seed(cfg.seed)
+    keys = sorted(data.buckets)
+    weights = torch.tensor([len(data.buckets[k]["prompts"]) for k in keys], dtype=torch.float)
+    h = w = resolution
+    latent_ids = gen.pipe._prepare_latent_ids(torch.empty((1, 1, h // gen.scale, w // gen.scale), device="meta"))
+    hist = []
+    for step in range(cfg.steps):
+        k = keys[int(torch.multinomial(weights, 1, generator=g))]
+        b = data.buckets[k]
+        idx = torch.randint(len(b["prompts"]), (cfg.batch,), generator=g)
+        x0 = b["x0"][idx]
+        prompt = torch.stack([data.prompt[b["prompts"][i]][0] for i in idx.tolist()])
+        prompt_ids = torch.stack([data.prompt[b["prompts"][i]][1] for i in idx.tolist()])
+        cond = Conditioning(prompt, prompt_ids, b["refs"][idx], b["ref_ids"].expand(cfg.batch, -1, -1),
+                            latent_ids.expand(cfg.batch, -1, -1), h, w)
+        noise = torch.randn(x0.shape, generator=g)
+        s = gen.shift(torch.rand(cfg.batch, generator=g), sampler_steps, cond).to(x0)
+        x_t = (1 - s.view(-1, 1, 1)) * x0 + s.view(-1, 1, 1) * noise
+        loss = F.mse_loss(gen.velocity(x_t, s, cond), noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        hist.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
+            log.info("base step %d/%d: flow-matching loss %.4f (%.0f s)", step + 1, cfg.steps,
+                     np.mean(hist[-log_every:]), time.perf_counter() - started)
+    tr.eval().requires_grad_(False)
+    return {"base_loss": float(np.mean(hist[-log_every:])), "base_seconds": round(time.perf_counter() - started, 1)}
+
+
+def save_base(gen, out: str | Path, info: dict[str, Any]) -> Path:
+    """The trained pipeline as a Flux2KleinKVPipeline folder (safetensors), with its marker; atomic."""
+    from umo.io import atomic_dir
+    from umo.models.tiny import TINY_MARKER, TINY_TEXT_LAYERS
+
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        gen.pipe.save_pretrained(tmp, safe_serialization=True)
+        marker = {"text_layers_used": list(TINY_TEXT_LAYERS),
+                  "note": "the toy world's base generator (umo.toyworld.generator); not a real model"}
+        (tmp / TINY_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+        (tmp / BASE_MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    return out
