@@ -170,7 +170,7 @@ def test_samples_split_people_by_identity_and_carry_reward_embeddings(tiny_exper
 
 def test_base_generator_is_a_loadable_klein_folder_whose_weights_were_trained(tiny_experiment):
     from umo.models import load_generator
-    from umo.toyworld.generator import new_components
+    from umo.toybase import new_components
 
     config, out, _ = tiny_experiment
     gen = load_generator(config.generator, dtype=torch.float32, device="cpu")

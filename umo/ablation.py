@@ -76,7 +76,7 @@ def _timed(config: Config, stage: str, started: float) -> None:
 
 def make_samples(config: Config, *, workers: int = 2) -> dict[str, Any]:
     from umo.reward import MatchingReward
-    from umo.toyworld.generator import write_group_samples
+    from umo.toybase import write_group_samples
 
     started = time.perf_counter()
     tw = config.toyworld
@@ -91,7 +91,7 @@ def make_samples(config: Config, *, workers: int = 2) -> dict[str, Any]:
 
 def make_vae(config: Config) -> dict[str, float]:
     from umo.io import atomic_dir, atomic_write_json
-    from umo.toyworld.generator import new_components, train_vae
+    from umo.toybase import new_components, train_vae
 
     started = time.perf_counter()
     p = paths(config)
@@ -109,7 +109,7 @@ def make_base(config: Config) -> dict[str, float]:
 
     from umo.models.flux2 import Flux2KleinGenerator
     from umo.models.tiny import TINY_TEXT_LAYERS
-    from umo.toyworld.generator import new_components, save_base, train_base
+    from umo.toybase import new_components, save_base, train_base
 
     started = time.perf_counter()
     p = paths(config)

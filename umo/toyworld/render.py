@@ -277,7 +277,7 @@ def render_group(
 ) -> Scene:
     """A group photo: 1..4 `identities` side by side in a row, heads at about the same height, on a plain
     studio backdrop (no clutter), left-to-right order random. The generator ablation's targets
-    (`umo.toyworld.generator`): the same people and faces as `render_scene`, in a layout a tiny generator can
+    (`umo.toybase`): the same people and faces as `render_scene`, in a layout a tiny generator can
     learn on a CPU in minutes, so that what it gets wrong is WHO stands where, not where anyone stands.
 
     size: the square canvas side, >= 128 px. Face boxes are 36% of the side for 1-2 people, 27% for 3 and 20%

@@ -338,7 +338,7 @@ def save_base(gen, out: str | Path, info: dict[str, Any]) -> Path:
     with atomic_dir(out) as tmp:
         gen.pipe.save_pretrained(tmp, safe_serialization=True)
         marker = {"text_layers_used": list(TINY_TEXT_LAYERS),
-                  "note": "the toy world's base generator (umo.toyworld.generator); not a real model"}
+                  "note": "the toy world's base generator (umo.toybase); not a real model"}
         (tmp / TINY_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
         (tmp / BASE_MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return out
