@@ -111,15 +111,15 @@ def make_base(config: Config) -> dict[str, float]:
     from umo.models.tiny import TINY_TEXT_LAYERS
     from umo.toybase import new_components, save_base, train_base
 
+    g = config.generator
+    if g.resolution[0] != g.resolution[1] or g.reference_resolution[0] != g.reference_resolution[1]:
+        raise ValueError("ablation: generator.resolution and reference_resolution must be square")
     started = time.perf_counter()
     p = paths(config)
     parts = new_components(config.ablation.vae, config.ablation.base)
     parts["vae"] = AutoencoderKLFlux2.from_pretrained(p["vae"], local_files_only=True).eval()
     gen = Flux2KleinGenerator(Flux2KleinKVPipeline(**parts, is_distilled=False), text_layers=TINY_TEXT_LAYERS,
-                              max_sequence_length=config.generator.max_sequence_length)
-    g = config.generator
-    if g.resolution[0] != g.resolution[1] or g.reference_resolution[0] != g.reference_resolution[1]:
-        raise ValueError("ablation: generator.resolution and reference_resolution must be square")
+                              max_sequence_length=g.max_sequence_length)
     info = train_base(gen, p["samples"] / "train.json", config.ablation.base, resolution=g.resolution[0],
                       reference_resolution=g.reference_resolution[0], sampler_steps=config.train.sampler_steps)
     save_base(gen, g.path, {**info, "vae": json.loads((p["vae"] / "vae_metrics.json").read_text())})

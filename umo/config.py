@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -683,6 +684,9 @@ def from_dict(cls: type, data: Any, *, source: str = "params", prefix: str = "")
         raise ConfigError(f"{source}: {prefix}{err}") from None
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -711,6 +715,8 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
         (item_tp,) = typing.get_args(tp)
         return [_coerce(item_tp, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 (PyYAML) reads 1e-6 as a string; YAML 1.2 and people mean a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {key}: expected a number, got {value!r}")
         return float(value)

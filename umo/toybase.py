@@ -99,6 +99,7 @@ def write_group_samples(out: str | Path, cfg: AblationSamplesConfig, *, world_se
     reward: a `umo.reward.MatchingReward` (its detector and embedder make the reference embeddings, as data
     prep's index does). A reference in which it finds no face drops its sample, counted in the stats.
     """
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     from PIL import Image
@@ -126,8 +127,8 @@ def write_group_samples(out: str | Path, cfg: AblationSamplesConfig, *, world_se
         for split, rows in plan.items():
             chunks = [rows[i::max(workers, 1) * 4] for i in range(max(workers, 1) * 4)]
             args = [(world_seed, chunk, asdict(cfg), str(tmp)) for chunk in chunks if chunk]
-            if workers > 1:
-                with ProcessPoolExecutor(workers) as pool:
+            if workers > 1:  # spawned, as the toy world's build: no fork of a process holding ONNX threads
+                with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
                     prompt_lists = list(pool.map(_render_many, args))
             else:
                 prompt_lists = [_render_many(a) for a in args]
