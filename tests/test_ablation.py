@@ -136,8 +136,7 @@ def tiny_experiment(toy_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("ablation")
     overrides = [*toy_world.faces_overrides(), f"ablation.out={out / 'art'}", f"generator.path={out / 'art/base'}",
                  f"eval.path={out / 'art/samples/test.json'}", f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}",
-                 f"toyworld.n_identities={toy_world.config.n_identities}",
-                 f"toyworld.n_train_identities={toy_world.config.n_train_identities}", *TINY]
+                 f"ablation.toyworld={toy_world.root}", *TINY]
     sets = [a for o in overrides for a in ("-S", o)]
     for stage in ("samples", "vae", "base"):
         assert umo_main(["ablation", stage, "--params", str(PARAMS), *sets]) == 0

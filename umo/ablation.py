@@ -77,9 +77,10 @@ def _timed(config: Config, stage: str, started: float) -> None:
 def make_samples(config: Config, *, workers: int = 2) -> dict[str, Any]:
     from umo.reward import MatchingReward
     from umo.toybase import write_group_samples
+    from umo.toyworld.build import load_toyworld
 
     started = time.perf_counter()
-    tw = config.toyworld
+    tw = load_toyworld(config.ablation.toyworld).config
     reward = MatchingReward.from_config(config.faces, config.reward)
     stats = write_group_samples(paths(config)["samples"], config.ablation.samples, world_seed=tw.world_seed,
                                 train_ids=range(tw.n_train_identities),

@@ -567,6 +567,9 @@ class AblationConfig:
     """`ablation/dvc.yaml`: the toy-world ablation SFT vs SIR vs MIMR from one base (docs/ablation.md)."""
 
     out: str = "artifacts/ablation"
+    toyworld: str = "artifacts/toyworld"
+    """The built toy world (main dvc.yaml, stage `toyworld`): its training identities make the train samples,
+    its held-out identities the test items."""
     samples: AblationSamplesConfig = field(default_factory=AblationSamplesConfig)
     vae: AblationVaeConfig = field(default_factory=AblationVaeConfig)
     base: AblationBaseConfig = field(default_factory=AblationBaseConfig)
