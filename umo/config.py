@@ -559,6 +559,8 @@ class AblationBaseConfig:
     lr: float = 1e-3
     """AdamW peak learning rate (linear warm-up, cosine decay)."""
     warmup: int = 100
+    ema_decay: float | None = 0.999
+    """The saved base is this exponential moving average of the weights (null: the last weights)."""
     seed: int = 0
 
 

@@ -304,6 +304,7 @@ def train_base(gen, manifest_path: str | Path, cfg: AblationBaseConfig, *, resol
     h = w = resolution
     latent_ids = gen.pipe._prepare_latent_ids(torch.empty((1, 1, h // gen.scale, w // gen.scale), device="meta"))
     hist = []
+    ema = {n: p.detach().clone() for n, p in tr.named_parameters()} if cfg.ema_decay else None
     for step in range(cfg.steps):
         k = keys[int(torch.multinomial(weights, 1, generator=g))]
         b = data.buckets[k]
@@ -322,10 +323,18 @@ def train_base(gen, manifest_path: str | Path, cfg: AblationBaseConfig, *, resol
         torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
         opt.step()
         sched.step()
+        if ema is not None:
+            with torch.no_grad():
+                for n, p in tr.named_parameters():
+                    ema[n].lerp_(p, 1.0 - cfg.ema_decay)
         hist.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
             log.info("base step %d/%d: flow-matching loss %.4f (%.0f s)", step + 1, cfg.steps,
                      np.mean(hist[-log_every:]), time.perf_counter() - started)
+    if ema is not None:  # the saved base is the EMA of the weights
+        with torch.no_grad():
+            for n, p in tr.named_parameters():
+                p.copy_(ema[n])
     tr.eval().requires_grad_(False)
     return {"base_loss": float(np.mean(hist[-log_every:])), "base_seconds": round(time.perf_counter() - started, 1)}
 
