@@ -51,7 +51,7 @@ def test_group_photo_refuses_bad_input():
         render_group(0, [], rng)
     with pytest.raises(ValueError, match=">= 128"):
         render_group(0, [a, b], rng, 96)
-    with pytest.raises(ValueError, match="world 1"):
+    with pytest.raises(ValueError, match="belongs to world 0, not 1"):
         render_group(1, [a], rng)
 
 

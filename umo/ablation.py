@@ -385,8 +385,8 @@ def write_report(config: Config, doc: str | Path) -> Path:
     _curves(config, figures / "training_curves.png")
     _metric_plot(config, metrics, figures / "judge_metrics.png")
     _sample_grid(config, p["eval"], figures / "samples.png")
-    timings = {json.loads(f.read_text())["stage"]: json.loads(f.read_text())["seconds"]
-               for f in sorted(p["timings"].glob("*.json"))}
+    records = [json.loads(f.read_text()) for f in sorted(p["timings"].glob("*.json"))]
+    timings = {r["stage"]: r["seconds"] for r in records}
     (figures / "summary.json").write_text(json.dumps({"summary": summary, "timings": timings}, indent=1) + "\n")
     block = _markdown(config, metrics, summary, timings, figures.name)
     text = doc.read_text() if doc.is_file() else f"# Toy-world ablation\n\n{START}\n{END}\n"

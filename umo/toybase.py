@@ -102,8 +102,6 @@ def write_group_samples(out: str | Path, cfg: AblationSamplesConfig, *, world_se
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from PIL import Image
-
     from umo.data.manifest import Manifest, Reference, Sample, write_manifest
     from umo.io import atomic_dir, atomic_write_json, sha256_file
 
@@ -137,8 +135,7 @@ def write_group_samples(out: str | Path, cfg: AblationSamplesConfig, *, world_se
             samples, embeddings = [], {}
             for sample_id, ids, _seed in rows:
                 paths = [f"references/{sample_id}-r{k}.png" for k in range(len(ids))]
-                images = torch.stack([torch.from_numpy(np.asarray(Image.open(tmp / p).convert("RGB"), np.float32))
-                                      .permute(2, 0, 1) / 127.5 - 1 for p in paths])
+                images = torch.stack([_load_rgb(tmp / p) for p in paths])
                 emb = reward.embed_references(images, largest_only=True)
                 if any(e.shape[0] != 1 for e in emb):
                     stats["dropped_no_reference_face"] += 1
@@ -235,7 +232,7 @@ def train_vae(vae, manifest_path: str | Path, cfg: AblationVaeConfig, *, log_eve
             log.info("vae step %d/%d: l1 %.4f mse %.4f kl %.1f (%.0f s)", step + 1, cfg.steps, m[0], m[1], m[2],
                      time.perf_counter() - started)
     vae.eval().requires_grad_(False)
-    set_latent_statistics(vae, [_load_rgb(man.path(s.target)) for s in man.samples[:256]])
+    set_latent_statistics(vae, targets[:256])
     m = np.mean(hist[-log_every:], axis=0)
     return {"vae_l1": float(m[0]), "vae_mse": float(m[1]), "vae_kl": float(m[2]),
             "vae_seconds": round(time.perf_counter() - started, 1)}

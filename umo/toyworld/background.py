@@ -70,7 +70,7 @@ def _jitter(rng: np.random.Generator, rgb: RGB, amount: float) -> RGB:
     return out  # type: ignore[return-value]
 
 
-def _gradient(top: RGB, bottom: RGB, rows: int, width: int) -> np.ndarray:
+def vertical_gradient(top: RGB, bottom: RGB, rows: int, width: int) -> np.ndarray:
     """(rows, width, 3) float32 vertical blend from `top` to `bottom` (basic arithmetic only)."""
     t = (np.arange(rows, dtype=np.float32) / np.float32(max(rows - 1, 1)))[:, None, None]
     a, b = np.asarray(top, np.float32), np.asarray(bottom, np.float32)
@@ -163,8 +163,8 @@ def render_background(rng: np.random.Generator, height: int, width: int, setting
     upper, lower = _jitter(rng, pal.upper, 18), _jitter(rng, pal.lower, 18)
     horizon = int(round(height * float(rng.uniform(*pal.horizon))))
     img = np.empty((height, width, 3), np.float32)
-    img[:horizon] = _gradient(shade(upper, 1.08), upper, horizon, width)
-    img[horizon:] = _gradient(lower, shade(lower, 0.78), height - horizon, width)
+    img[:horizon] = vertical_gradient(shade(upper, 1.08), upper, horizon, width)
+    img[horizon:] = vertical_gradient(lower, shade(lower, 0.78), height - horizon, width)
     out = np.clip(img + np.float32(0.5), 0, 255).astype(np.uint8)
     _clutter(out, rng, pal)
     _distractors(out, rng)

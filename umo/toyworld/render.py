@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 
-from umo.toyworld.background import SCENE_SETTINGS, SETTINGS, render_background
+from umo.toyworld.background import SCENE_SETTINGS, SETTINGS, render_background, vertical_gradient
 from umo.toyworld.caption import make_caption
 from umo.toyworld.draw import RGB, composite, fill, shade
 from umo.toyworld.face import UNIT_FRACTION, FacePatch, FaceVariation, draw_face, sample_variation
@@ -187,6 +187,22 @@ def _compose(
     )
 
 
+def _check_people(world_seed: int, identities: list[Identity], what: str) -> int:
+    """The number of people of a scene or group, after checking: 1..MAX_FACES, distinct, all of this world."""
+    k = len(identities)
+    if not 1 <= k <= MAX_FACES:
+        raise ValueError(f"a {what} holds 1..{MAX_FACES} identities, got {k}")
+    if len({i.identity_id for i in identities}) != k:
+        got = [i.identity_id for i in identities]
+        raise ValueError(f"identities in a {what} must be distinct, got ids {got}")
+    for idt in identities:
+        if idt.world_seed != world_seed:
+            raise ValueError(
+                f"{person_name(idt.identity_id)} belongs to world {idt.world_seed}, not {world_seed}"
+            )
+    return k
+
+
 def render_scene(
     world_seed: int,
     identities: list[Identity],
@@ -201,17 +217,7 @@ def render_scene(
     Face boxes are 40..110 px wide on a 256 px canvas (smaller the more people), never covered by another
     person's head, and lie inside the image; landmarks lie inside their boxes.
     """
-    k = len(identities)
-    if not 1 <= k <= MAX_FACES:
-        raise ValueError(f"a scene holds 1..{MAX_FACES} identities, got {k}")
-    if len({i.identity_id for i in identities}) != k:
-        got = [i.identity_id for i in identities]
-        raise ValueError(f"identities in a scene must be distinct, got ids {got}")
-    for idt in identities:
-        if idt.world_seed != world_seed:
-            raise ValueError(
-                f"{person_name(idt.identity_id)} belongs to world {idt.world_seed}, not {world_seed}"
-            )
+    k = _check_people(world_seed, identities, "scene")
     height, width = size
     if min(height, width) < 128:
         raise ValueError(f"scene size must be >= 128 px per side, got {size}")
@@ -284,22 +290,13 @@ def render_group(
     for 4, with a few percent of jitter in position and size; pose, lighting and expression vary as in every
     scene.
     """
-    k = len(identities)
-    if not 1 <= k <= MAX_FACES:
-        raise ValueError(f"a group holds 1..{MAX_FACES} identities, got {k}")
-    if len({i.identity_id for i in identities}) != k:
-        raise ValueError(f"identities in a group must be distinct, got ids {[i.identity_id for i in identities]}")
+    k = _check_people(world_seed, identities, "group")
     if size < 128:
         raise ValueError(f"group size must be >= 128 px, got {size}")
-    wrong = [i.identity_id for i in identities if i.world_seed != world_seed]
-    if wrong:
-        raise ValueError(f"identities {wrong} do not belong to world {world_seed}")
     setting = "in a studio"
     pal = SETTINGS[setting]
     top, bottom = shade(pal.upper, float(rng.uniform(0.9, 1.1))), shade(pal.lower, float(rng.uniform(0.9, 1.1)))
-    t = (np.arange(size, dtype=np.float32) / np.float32(size - 1))[:, None, None]
-    backdrop = np.asarray(top, np.float32) + (np.asarray(bottom, np.float32) - np.asarray(top, np.float32)) * t
-    background = np.clip(np.broadcast_to(backdrop, (size, size, 3)) + np.float32(0.5), 0, 255).astype(np.uint8)
+    background = np.clip(vertical_gradient(top, bottom, size, size) + np.float32(0.5), 0, 255).astype(np.uint8)
 
     people = [identities[i] for i in rng.permutation(k)]
     face_w = size * {1: 0.36, 2: 0.36, 3: 0.27, 4: 0.2}[k]
