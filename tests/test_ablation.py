@@ -55,6 +55,25 @@ def test_group_photo_refuses_bad_input():
         render_group(1, [a], rng)
 
 
+def test_references_are_portraits_or_the_faces_cut_from_the_target():
+    from umo.config import AblationSamplesConfig
+    from umo.toybase import _reference_crop, render_group_sample
+
+    cfg = AblationSamplesConfig()
+    target, caption, cut = render_group_sample(0, [5, 17], 3, cfg, "target")
+    again, _, portraits = render_group_sample(0, [5, 17], 3, cfg, "portrait")
+    # the same photo either way: the portraits are drawn after it
+    scene = render_group(0, [make_identity(0, 5), make_identity(0, 17)], np.random.default_rng([cfg.seed, 3]), 128)
+    assert np.array_equal(target, scene.image) and np.array_equal(again, scene.image)
+    assert caption == "a group photo of two people"
+    for ref, portrait, pid in zip(cut, portraits, (5, 17)):  # the references keep the sample's order
+        j = int(np.flatnonzero(scene.identity_ids == pid)[0])
+        assert np.array_equal(ref, _reference_crop(scene.image, scene.boxes[j], 1.5, 128))
+        assert ref.shape == portrait.shape == (128, 128, 3) and not np.array_equal(ref, portrait)
+    with pytest.raises(ConfigError, match="train_references"):
+        load_config(PARAMS, ["ablation.samples.train_references=web"])
+
+
 def test_ablation_params_are_valid_and_the_arms_differ_in_one_setting_each():
     base = load_config(PARAMS)
     configs = {arm: ablation.arm_config(PARAMS, arm, 7) for arm in ("sft", "sir", "mimr")}
@@ -123,6 +142,7 @@ TINY = [
     "ablation.vae.batch=4", "ablation.vae.crop=32",
     "ablation.base.heads=2", "ablation.base.head_dim=16", "ablation.base.double_blocks=1",
     "ablation.base.single_blocks=1", "ablation.base.steps=3", "ablation.base.batch=4", "ablation.base.warmup=1",
+    "ablation.base.shift=null",  # klein's own shift: from sigma 0.8 the untrained base's draws hold a face or two
     "ablation.seeds=[0]", "ablation.arms=[sft, mimr]", "generator.resolution=[128, 128]", "generator.reference_resolution=[32, 32]",
     "train.max_steps=2", "train.checkpoint_every=1", "train.batch_size=2", "train.sampler_steps=2",
     "train.grad_step_range=[1, 1]", "train.warmup_steps=0", "train.sample_every=0", "lora.rank=2", "lora.alpha=2",
@@ -194,7 +214,8 @@ def test_every_arm_trains_its_lora_and_logs_the_reward(tiny_experiment):
         assert [h["step"] for h in history] == [1, 2] and all(math.isfinite(h["reward"]) for h in history)
         loras[arm] = load_file(str(run / "lora" / "pytorch_lora_weights.safetensors"))
         assert (run / "checkpoints" / "checkpoint-000001").is_dir()  # the mid-training point
-    # the same seed and draws: only the objective differs, so the LoRAs differ
+    # the same seed and draws: only the objective differs, so the LoRAs differ (where the reward saw a face)
+    assert any(h["faces_per_sample"] > 0 for h in json.loads((out / "art/runs/mimr-s0/history.json").read_text()))
     assert any(not torch.equal(loras["sft"][k], loras["mimr"][k]) for k in loras["sft"])
 
 

@@ -65,6 +65,23 @@ def test_sigmas_run_from_one_to_zero(tiny_generator_dir):
     assert bool((sig[1:] < sig[:-1]).all())
 
 
+@pytest.mark.parametrize("static_shift", [None, 2.0])
+def test_training_times_follow_the_samplers_shift(tiny_generator_dir, static_shift):
+    """L_diff's noise levels are the sampler's: shift(u) at the sampler's grid u = 1, ..., 1/T is its sigmas,
+    for klein's resolution-dependent shift and for a scheduler with a static one (the toy base's)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    gen = generator(tiny_generator_dir)
+    if static_shift is not None:
+        gen.scheduler = FlowMatchEulerDiscreteScheduler(shift=static_shift, use_dynamic_shifting=False)
+    cond = gen.condition(["a"], [[]], height=64, width=64)
+    grid = torch.linspace(1.0, 1 / 8, 8)
+    torch.testing.assert_close(gen.shift(grid.clamp(max=1 - 1e-4), 8, cond), gen.sigmas(8, cond)[:-1],
+                               atol=2e-4, rtol=0)
+    if static_shift is not None:  # by hand: 2u / (1 + u) at u = 1/8
+        assert float(gen.sigmas(8, cond)[-2]) == pytest.approx(2 * 0.125 / 1.125, abs=1e-6)
+
+
 def test_batches_keep_samples_apart(tiny_generator_dir):
     """A sample's velocity does not depend on the other samples of its batch (references included)."""
     gen = generator(tiny_generator_dir)

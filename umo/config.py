@@ -512,9 +512,16 @@ class AblationSamplesConfig:
     """Saved reference crops, px (the generator resizes them to generator.reference_resolution)."""
     crop_scale: float = 1.5
     """Reference crop side = this x the face box side."""
+    train_references: str = "portrait"
+    """Where a TRAIN sample's references come from: "portrait", a face crop of another photo of the person (a
+    studio portrait: other pose, light and expression), or "target", the crop of the person's face in the
+    target itself (in-image references, as subject-driven training sets are often built). Test references are
+    always portraits."""
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.train_references not in ("portrait", "target"):
+            raise ConfigError(f"train_references: expected 'portrait' or 'target', got {self.train_references!r}")
         if len(self.people) != 2 or not 1 <= self.people[0] <= self.people[1] <= 3:
             raise ConfigError(f"people: expected [min, max] within 1..3, got {self.people}")
         if self.size < 128 or self.size % 16:
@@ -525,13 +532,15 @@ class AblationSamplesConfig:
 
 @dataclass
 class AblationVaeConfig:
-    """The base generator's VAE (klein's AutoencoderKLFlux2, 8x), trained as an autoencoder from scratch."""
+    """The base generator's VAE (klein's AutoencoderKLFlux2), trained as an autoencoder from scratch."""
 
     channels: list[int] = field(default_factory=lambda: [16, 32, 64])
     """Block widths: 3 levels = 4x downsampling (8 px per image token after klein's 2x2 patches), 4 levels = 8x
     as the real VAE. A tiny 8x autoencoder trained for minutes blurs toy faces past the detector
     (half the faces of real test images lost in the round trip, measured); 4x keeps them."""
-    latent_channels: int = 16
+    latent_channels: int = 4
+    """4 at 4x: 12x fewer numbers than pixels. 16 (3x) kept faces as well in the round trip but gave a base
+    that drew fewer detectable faces (measured; docs/ablation.md)."""
     steps: int = 800
     batch: int = 16
     crop: int = 64
@@ -562,6 +571,10 @@ class AblationBaseConfig:
     ema_decay: float | None = None
     """The saved base is this exponential moving average of the weights (null: the last weights). 0.999 with
     2500 steps did not beat 1500 steps without it (measured; docs/ablation.md)."""
+    shift: float | None = 1.0
+    """The base's scheduler: a static timestep shift (its sampler and its training times), or null for klein's
+    resolution-dependent one (about 6.9 at 256 image tokens and 8 steps, made for megapixel images: it leaves
+    a small image's last sampler step to jump from noise level 0.5 to 0)."""
     seed: int = 0
 
 

@@ -6,16 +6,18 @@ makes one on a CPU in minutes, in three steps, each a DVC stage of `ablation/dvc
 
 1. `write_group_samples`: multi-reference samples in the `umo.samples` manifest format (the format data prep
    writes, so `umo train` and `umo evaluate` read them unchanged). A target is a group photo of 1..3 toy
-   people (`render_group`), the references are face crops of studio portraits of the same people, and the
+   people (`render_group`), the references are face crops of studio portraits of the same people (or, for
+   train samples with `train_references: target`, of their faces in the target itself), and the
    reference embeddings are the REWARD embedder's. Train samples use the toy world's training identities,
    test samples its held-out identities (never seen by the generator, the reward embedder or the judge).
-2. `train_vae`: the klein VAE (`AutoencoderKLFlux2`, 8x, `latent_channels`) trained as an autoencoder on
+2. `train_vae`: the klein VAE (`AutoencoderKLFlux2`, 2^(len(channels) - 1) x, `latent_channels`) trained as an autoencoder on
    random crops of the train targets and references (L1 + MSE + a tiny KL); its batch-norm statistics, which
    the pipeline normalizes latents with, are then measured on whole train images.
 3. `train_base`: the transformer (Flux2KleinKV layout: reference tokens first, cacheable) trained from
    scratch with supervised flow matching (x_t = (1 - s) x0 + s noise, target v = noise - x0, s drawn with
-   the sampler's shift) on latents encoded once. The text encoder stays the tiny random one: toy prompts
-   carry no identity, so the references are the only way to draw the right people.
+   the sampler's shift: a static one, `ablation.base.shift`, saved in the base's scheduler) on latents
+   encoded once. The text encoder stays the tiny random one: toy prompts carry no identity, so the
+   references are the only way to draw the right people.
 
 The base is deliberately small and briefly trained: it draws the right number of people in the right places
 and their faces from the references, but it does not always give each reference its own person; that
@@ -61,8 +63,10 @@ def _reference_crop(image: np.ndarray, box: np.ndarray, scale: float, size: int)
     return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
 
 
-def render_group_sample(world_seed: int, identity_ids: list[int], seed: int, cfg: AblationSamplesConfig):
-    """(target (H, W, 3) uint8, caption, [reference crops], identity ids in reference order)."""
+def render_group_sample(world_seed: int, identity_ids: list[int], seed: int, cfg: AblationSamplesConfig,
+                        references: str = "portrait"):
+    """(target (H, W, 3) uint8, caption, [reference crops in `identity_ids` order]); references: "portrait"
+    (a crop of a studio portrait of each person) or "target" (the crop of their face in the target)."""
     from umo.toyworld.identity import make_identity
     from umo.toyworld.render import render_group, render_portrait
 
@@ -71,20 +75,25 @@ def render_group_sample(world_seed: int, identity_ids: list[int], seed: int, cfg
     scene = render_group(world_seed, people, rng, cfg.size)
     refs = []
     for person in people:  # references in the sample's own order, which is NOT the left-to-right order
-        portrait = render_portrait(person, rng, (128, 128))
-        refs.append(_reference_crop(portrait.image, portrait.boxes[0], cfg.crop_scale, cfg.reference_size))
+        if references == "target":
+            j = int(np.flatnonzero(scene.identity_ids == person.identity_id)[0])
+            image, box = scene.image, scene.boxes[j]
+        else:
+            portrait = render_portrait(person, rng, (128, 128))
+            image, box = portrait.image, portrait.boxes[0]
+        refs.append(_reference_crop(image, box, cfg.crop_scale, cfg.reference_size))
     return scene.image, f"a group photo of {PEOPLE_WORDS[len(people)]}", refs
 
 
-def _render_many(args: tuple[int, list[tuple[str, list[int], int]], dict[str, Any], str]) -> list[str]:
-    world_seed, jobs, cfg_data, out = args
+def _render_many(args: tuple[int, list[tuple[str, list[int], int]], dict[str, Any], str, str]) -> list[str]:
+    world_seed, jobs, cfg_data, out, references = args
     from PIL import Image
 
     cfg = AblationSamplesConfig(**cfg_data)
     torch.set_num_threads(1)
     prompts = []
     for sample_id, ids, seed in jobs:
-        image, prompt, refs = render_group_sample(world_seed, ids, seed, cfg)
+        image, prompt, refs = render_group_sample(world_seed, ids, seed, cfg, references)
         Image.fromarray(image).save(Path(out) / "targets" / f"{sample_id}.png", compress_level=1)
         for k, ref in enumerate(refs):
             Image.fromarray(ref).save(Path(out) / "references" / f"{sample_id}-r{k}.png", compress_level=1)
@@ -124,7 +133,8 @@ def write_group_samples(out: str | Path, cfg: AblationSamplesConfig, *, world_se
         (tmp / "references").mkdir()
         for split, rows in plan.items():
             chunks = [rows[i::max(workers, 1) * 4] for i in range(max(workers, 1) * 4)]
-            args = [(world_seed, chunk, asdict(cfg), str(tmp)) for chunk in chunks if chunk]
+            references = cfg.train_references if split == "train" else "portrait"
+            args = [(world_seed, chunk, asdict(cfg), str(tmp), references) for chunk in chunks if chunk]
             if workers > 1:  # spawned, as the toy world's build: no fork of a process holding ONNX threads
                 with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
                     prompt_lists = list(pool.map(_render_many, args))
@@ -162,14 +172,16 @@ def write_group_samples(out: str | Path, cfg: AblationSamplesConfig, *, world_se
 
 
 def new_components(vae: AblationVaeConfig, base: AblationBaseConfig) -> dict:
-    """Untrained base components: `umo.models.tiny`'s text encoder, tokenizer and scheduler; a VAE and a
-    transformer of the configured sizes (seeded)."""
-    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    """Untrained base components: `umo.models.tiny`'s text encoder and tokenizer; its scheduler, or one with
+    the base's static shift; a VAE and a transformer of the configured sizes (seeded)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
     from umo.models.tiny import TINY_TEXT_LAYERS, TinyFlux2Config, tiny_components
 
     tiny = TinyFlux2Config(latent_channels=vae.latent_channels, seed=base.seed)
     parts = tiny_components(tiny)
+    if base.shift is not None:
+        parts["scheduler"] = FlowMatchEulerDiscreteScheduler(shift=base.shift, use_dynamic_shifting=False)
     torch.manual_seed(vae.seed + 11)
     n = len(vae.channels)
     parts["vae"] = AutoencoderKLFlux2(

@@ -191,7 +191,8 @@ class Flux2KleinGenerator:
         return noise.to(self.device)
 
     def sigmas(self, num_steps: int, cond: Conditioning) -> torch.Tensor:
-        """The klein pipeline's schedule: linspace(1, 1/T, T) shifted by its empirical mu, then 0."""
+        """The klein pipeline's schedule: linspace(1, 1/T, T) shifted (by its empirical mu, or the scheduler's
+        static shift: see `shift`), then 0."""
         from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
         if num_steps < 1:
@@ -202,11 +203,17 @@ class Flux2KleinGenerator:
 
     def shift(self, u: torch.Tensor, num_steps: int, cond: Conditioning) -> torch.Tensor:
         """Uniform times u in (0, 1) -> noise levels with the sampler's shift for this resolution and T
-        (the base model's timestep shift, used to draw training times for L_diff)."""
+        (the base model's timestep shift, used to draw training times for L_diff). The scheduler's rule, as
+        its `set_timesteps` applies it: klein's resolution-dependent mu (use_dynamic_shifting, the released
+        models), else the scheduler's static `shift`."""
         from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
+        u = u.clamp(1e-4, 1 - 1e-4)
+        if not self.scheduler.config.use_dynamic_shifting:
+            shift = float(self.scheduler.config.shift)
+            return shift * u / (1 + (shift - 1) * u)
         mu = compute_empirical_mu(image_seq_len=cond.latent_ids.shape[1], num_steps=num_steps)
-        return self.scheduler.time_shift(mu, 1.0, u.clamp(1e-4, 1 - 1e-4))
+        return self.scheduler.time_shift(mu, 1.0, u)
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning) -> torch.Tensor:
         n, b = latents.shape[1], latents.shape[0]
