@@ -10,9 +10,9 @@ makes one on a CPU in minutes, in three steps, each a DVC stage of `ablation/dvc
    train samples with `train_references: target`, of their faces in the target itself), and the
    reference embeddings are the REWARD embedder's. Train samples use the toy world's training identities,
    test samples its held-out identities (never seen by the generator, the reward embedder or the judge).
-2. `train_vae`: the klein VAE (`AutoencoderKLFlux2`, 2^(len(channels) - 1) x, `latent_channels`) trained as an autoencoder on
-   random crops of the train targets and references (L1 + MSE + a tiny KL); its batch-norm statistics, which
-   the pipeline normalizes latents with, are then measured on whole train images.
+2. `train_vae`: the klein VAE (`AutoencoderKLFlux2`, 2^(len(channels) - 1) x, `latent_channels`) trained as
+   an autoencoder on random crops of the train targets and references (L1 + MSE + a tiny KL); its batch-norm
+   statistics, which the pipeline normalizes latents with, are then measured on whole train images.
 3. `train_base`: the transformer (Flux2KleinKV layout: reference tokens first, cacheable) trained from
    scratch with supervised flow matching (x_t = (1 - s) x0 + s noise, target v = noise - x0, s drawn with
    the sampler's shift: a static one, `ablation.base.shift`, saved in the base's scheduler) on latents
