@@ -32,6 +32,7 @@ FAST = {  # a chain of seconds per stage: a few training steps, two evaluation i
     "train.sampler_steps": 4, "train.grad_step_range": [1, 2],
     "prepare.synthetic.count": 2, "prepare.synthetic.steps": 4,
     "eval.max_items": 2, "eval.images_per_item": 1, "eval.steps": 4, "eval.report_items": 1,
+    "registry.gate.min_scored_references": 2,  # those two one-image items hold a few references, not params' 16
     # the small world's reward embedder is a toy_r10 (params.yaml's world: toy_r18)
     "faces.embedder.path": "artifacts/toyworld/models/faces/arcface_toy_r10.safetensors",
     "faces.embedder.arch": "toy_r10",

@@ -86,6 +86,10 @@ def test_registration_carries_the_evidence_and_is_not_repeated(world):
     assert mv.tags["toy_world"] == "true" and mv.tags["dvc.data_md5"] == "8a122753fc64b559fcc01a0813e68a40.dir"
     metrics = world["report"].metrics
     assert mv.tags["eval.candidate.id_sim"] == str(metrics["candidate"]["id_sim"])
+    # the evidence the gate requires: 4 items x 2 images, two fixed faces and two people in each
+    assert {k: mv.tags[f"eval.candidate.{k}"] for k in ("images_scored", "faces_scored", "references_scored")} == \
+        {"images_scored": "8", "faces_scored": "16", "references_scored": "16"}
+    assert "| References scored | 16 | 16 |" in (world["report"].out / "report.md").read_text()
     assert "ID-Sim" in mv.description and "Toy world" in mv.description
     run = client.get_run(world["run_id"])
     assert run.data.metrics["eval.candidate.id_sim"] == pytest.approx(metrics["candidate"]["id_sim"])
@@ -125,6 +129,7 @@ def test_gate_policy_champion_and_deployment_follow_each_other(world, s3, caplog
     refused = gate(config)  # the default policy: the candidate must not score below the base
     failed = [r.name for r in refused.rules if not r.passed]
     assert not refused.passed and "id_sim" in failed  # a random LoRA scores below the base (ID-Conf may too)
+    assert not {"faces_scored", "references_scored"} & set(failed)  # on sound evidence: 16 faces, 16 references
     mv = client.get_model_version(NAME, "1")
     assert mv.tags["gate.decision"] == "failed" and mv.tags["gate.rule.id_sim"].startswith("fail: candidate")
     assert all(mv.tags[f"gate.rule.{name}"].startswith("fail:") for name in failed)

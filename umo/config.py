@@ -336,7 +336,8 @@ class EvalConfig:
 class GateConfig:
     """The approval policy (issue 7): every rule must hold for a version to become `champion`.
 
-    Metrics are on the report's scale (x100 for the held-out set and XVerseBench)."""
+    Metrics are on the report's scale (x100 for the held-out set and XVerseBench). A rule whose metric the report
+    lacks (not measured for the candidate, or for the model it is compared with) fails: no evidence, no pass."""
 
     min_id_sim_gain: float = 0.0
     """delta: candidate ID-Sim >= base ID-Sim + delta."""
@@ -346,9 +347,17 @@ class GateConfig:
     """candidate face-count accuracy >= base's."""
     require_all_scored: bool = True
     """no unscored evaluation item (every reference had a face the judge found)."""
+    min_scored_references: int = 16
+    """The least evidence a decision rests on: (item, image, reference) entries the judge scored for the candidate
+    and for every model it is compared with. Fewer is a refusal, and so is a model whose images the judge found no
+    face in, whatever this number."""
     champion_margin: float = 0.0
     """When a champion exists: candidate ID-Sim >= champion ID-Sim + margin, both from the SAME report (same
     seeds; `umo evaluate --champion`). A report without the champion's column fails this rule."""
+
+    def __post_init__(self) -> None:
+        if self.min_scored_references < 1:
+            raise ConfigError(f"min_scored_references: expected >= 1, got {self.min_scored_references}")
 
 
 @dataclass

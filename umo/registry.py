@@ -10,9 +10,11 @@
 Registering the same LoRA from the same run again returns the existing version (tag `umo.lora_sha256`).
 
 `gate` applies `registry.gate` to a version: against the base (the report's base column) and the current
-`champion` (the report's champion column, i.e. the same seeds). The decision and each rule's outcome are version
-tags (`gate.decision`, `gate.rule.<name>`); on pass the alias `champion` moves to the version and the version that
-held it gets `previous`. The gate is the only code that sets `champion` (`_promote`).
+`champion` (the report's champion column, i.e. the same seeds). It refuses empty evidence: a compared model whose
+images the judge found no face in, fewer scored references than `min_scored_references`, or a metric the report
+lacks for either side of a rule fails (`rules`). The decision and each rule's outcome are version tags
+(`gate.decision`, `gate.rule.<name>`); on pass the alias `champion` moves to the version and the version that held
+it gets `previous`. The gate is the only code that sets `champion` (`_promote`).
 
 mlflow is imported here and in umo.tracking only. Credentials stay in the environment (MLFLOW_TRACKING_TOKEN,
 ..., read by MLflow itself); URIs are logged without them.
@@ -216,7 +218,8 @@ def _base_model(config: Config) -> str:
 
 def _metric_tags(metrics: dict) -> dict[str, str]:
     return {f"eval.{m}.{k}": str(metrics[m][k]) for m in ("base", "candidate", "champion") if m in metrics
-            for k in ("id_sim", "id_conf", "id_match", "face_count_accuracy", "unscored")}
+            for k in ("id_sim", "id_conf", "id_match", "face_count_accuracy", "unscored", "images_scored",
+                      "faces_scored", "references_scored") if k in metrics[m]}
 
 
 def _numeric(metrics: dict) -> dict[str, float]:
@@ -292,7 +295,8 @@ def _table(metrics: dict) -> str:
     models = [m for m in ("base", "candidate", "champion") if m in metrics]
     lines = ["| metric | " + " | ".join(models) + " | Δ vs base |", "|---" * (len(models) + 2) + "|"]
     for key, label in (("id_sim", "ID-Sim"), ("id_conf", "ID-Conf"), ("id_match", "ID-Match"),
-                       ("face_count_accuracy", "Face-count acc."), ("unscored", "Items unscored")):
+                       ("face_count_accuracy", "Face-count acc."), ("unscored", "Items unscored"),
+                       ("faces_scored", "Faces found (judge)"), ("references_scored", "References scored")):
         delta = metrics.get("delta", {}).get(key)
         lines.append(f"| {label} | " + " | ".join(_fmt(metrics[m].get(key)) for m in models)
                      + f" | {'–' if delta is None else f'{delta:+.4g}'} |")
@@ -428,38 +432,82 @@ def gate(config: Config, *, version: str | None = None) -> GateDecision:
 def rules(policy, metrics: dict, *, champion_sha: str | None) -> list[Rule]:
     """Each rule of the policy on a report's metrics.json (pure: no MLflow).
 
+    Empty evidence is a refusal, never a pass: the evidence rules (`faces_scored`: the judge found faces in the
+    images of every compared model; `references_scored`: at least `min_scored_references` scored) come first, and a
+    comparison whose metric the report lacks for either side fails, naming the side.
+
     >>> from umo.config import GateConfig
-    >>> m = {"base": {"id_sim": 10.0, "id_conf": 50.0, "face_count_accuracy": 0.5, "unscored": 0},
-    ...      "candidate": {"id_sim": 12.0, "id_conf": 49.0, "face_count_accuracy": 0.5, "unscored": 0}}
+    >>> seen = {"images_scored": 8, "faces_scored": 16, "references_scored": 16, "unscored": 0}
+    >>> m = {"base": {"id_sim": 10.0, "id_conf": 50.0, "face_count_accuracy": 0.5, **seen},
+    ...      "candidate": {"id_sim": 12.0, "id_conf": 49.0, "face_count_accuracy": 0.5, **seen}}
     >>> [(r.name, r.passed) for r in rules(GateConfig(min_id_sim_gain=1.0, max_id_conf_drop=0.5), m,
-    ...                                    champion_sha=None)]
-    [('id_sim', True), ('id_conf', False), ('face_count', True), ('all_scored', True)]
+    ...                                    champion_sha=None)]  # doctest: +NORMALIZE_WHITESPACE
+    [('faces_scored', True), ('references_scored', True), ('id_sim', True), ('id_conf', False),
+     ('face_count', True), ('all_scored', True)]
     """
     base, cand = metrics["base"], metrics["candidate"]
-    out = [_at_least("id_sim", cand.get("id_sim"), base.get("id_sim"), policy.min_id_sim_gain, "base"),
-           _at_least("id_conf", cand.get("id_conf"), base.get("id_conf"), -policy.max_id_conf_drop, "base")]
+    compared = {"candidate": cand, "base": base}
+    champion_column = None
+    if champion_sha is not None:
+        reported = ((metrics.get("models") or {}).get("champion") or {}).get("sha256")
+        if reported == champion_sha:
+            champion_column = compared["champion"] = metrics["champion"]
+    out = _evidence(policy, compared)
+    out += [_at_least("id_sim", cand.get("id_sim"), base.get("id_sim"), policy.min_id_sim_gain, "base"),
+            _at_least("id_conf", cand.get("id_conf"), base.get("id_conf"), -policy.max_id_conf_drop, "base")]
     if policy.face_count_not_lower:
         out.append(_at_least("face_count", cand.get("face_count_accuracy"), base.get("face_count_accuracy"), 0.0,
                              "base"))
     if policy.require_all_scored:
-        n = cand.get("unscored", 0) or 0
-        out.append(Rule("all_scored", n == 0, f"{n} evaluation items unscored"))
+        n = cand.get("unscored")
+        out.append(Rule("all_scored", False, "the number of unscored items is not recorded for the candidate")
+                   if n is None else Rule("all_scored", n == 0, f"{n} evaluation items unscored"))
     if champion_sha is not None:
-        reported = ((metrics.get("models") or {}).get("champion") or {}).get("sha256")
-        if reported != champion_sha:
+        if champion_column is None:
             out.append(Rule("champion", False, "the report has no column for the current champion's LoRA "
                                                "(evaluate with --champion)"))
         else:
-            out.append(_at_least("champion", cand.get("id_sim"), metrics["champion"].get("id_sim"),
+            out.append(_at_least("champion", cand.get("id_sim"), champion_column.get("id_sim"),
                                  policy.champion_margin, "champion"))
     return out
 
 
+def _evidence(policy, compared: dict[str, dict]) -> list[Rule]:
+    """The two evidence rules on the report columns the decision rests on (name -> column): faces found, and
+    enough (item, image, reference) entries scored. A count the report does not record is missing evidence."""
+    faces, faces_ok, refs, refs_ok = [], True, [], True
+    for name, col in compared.items():
+        n_faces, n_images, n_refs = col.get("faces_scored"), col.get("images_scored"), col.get("references_scored")
+        if n_faces is None:
+            faces_ok = False
+            faces.append(f"the report does not record how many faces the judge found for the {name} (evaluate it "
+                         "again)")
+        elif n_faces == 0:
+            faces_ok = False
+            faces.append(f"no faces scored: the judge found 0 faces in the {name}'s {n_images} images")
+        else:
+            faces.append(f"the judge found {n_faces} faces in the {name}'s {n_images} images")
+        if n_refs is None:
+            refs_ok = False
+            refs.append(f"the report does not record how many references were scored for the {name} (evaluate it "
+                        "again)")
+        elif n_refs < policy.min_scored_references:
+            refs_ok = False
+            refs.append(f"too few scored references: {n_refs} (item, image, reference) scored for the {name}, "
+                        f"fewer than min_scored_references {policy.min_scored_references}")
+        else:
+            refs.append(f"{n_refs} references scored for the {name} (at least {policy.min_scored_references})")
+    return [Rule("faces_scored", faces_ok, "; ".join(faces)), Rule("references_scored", refs_ok, "; ".join(refs))]
+
+
 def _at_least(name: str, value, reference, margin: float, against: str) -> Rule:
-    if value is None and reference is None:
-        return Rule(name, True, f"not measured for the candidate nor the {against}")
-    if value is None or reference is None:
-        return Rule(name, False, f"candidate {value} vs {against} {reference}: one side has no value")
+    """value >= reference + margin; a side without a value fails (no comparison can be made, so no pass)."""
+    if value is None:
+        both = "" if reference is not None else f" nor for the {against}"
+        return Rule(name, False, f"not measured for the candidate{both}")
+    if reference is None:
+        return Rule(name, False, f"measured for the candidate ({value:.4g}) but not for the {against}: nothing to "
+                                 "compare with")
     ok = value >= reference + margin - 1e-9
     return Rule(name, ok, f"candidate {value:.4g} {'>=' if ok else '<'} {against} {reference:.4g} "
                           f"{'+' if margin >= 0 else '-'} {abs(margin):g}")

@@ -32,7 +32,9 @@ from umo.io import atomic_dir, sha256_file
 
 BASE, CANDIDATE, CHAMPION = "base", "candidate", "champion"
 METRICS = [("id_sim", "ID-Sim"), ("id_conf", "ID-Conf"), ("id_match", "ID-Match"),
-           ("face_count_accuracy", "Face-count acc."), ("items", "Items scored"), ("unscored", "Items unscored")]
+           ("face_count_accuracy", "Face-count acc."), ("items", "Items scored"), ("unscored", "Items unscored"),
+           ("images_scored", "Images scored"), ("faces_scored", "Faces found (judge)"),
+           ("references_scored", "References scored")]
 
 
 def delta(new: dict, old: dict) -> dict:

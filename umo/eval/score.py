@@ -104,6 +104,11 @@ def aggregate(items: Sequence[ItemScore], scale: float) -> dict:
     out["unscored"] = len(items) - len(scored)
     sizes = sorted({i.identities for i in scored})
     out["by_identities"] = {str(n): block([i for i in scored if i.identities == n]) for n in sizes}
+    # The evidence behind the means, which the approval gate requires: generated images scored, faces the judge
+    # found in them, and (item, image, reference) entries scored (a reference in an image without faces counts).
+    out["images_scored"] = sum(len(i.images) for i in scored)
+    out["faces_scored"] = sum(s.faces for i in scored for s in i.images)
+    out["references_scored"] = sum(i.identities * len(i.images) for i in scored)
     return out
 
 
