@@ -113,16 +113,14 @@ def make_base(config: Config) -> dict[str, float]:
     from umo.toybase import new_components, save_base, train_base
 
     g = config.generator
-    if g.resolution[0] != g.resolution[1] or g.reference_resolution[0] != g.reference_resolution[1]:
-        raise ValueError("ablation: generator.resolution and reference_resolution must be square")
     started = time.perf_counter()
     p = paths(config)
     parts = new_components(config.ablation.vae, config.ablation.base)
     parts["vae"] = AutoencoderKLFlux2.from_pretrained(p["vae"], local_files_only=True).eval()
     gen = Flux2KleinGenerator(Flux2KleinKVPipeline(**parts, is_distilled=False), text_layers=TINY_TEXT_LAYERS,
                               max_sequence_length=g.max_sequence_length)
-    info = train_base(gen, p["samples"] / "train.json", config.ablation.base, resolution=g.resolution[0],
-                      reference_resolution=g.reference_resolution[0], sampler_steps=config.train.sampler_steps)
+    info = train_base(gen, p["samples"] / "train.json", config.ablation.base, resolution=tuple(g.resolution),
+                      reference_resolution=tuple(g.reference_resolution), sampler_steps=config.train.sampler_steps)
     save_base(gen, g.path, {**info, "vae": json.loads((p["vae"] / "vae_metrics.json").read_text())})
     _timed(config, "base", started)
     return info
@@ -229,6 +227,63 @@ def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> tuple
         return float(x.mean() - y.mean()), 0.0
     df = (vx + vy) ** 2 / ((vx ** 2 / (len(x) - 1) if vx else 0.0) + (vy ** 2 / (len(y) - 1) if vy else 0.0))
     return float(x.mean() - y.mean()), float(stats.t.ppf(0.5 + level / 2, df) * se)
+
+
+def entry_sums(items: list, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per item, (sum of its (image, reference) entries of `key`, their number), pooled as `aggregate` pools:
+    an image's value stands for its M references' entries (ID-Sim: every image; ID-Conf: images with a value).
+    face_count_accuracy and id_match count once per image. items: a model's `ItemScore`s in one fixed order."""
+    per_image = key in ("face_count_accuracy", "id_match")
+    attr = "count_ok" if key == "face_count_accuracy" else key
+    sums, counts = np.zeros(len(items)), np.zeros(len(items))
+    for j, item in enumerate(items):
+        for image in item.images:
+            v = getattr(image, attr)
+            if v is None:
+                continue
+            w = 1 if per_image else item.identities
+            sums[j] += float(v) * w
+            counts[j] += w
+    return sums, counts
+
+
+def paired_contrast(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], *, scale: float = 100.0,
+                    n_boot: int = 4000, level: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Model a minus model b, per seed, on the same items, pooled over entries (x scale).
+
+    a, b: (sums, counts) arrays of shape (seeds, items) (`entry_sums` per seed); b may have one row (the base:
+    one model for every seed). Returns the mean over seeds of the per-seed differences with two intervals:
+    - the paired t interval over the seeds' differences (n - 1 degrees of freedom);
+    - a two-way cluster bootstrap: items resampled with replacement (the same items for a and b), then seeds,
+      `n_boot` times; the percentile interval of the mean difference.
+    A hypothesis "a - b > 0" holds only if BOTH lower bounds are above 0.
+
+    >>> a = (np.array([[3.0, 1.0], [2.0, 2.0]]), np.ones((2, 2)) * 4)   # seed means 0.5, 0.5
+    >>> b = (np.array([[1.0, 1.0]]), np.ones((1, 2)) * 4)                # 0.25
+    >>> r = paired_contrast(a, b, scale=1.0, n_boot=200)
+    >>> r["estimate"], r["per_seed"]
+    (0.25, [0.25, 0.25])
+    """
+    sa, ca = (np.atleast_2d(np.asarray(x, float)) for x in a)
+    sb, cb = (np.atleast_2d(np.asarray(x, float)) for x in b)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = scale * (sa.sum(1) / ca.sum(1) - sb.sum(1) / cb.sum(1))
+    d = d[np.isfinite(d)]
+    mean, half = t_interval(list(d), level)
+    rng = np.random.default_rng(seed)
+    n_seeds, n_items = sa.shape
+    w = np.stack([np.bincount(rng.integers(0, n_items, n_items), minlength=n_items) for _ in range(n_boot)])
+    u = np.stack([np.bincount(rng.integers(0, n_seeds, n_seeds), minlength=n_seeds) for _ in range(n_boot)])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        diff = scale * ((w @ sa.T) / (w @ ca.T) - (w @ sb.T) / (w @ cb.T))  # (boot, seeds)
+    ok = np.isfinite(diff)
+    boot = (np.where(ok, diff, 0) * u).sum(1) / np.maximum((ok * u).sum(1), 1)
+    lo, hi = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {"estimate": round(float(mean), 4), "per_seed": [round(float(x), 4) for x in d], "seeds": int(len(d)),
+            "t_half_width": None if math.isnan(half) else round(half, 4),
+            "t_lower95": None if math.isnan(half) else round(mean - half, 4),
+            "bootstrap_lower95": round(float(lo), 4), "bootstrap_upper95": round(float(hi), 4),
+            "bootstrap": {"resamples": n_boot, "clusters": "items, then seeds", "interval": "percentile"}}
 
 
 # ------------------------------------------------------------------------------------------------ report

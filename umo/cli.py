@@ -89,6 +89,25 @@ def cmd_toyworld_raw(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_toybase_build(args: argparse.Namespace) -> int:
+    """Build (or reuse) the toy base generator; print its gate; exit 1 when it is refused (uninformative)."""
+    from umo.toycast import UninformativeBase, build_toybase, gate_table
+
+    config = load_config(args.params, args.overrides).toybase
+    try:
+        manifest = build_toybase(config, out=args.out, force=args.force, workers=args.workers)
+    except UninformativeBase as err:
+        log.error("%s", err)
+        try:
+            print(gate_table(json.loads(((args.out or Path(config.out)) / "gate.json").read_text())))
+        except (OSError, ValueError, KeyError):
+            pass
+        return 1
+    print(gate_table(manifest["gate"]))
+    print(f"\ntoy base in {args.out or config.out}/generator (seconds: {manifest['seconds']})")
+    return 0
+
+
 def cmd_generator_tiny(args: argparse.Namespace) -> int:
     """Write the tiny seeded FLUX.2 [klein] pipeline folder (the embedded default's generator)."""
     from umo.models.tiny import write_tiny_flux2
@@ -276,6 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", type=Path, default=Path("artifacts/toy_raw_truth.jsonl"),
                    help="ground-truth JSONL, outside --out (default: %(default)s)")
     p.set_defaults(func=cmd_toyworld_raw)
+
+    p = sub.add_parser("toybase", help="the toy world's base generator (the stand-in for a pretrained model)")
+    base_sub = p.add_subparsers(dest="toybase_command", metavar="ACTION", required=True)
+    p = base_sub.add_parser("build", help="photos of the cast, VAE, transformer, then the gate (cached per step)")
+    _add_config_args(p)
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: toybase.out)")
+    p.add_argument("--workers", type=int, default=2, help="photo rendering processes (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="rebuild every step even when cached")
+    p.set_defaults(func=cmd_toybase_build)
 
     gen = sub.add_parser("generator", help="generator utilities")
     gen_sub = gen.add_subparsers(dest="generator_command", metavar="ACTION", required=True)

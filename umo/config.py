@@ -105,14 +105,14 @@ class GeneratorConfig:
     """The multi-reference generator the LoRA is trained on (a local diffusers folder; never downloaded)."""
 
     family: Literal["flux2_klein"] = "flux2_klein"
-    path: str = "artifacts/models/generator"
+    path: str = "artifacts/toybase/generator"
     """Local diffusers pipeline folder (the embedded default writes a tiny one here)."""
     text_layers: list[int] | None = None
     """Text-encoder hidden states stacked as the prompt embedding; null = the tiny model's or [9, 18, 27]."""
-    max_sequence_length: int = 512
+    max_sequence_length: int = 32
     guidance_scale: float = 1.0
     """Classifier-free guidance when > 1 (base klein: 4; distilled klein: 1)."""
-    resolution: list[int] = field(default_factory=lambda: [64, 64])
+    resolution: list[int] = field(default_factory=lambda: [80, 128])
     """Generated [height, width] in pixels, multiples of 16."""
     reference_resolution: list[int] = field(default_factory=lambda: [64, 64])
     """[height, width] every reference image is resized to before encoding, multiples of 16."""
@@ -259,7 +259,7 @@ class PrepareConfig:
     near_duplicate_threshold: float = 0.95
     """A reference candidate this similar to the target face is a near-duplicate frame: rejected (counted)."""
     reference_crop: Literal["face", "upper_body"] = "face"
-    crop_margin: float = 0.4
+    crop_margin: float = 0.5
     """Extra context around the face box, as a fraction of its side (face crops)."""
     reference_size: int = 128
     """Saved reference crops are squares of this side (px)."""
@@ -267,7 +267,7 @@ class PrepareConfig:
     """For images without a caption; {people} becomes "person 1 and person 2" etc."""
     test_fraction: float = 0.2
     """Share of groups held out for the test split (split by group, never by image)."""
-    link_threshold: float = 0.4
+    link_threshold: float = 1.0
     """Two identities of different groups are taken for one person when their faces' mean cosine similarity is
     >= this; test samples with a person also seen in the train split are dropped (counted)."""
     face_cache: str = "artifacts/face_index"
@@ -279,7 +279,7 @@ class PrepareConfig:
     toy_raw_truth.jsonl): cluster purity and completeness are then reported in stats.json."""
     contact_sheet: int = 8
     """Random samples drawn on contact_sheet.png (references beside the target)."""
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    synthetic: SyntheticConfig = field(default_factory=lambda: SyntheticConfig(count=0))
 
     def __post_init__(self) -> None:
         _check_unit("cluster_threshold", self.cluster_threshold)
@@ -412,10 +412,15 @@ class ToyCollectionConfig:
     """[min, max] recurring identities per group."""
     image_size: list[int] = field(default_factory=lambda: [256, 256])
     """[height, width] px."""
+    cast: list[int] | None = None
+    """[first, last) identity ids: photo sessions of this cast, two people per image in a head strip (the toy
+    base generator's photos; `umo.toyworld.collection`), instead of albums of the whole identity pool."""
 
     def __post_init__(self) -> None:
         if self.n_groups < 1:
             raise ConfigError(f"n_groups: expected >= 1, got {self.n_groups}")
+        if self.cast is not None and (len(self.cast) != 2 or not 0 <= self.cast[0] < self.cast[1] - 1):
+            raise ConfigError(f"cast: expected [first, last) with at least 2 ids, got {self.cast}")
         for name in ("images_per_group", "cast_size", "image_size"):
             lo_hi = getattr(self, name)
             if len(lo_hi) != 2 or min(lo_hi) < 1 or (name != "image_size" and lo_hi[0] > lo_hi[1]):
@@ -459,6 +464,14 @@ class ToyEmbedderConfig:
     """ArcFace additive angular margin (radians)."""
     easy_margin: bool = False
     seed: int = 0
+    identities: list[int] | None = None
+    """[first, last): the training identity ids this embedder learns (null: all of them). The reward and the
+    judge learn disjoint halves, so that an image made to please one does not please the other for free."""
+
+    def __post_init__(self) -> None:
+        if self.identities is not None and (len(self.identities) != 2
+                                            or not 0 <= self.identities[0] < self.identities[1]):
+            raise ConfigError(f"identities: expected [first, last) with 0 <= first < last, got {self.identities}")
 
 
 @dataclass
@@ -482,24 +495,34 @@ class ToyWorldConfig:
     n_identities: int = 500
     """Identity pool; ids below n_train_identities train the face models, the rest are held out."""
     n_train_identities: int = 400
-    faces_per_identity: int = 8
+    faces_per_identity: int = 16
     """Embedder training crops per training identity."""
     test_faces_per_identity: int = 6
     """Verification crops per held-out identity."""
-    collection: ToyCollectionConfig = field(default_factory=ToyCollectionConfig)
+    collection: ToyCollectionConfig = field(default_factory=lambda: ToyCollectionConfig(
+        n_groups=48, images_per_group=[6, 10], cast_size=[2, 3], image_size=[80, 128], cast=[400, 416]))
+    """The raw collection (the embedded default's data/): photo sessions of the toy base's cast."""
     detector: ToyDetectorConfig = field(default_factory=ToyDetectorConfig)
     reward: ToyEmbedderConfig = field(
-        default_factory=lambda: ToyEmbedderConfig(arch="toy_r18", epochs=6, seed=1))
+        default_factory=lambda: ToyEmbedderConfig(arch="toy_r18", epochs=6, seed=1, identities=[0, 200]))
     """The REWARD embedder (saved as an arcface_torch state dict)."""
     judge: ToyEmbedderConfig = field(
-        default_factory=lambda: ToyEmbedderConfig(arch="toy_r10", epochs=8, seed=2))
-    """The evaluation JUDGE (saved as an insightface ONNX recognizer): another seed and depth."""
+        default_factory=lambda: ToyEmbedderConfig(arch="toy_r10", epochs=8, seed=2, identities=[200, 400]))
+    """The evaluation JUDGE (saved as an insightface ONNX recognizer): another seed, depth and set of people."""
     quality: ToyQualityConfig = field(default_factory=ToyQualityConfig)
 
     def __post_init__(self) -> None:
         if not 0 < self.n_train_identities < self.n_identities:
             raise ConfigError(f"n_train_identities: expected 0 < n_train_identities < n_identities "
                               f"({self.n_identities}), got {self.n_train_identities}")
+        cast = self.collection.cast
+        if cast is not None and not self.n_train_identities <= cast[0] < cast[1] <= self.n_identities:
+            raise ConfigError(f"collection.cast: {cast} must lie in the held-out identities "
+                              f"[{self.n_train_identities}, {self.n_identities}): the face models never saw the cast")
+        for name, emb in (("reward", self.reward), ("judge", self.judge)):
+            if emb.identities is not None and emb.identities[1] > self.n_train_identities:
+                raise ConfigError(f"{name}.identities: {emb.identities} reaches past the training identities "
+                                  f"(n_train_identities {self.n_train_identities}); held-out ids stay unseen")
         if self.reward.seed == self.judge.seed and self.reward.arch == self.judge.arch:
             raise ConfigError("judge: must differ from the reward embedder in seed or arch "
                               "(evaluation never uses the reward's own model)")
@@ -588,6 +611,67 @@ class AblationBaseConfig:
 
 
 @dataclass
+class ToyCastPhotosConfig:
+    """The toy base's photos (`umo.toycast`): 2-person photos of the toy world's cast (its `collection.cast`, in
+    its `collection.image_size` strip), person k in slot k."""
+
+    cast: list[int] | None = None
+    """[first, last) identity ids (null: the toy world's `collection.cast`); held out of the face models."""
+    image_size: list[int] | None = None
+    """[height, width] px of a photo (null: the toy world's `collection.image_size`)."""
+    n_train: int = 3000
+    """Train photos (each a new render: pose, light, expression, backdrop)."""
+    n_test: int = 64
+    """Held-out photos of the cast (new renders, new reference portraits): the base gate's items."""
+    duplicate_p: float = 0.3
+    """Share of TRAIN photos that show one of the two people twice and the other not at all, while the references
+    stay the two people: the identity confusion the paper describes, put into the base's training data."""
+    reference_size: int = 64
+    """Saved reference crops, px."""
+    crop_scale: float = 1.5
+    """Reference crop side = this x the portrait's face box side."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.duplicate_p < 1:
+            raise ConfigError(f"duplicate_p: expected 0 <= p < 1, got {self.duplicate_p}")
+
+
+@dataclass
+class ToyBaseGateConfig:
+    """What the toy base must show on held-out photos of its cast before anything is fine-tuned from it."""
+
+    min_two_face_rate: float = 0.85
+    """Share of generated images in which the judge finds exactly 2 faces."""
+    min_id_sim: float = 20.0
+    """The judge's ID-Sim x100 (chance: about 1-9)."""
+    id_conf: list[float] | None = field(default_factory=lambda: [45.0, 75.0])
+    """[low, high] ID-Conf x100: above confusion at chance, below the real photos' (about 78): room to improve.
+    null: no ID-Conf rule (only for tests of the chain's mechanics with an untrained base)."""
+    images_per_item: int = 2
+    steps: int = 8
+    """Sampler steps."""
+
+
+@dataclass
+class ToyBaseConfig:
+    """`umo toybase build`: the toy world's BASE generator, the stand-in for a pretrained customization model
+    (a FLUX.2 [klein] folder trained from scratch on photos of a small cast; `umo.toycast`)."""
+
+    out: str = "artifacts/toybase"
+    toyworld: str = "artifacts/toyworld"
+    """The built toy world: its face models make reference embeddings and judge the gate."""
+    photos: ToyCastPhotosConfig = field(default_factory=ToyCastPhotosConfig)
+    vae: AblationVaeConfig = field(default_factory=lambda: AblationVaeConfig(
+        channels=[16, 32, 64, 64], latent_channels=16, steps=1200, crop=64))
+    model: AblationBaseConfig = field(default_factory=lambda: AblationBaseConfig(steps=4000, batch=16))
+    reference_resolution: list[int] = field(default_factory=lambda: [64, 64])
+    sampler_steps: int = 8
+    max_sequence_length: int = 32
+    gate: ToyBaseGateConfig = field(default_factory=ToyBaseGateConfig)
+
+
+@dataclass
 class AblationConfig:
     """`ablation/dvc.yaml`: the toy-world ablation SFT vs SIR vs MIMR from one base (docs/ablation.md)."""
 
@@ -626,6 +710,7 @@ class Config:
     deploy: DeployConfig = field(default_factory=DeployConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     toyworld: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+    toybase: ToyBaseConfig = field(default_factory=ToyBaseConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
 
 

@@ -265,7 +265,8 @@ class _Encoded:
     """The train manifest encoded once: packed target latents, reference tokens and prompt embeddings, grouped
     by the number of references (a batch shares its reference layout)."""
 
-    def __init__(self, gen, manifest_path: Path, resolution: int, reference_resolution: int) -> None:
+    def __init__(self, gen, manifest_path: Path, resolution: tuple[int, int],
+                 reference_resolution: tuple[int, int]) -> None:
         from umo.data.manifest import read_manifest
         from umo.train.data import load_image
 
@@ -281,10 +282,10 @@ class _Encoded:
             x0, refs, ref_ids, texts = [], [], None, []
             for i in range(0, len(samples), 32):
                 chunk = samples[i:i + 32]
-                targets = torch.stack([load_image(man.path(s.target), (resolution, resolution)) for s in chunk])
+                targets = torch.stack([load_image(man.path(s.target), tuple(resolution)) for s in chunk])
                 lat = gen.pipe._pack_latents(gen.encode_images(targets)).float()
                 r, ref_ids = gen.encode_references(
-                    [[load_image(man.path(r.path), (reference_resolution,) * 2) for r in s.references]
+                    [[load_image(man.path(r.path), tuple(reference_resolution)) for r in s.references]
                      for s in chunk])
                 x0.append(lat)
                 refs.append(r.float())
@@ -293,9 +294,10 @@ class _Encoded:
         self.n = len(man.samples)
 
 
-def train_base(gen, manifest_path: str | Path, cfg: AblationBaseConfig, *, resolution: int,
-               reference_resolution: int, sampler_steps: int, log_every: int = 50) -> dict[str, float]:
-    """Train `gen.transformer` in place with supervised flow matching (see the module docstring)."""
+def train_base(gen, manifest_path: str | Path, cfg: AblationBaseConfig, *, resolution: tuple[int, int],
+               reference_resolution: tuple[int, int], sampler_steps: int, log_every: int = 50) -> dict[str, float]:
+    """Train `gen.transformer` in place with supervised flow matching (see the module docstring).
+    resolution, reference_resolution: [height, width] px of the targets and of the references."""
     from umo.models.base import Conditioning
 
     started = time.perf_counter()
@@ -310,7 +312,7 @@ def train_base(gen, manifest_path: str | Path, cfg: AblationBaseConfig, *, resol
     g = torch.Generator().manual_seed(cfg.seed)
     keys = sorted(data.buckets)
     weights = torch.tensor([len(data.buckets[k]["prompts"]) for k in keys], dtype=torch.float)
-    h = w = resolution
+    h, w = resolution
     latent_ids = gen.pipe._prepare_latent_ids(torch.empty((1, 1, h // gen.scale, w // gen.scale), device="meta"))
     hist = []
     ema = {n: p.detach().clone() for n, p in tr.named_parameters()} if cfg.ema_decay else None

@@ -278,6 +278,7 @@ def assess_quality(parts: dict[str, dict[str, Any]], cfg: ToyWorldConfig) -> dic
         "reward_eer": emb["eer"],
         "judge_eer": emb["b_eer"],
         "reward_judge_score_correlation": emb["score_corr"],
+        "reward_judge_impostor_correlation": emb.get("impostor_score_corr"),
         "verification_pairs": {"genuine": emb["n_genuine"], "impostor": emb["n_impostor"]},
     }
     gates = {
@@ -301,7 +302,7 @@ def quality_table(quality: dict[str, Any]) -> str:
     rows = [("metric (held-out)", "value", "gate", "")]
     for key in ("detector_precision", "detector_recall", "detector_landmark_error_px",
                 "reward_tar_at_far_1e-3", "judge_tar_at_far_1e-3", "reward_eer", "judge_eer",
-                "reward_judge_score_correlation"):
+                "reward_judge_score_correlation", "reward_judge_impostor_correlation"):
         gate = gates.get(key)
         ok = "" if gate is None else ("ok" if m[key] is not None and m[key] >= gate else "FAIL")
         rows.append((key, _fmt(m[key]), "" if gate is None else f">= {gate}", ok))
@@ -409,7 +410,8 @@ def _write_collection(cfg: ToyWorldConfig, out: Path, truth: Path) -> dict[str, 
     c = cfg.collection
     return write_raw_collection(out, world_seed=cfg.world_seed, n_groups=c.n_groups,
                                 images_per_group=tuple(c.images_per_group), cast_size=tuple(c.cast_size),
-                                n_identities=cfg.n_identities, image_size=tuple(c.image_size), truth_path=truth)
+                                n_identities=cfg.n_identities, image_size=tuple(c.image_size), truth_path=truth,
+                                cast=None if c.cast is None else tuple(c.cast))
 
 
 def _write_raw(out: str, truth: str, cfg_data: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,11 @@ Layout (what data prep sees):
 A group stands for one video, album or event: its own cast of 2..6 identities (an identity occasionally
 recurs in another group, like an actor in two videos), 6..20 images each showing 1..4 of the cast.
 
+With a `cast` (the embedded default's: the toy base generator's cast, `umo.toycast`), a group is a photo
+SESSION instead: 2..3 people of that cast, every image a studio photo of two of them side by side (left-right
+order random), cut to the strip of rows around their heads (image_size [height, width]: a width-square render
+cut to height rows). These are the photos the toy base draws, so the chain's fine-tuning has something to move.
+
 Ground truth goes OUTSIDE out_dir (default `out_dir.parent / f"{out_dir.name}_truth.jsonl"`), one line
 per image: {"boxes", "caption", "group", "identity_ids", "image", "landmarks"}, faces left to right, pixel
 coordinates rounded to 2 decimals.
@@ -36,7 +41,7 @@ from tqdm import tqdm
 from umo.toyworld.background import SCENE_SETTINGS
 from umo.toyworld.identity import MAX_IDENTITIES, make_identity
 from umo.io import atomic_write_bytes
-from umo.toyworld.render import MAX_FACES, Scene, render_scene
+from umo.toyworld.render import MAX_FACES, Scene, head_strip, render_group, render_scene
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +142,33 @@ def plan_collection(
     return plans
 
 
+def plan_sessions(world_seed: int, n_groups: int, *, images_per_group: tuple[int, int], cast_size: tuple[int, int],
+                  cast: tuple[int, int]) -> list[GroupPlan]:
+    """Photo sessions of a cast [first, last) of ids (pure; deterministic): each group takes cast_size people of
+    it, each image shows two of them, favouring those shown least so far."""
+    lo_img, hi_img = images_per_group
+    if n_groups < 1 or not 1 <= lo_img <= hi_img or not 2 <= cast_size[0] <= cast_size[1] <= cast[1] - cast[0]:
+        raise ValueError(f"sessions need n_groups >= 1, 1 <= images low <= high and 2 <= cast_size low <= high <= "
+                         f"the cast's size, got {n_groups}, {images_per_group}, {cast_size}, cast {cast}")
+    rng = np.random.default_rng((world_seed, _PLAN_SALT, 2))
+    plans = []
+    for g in range(n_groups):
+        size = int(rng.integers(cast_size[0], cast_size[1] + 1))
+        people = tuple(sorted(int(i) for i in rng.choice(np.arange(*cast), size, replace=False)))
+        shown = {i: 0 for i in people}
+        images = []
+        for _ in range(int(rng.integers(lo_img, hi_img + 1))):
+            tiebreak = rng.random(size)
+            pair = sorted(range(size), key=lambda j: (shown[people[j]], tiebreak[j]))[:2]
+            for j in pair:
+                shown[people[j]] += 1
+            images.append(tuple(people[j] for j in sorted(pair)))
+        plans.append(GroupPlan(f"session_{g:04d}", people, "in a studio", tuple(images)))
+    return plans
+
+
 def _image_name(plan: GroupPlan, index: int) -> str:
-    prefix = {"video": "frame", "album": "photo", "event": "img"}[plan.name.split("_")[0]]
+    prefix = {"video": "frame", "album": "photo", "event": "img", "session": "shot"}[plan.name.split("_")[0]]
     return f"{prefix}_{index:04d}.png"
 
 
@@ -147,6 +177,9 @@ def render_group_image(world_seed: int, group_index: int, plan: GroupPlan, index
     """Image `index` of group `group_index`: its own generator, so any image can be re-rendered alone.
     Most images are in the group's setting; one in five elsewhere (a video cuts to another place)."""
     rng = np.random.default_rng((world_seed, group_index, index, _IMAGE_SALT))
+    if plan.name.startswith("session_"):
+        people = [make_identity(world_seed, i) for i in plan.images[index]]
+        return head_strip(render_group(world_seed, people, rng, image_size[1]), image_size[0])
     setting = plan.setting
     if rng.random() < 0.2:
         setting = SCENE_SETTINGS[int(rng.integers(0, len(SCENE_SETTINGS)))]
@@ -184,10 +217,12 @@ def write_raw_collection(
     image_size: tuple[int, int] = (256, 256),
     truth_path: Path | None = None,
     workers: int = 1,
+    cast: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Render and write the raw collection (layout in the module docstring); returns its metadata.
 
     out_dir must not exist or be empty (stale files would break byte-identity). image_size: (H, W) px.
+    cast: [first, last) ids: photo sessions of that cast (module docstring) instead of albums.
     workers > 1 renders in that many spawned processes (same bytes; worth it from a few hundred images).
     Returns the `toyworld.json` content plus "out_dir" and "truth_path" (absolute, NOT written to disk).
     """
@@ -197,13 +232,12 @@ def write_raw_collection(
     truth_path = Path(truth_path) if truth_path is not None else default_truth_path(out_dir)
     if truth_path.resolve().is_relative_to(out_dir.resolve()):
         raise ValueError(f"truth_path {truth_path} must lie outside the collection {out_dir}")
-    plans = plan_collection(
-        world_seed,
-        n_groups,
-        images_per_group=images_per_group,
-        cast_size=cast_size,
-        n_identities=n_identities,
-    )
+    if cast is not None:
+        plans = plan_sessions(world_seed, n_groups, images_per_group=images_per_group, cast_size=cast_size,
+                              cast=(int(cast[0]), int(cast[1])))
+    else:
+        plans = plan_collection(world_seed, n_groups, images_per_group=images_per_group, cast_size=cast_size,
+                                n_identities=n_identities)
     out_dir.mkdir(parents=True, exist_ok=True)
     truth_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -250,6 +284,7 @@ def write_raw_collection(
         "n_identities": len(identities),
         "identity_pool": int(n_identities),
         "image_size": [int(image_size[0]), int(image_size[1])],
+        "cast": None if cast is None else [int(cast[0]), int(cast[1])],
         "note": NOTE,
     }
     atomic_write_bytes(out_dir / METADATA_FILE, (json.dumps(meta, sort_keys=True, indent=2) + "\n").encode())

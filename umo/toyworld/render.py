@@ -187,12 +187,13 @@ def _compose(
     )
 
 
-def _check_people(world_seed: int, identities: list[Identity], what: str) -> int:
-    """The number of people of a scene or group, after checking: 1..MAX_FACES, distinct, all of this world."""
+def _check_people(world_seed: int, identities: list[Identity], what: str, *, repeats: bool = False) -> int:
+    """The number of people of a scene or group, after checking: 1..MAX_FACES, distinct (unless `repeats`), all
+    of this world."""
     k = len(identities)
     if not 1 <= k <= MAX_FACES:
         raise ValueError(f"a {what} holds 1..{MAX_FACES} identities, got {k}")
-    if len({i.identity_id for i in identities}) != k:
+    if not repeats and len({i.identity_id for i in identities}) != k:
         got = [i.identity_id for i in identities]
         raise ValueError(f"identities in a {what} must be distinct, got ids {got}")
     for idt in identities:
@@ -279,10 +280,12 @@ def render_portrait(
 
 
 def render_group(
-    world_seed: int, identities: list[Identity], rng: np.random.Generator, size: int = 192
+    world_seed: int, identities: list[Identity], rng: np.random.Generator, size: int = 192, *,
+    shuffle: bool = True, repeats: bool = False,
 ) -> Scene:
     """A group photo: 1..4 `identities` side by side in a row, heads at about the same height, on a plain
-    studio backdrop (no clutter), left-to-right order random. The generator ablation's targets
+    studio backdrop (no clutter), left-to-right order random (shuffle=False: in the given order, person k in
+    slot k). repeats=True lets one person stand in two places (the confused photos of `umo.toycast`). The generator ablation's targets
     (`umo.toybase`): the same people and faces as `render_scene`, in a layout a tiny generator can
     learn on a CPU in minutes, so that what it gets wrong is WHO stands where, not where anyone stands.
 
@@ -290,7 +293,7 @@ def render_group(
     for 4, with a few percent of jitter in position and size; pose, lighting and expression vary as in every
     scene.
     """
-    k = _check_people(world_seed, identities, "group")
+    k = _check_people(world_seed, identities, "group", repeats=repeats)
     if size < 128:
         raise ValueError(f"group size must be >= 128 px, got {size}")
     setting = "in a studio"
@@ -298,7 +301,7 @@ def render_group(
     top, bottom = shade(pal.upper, float(rng.uniform(0.9, 1.1))), shade(pal.lower, float(rng.uniform(0.9, 1.1)))
     background = np.clip(vertical_gradient(top, bottom, size, size) + np.float32(0.5), 0, 255).astype(np.uint8)
 
-    people = [identities[i] for i in rng.permutation(k)]
+    people = [identities[i] for i in (rng.permutation(k) if shuffle else range(k))]
     face_w = size * {1: 0.36, 2: 0.36, 3: 0.27, 4: 0.2}[k]
     patches, offsets = [], []
     for slot, person in enumerate(people):
@@ -314,3 +317,15 @@ def render_group(
     words = {1: "one person", 2: "two people", 3: "three people", 4: "four people"}
     return _compose(patches, offsets, [p.identity_id for p in people], background, rng,
                     lambda ids: f"a group photo of {words[k]}", setting)
+
+
+def head_strip(scene: Scene, rows: int) -> Scene:
+    """The `rows` rows of a group photo around its heads (which stand at 0.4 of the height), truth moved with
+    them: a wide strip holds the same faces in fewer pixels than the square (the toy base's photos)."""
+    h = scene.image.shape[0]
+    if not 0 < rows <= h:
+        raise ValueError(f"strip rows must be in (0, {h}], got {rows}")
+    top = min(max(int(round(0.4 * h - rows / 2)), 0), h - rows)
+    shift = np.array([0, top], np.float32)
+    return replace(scene, image=np.ascontiguousarray(scene.image[top:top + rows]),
+                   boxes=scene.boxes - np.tile(shift, 2), landmarks=scene.landmarks - shift)
