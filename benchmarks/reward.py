@@ -34,7 +34,7 @@ from umo.faces.detect import FaceDetector
 from umo.faces.embed import ArcFaceEmbedder, iresnet
 from umo.faces.export import export_detector_onnx
 from umo.faces.testing import MarkerDetector, identity_patch, paste_faces, random_background
-from umo.reward import MatchingReward, matching_reward
+from umo.reward import CROP_FILL, MatchingReward, matching_reward
 
 from timing import Clock, sync
 
@@ -88,8 +88,9 @@ def run_loop(detector: FaceDetector, embedder: ArcFaceEmbedder, images: torch.Te
         with clock("detect"):
             (det,) = detector.detect_tensor(x.detach())
         with clock("warp"):
-            mats, valid = similarity_transforms(det.landmarks, image_hw=tuple(x.shape[2:]))
-            crops = [warp_faces(x, torch.zeros(1, dtype=torch.long), mats[j : j + 1]) for j in np.flatnonzero(valid)]
+            mats, valid = similarity_transforms(det.landmarks)  # the faces MatchingReward.align keeps
+            crops = [warp_faces(x, torch.zeros(1, dtype=torch.long), mats[j : j + 1], fill=CROP_FILL)
+                     for j in np.flatnonzero(valid)]
         with clock("embed"):
             with torch.no_grad():
                 ref = torch.cat([embedder(ref_crops[b][j : j + 1]) for j in range(ref_crops[b].shape[0])])

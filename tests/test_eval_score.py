@@ -24,14 +24,14 @@ def item_from(sims, name="x"):
     return score_item(name, refs, faces)
 
 
-def test_xversebench_scale_averages_the_grid_then_the_items():
+def test_xversebench_scale_pools_the_grid_entries():
     grid = [[[0.9, 0.3], [0.2, 0.6]],          # 2 faces: conf 0.6667 for both; match 0.75
             [[0.5], [0.4]],                    # 1 face: no ID-Conf entry; match 0.5
             np.zeros((2, 0)),                  # no face: ID-Sim 0, match 0
             [[0.8, 0.7, 0.1], [0.6, 0.75, 0.2]]]  # 3 faces: conf 0.125 / 0.2; match 0.775
     r = aggregate([item_from(grid)], SCALES["xverse"])
     assert r["id_sim"] == pytest.approx(100 * (0.75 + 0.45 + 0.0 + 0.775) / 4)      # 49.375
-    assert r["id_conf"] == pytest.approx(100 * (0.6667 + 0.1625) / 2, abs=1e-2)     # 41.46
+    assert r["id_conf"] == pytest.approx(100 * (2 * 0.6667 + 0.125 + 0.2) / 4, abs=1e-2)  # 41.46
     assert r["id_match"] == pytest.approx(100 * (0.75 + 0.5 + 0.0 + 0.775) / 4)    # 50.625
     assert r["face_count_accuracy"] == 0.25 and r["items"] == 1 and r["unscored"] == 0
 
@@ -40,13 +40,93 @@ def test_omnicontext_scale_and_the_breakdown_by_identities():
     a = item_from([[[0.62, 0.1]]], "a")                    # 1 identity, 2 faces
     b = item_from([[[0.3, -0.1], [0.1, -0.2]]], "b")       # 2 identities: conf capped at 1
     r = aggregate([a, b], SCALES["omnicontext"])
-    assert r["id_sim"] == pytest.approx(10 * (0.62 + 0.2) / 2)                    # 4.1
-    assert r["id_conf"] == pytest.approx(10 * ((0.62 - 0.1) / 0.62 + 1.0) / 2, abs=1e-3)   # 9.19
-    assert r["id_match"] == pytest.approx(10 * (0.62 + 0.05) / 2)                 # 3.35
+    assert r["id_sim"] == pytest.approx(10 * (0.62 + 0.3 + 0.1) / 3)              # 3.4: 3 (image, reference)
+    assert r["id_conf"] == pytest.approx(10 * ((0.62 - 0.1) / 0.62 + 1.0 + 1.0) / 3, abs=1e-3)   # 9.46
+    assert r["id_match"] == pytest.approx(10 * (0.62 + 0.05) / 2)                 # 3.35: 2 images
     assert r["face_count_accuracy"] == 0.5
     assert r["by_identities"]["1"]["id_sim"] == pytest.approx(6.2)
     assert r["by_identities"]["2"]["id_sim"] == pytest.approx(2.0)
     assert r["by_identities"]["2"]["id_conf"] == pytest.approx(10.0)
+
+
+def test_the_set_mean_pools_entries_not_item_means():
+    """The public evaluators' rule: one mean over every (item, image, reference) entry (module docstring).
+
+    Item A, 2 people, 1 image with 2 faces:      rows [0.8, 0.2] and [0.1, 0.5]
+        ID-Sim 0.8, 0.5; ID-Conf (0.8-0.2)/0.8 = 0.75, (0.5-0.1)/0.5 = 0.8; ID-Match (0.8+0.5)/2 = 0.65; 2 == 2
+    Item B, 1 person, 3 images:
+        image 1, 2 faces [0.6, 0.3]:  ID-Sim 0.6, ID-Conf (0.6-0.3)/0.6 = 0.5, ID-Match 0.6, 2 != 1
+        image 2, 1 face  [0.4]:       ID-Sim 0.4, no ID-Conf entry,             ID-Match 0.4, 1 == 1
+        image 3, no face:             ID-Sim 0,   no ID-Conf entry,             ID-Match 0,   0 != 1
+    Pooled (ours, the public scripts'):             Item first (the old rule):
+        ID-Sim   (0.8+0.5+0.6+0.4+0)/5 = 0.46            (0.65 + 1.0/3)/2  = 0.4917
+        ID-Conf  (0.75+0.8+0.5)/3      = 0.68333         (0.775 + 0.5)/2   = 0.6375
+        ID-Match (0.65+0.6+0.4+0)/4    = 0.4125          (0.65 + 1.0/3)/2  = 0.4917
+        count    (1+0+1+0)/4           = 0.5             (1 + 1/3)/2       = 0.6667
+    """
+    a = item_from([[[0.8, 0.2], [0.1, 0.5]]], "A")
+    b = item_from([[[0.6, 0.3]], [[0.4]], np.zeros((1, 0))], "B")
+    r = aggregate([a, b], SCALES["xverse"])
+    assert (r["id_sim"], r["id_conf"], r["id_match"], r["face_count_accuracy"]) == (46.0, 68.3333, 41.25, 0.5)
+    assert r["items"] == 2 and r["unscored"] == 0
+    # the per-number-of-identities blocks pool within their own items
+    assert r["by_identities"]["2"] == {"items": 1, "id_sim": 65.0, "id_conf": 77.5, "id_match": 65.0,
+                                       "face_count_accuracy": 1.0}
+    assert r["by_identities"]["1"] == {"items": 1, "id_sim": 33.3333, "id_conf": 50.0, "id_match": 33.3333,
+                                       "face_count_accuracy": 0.3333}
+    # the old rule's numbers, to show that the two definitions differ on this case
+    item_first = [np.mean([a.mean(k), b.mean(k)]) for k in ("id_sim", "id_conf", "id_match", "count_ok")]
+    assert item_first == pytest.approx([0.49167, 0.6375, 0.49167, 0.66667], abs=1e-5)
+
+
+class FixedDetections:
+    """A detector that reports the given `Detections` for every image."""
+
+    def __init__(self, det) -> None:
+        self.det = det
+
+    def detect(self, images):
+        return [self.det for _ in images]
+
+
+class RowRecognizer:
+    """A recognizer giving face k of an image the unit vector e_k (so references e_0, e_1 match faces 0, 1);
+    it records how many faces it was asked to embed."""
+
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+
+    def embed(self, images, detections):
+        self.asked += [len(d) for d in detections]
+        return [np.eye(len(d), 8, dtype=np.float32) for d in detections]
+
+
+def test_a_face_with_degenerate_landmarks_is_not_a_face():
+    """Two detections, the second with its 5 landmarks on one point: the judge aligns, embeds and counts one
+    face, so the image has no ID-Conf entry (N = 1 < 2) and its face count is 1 (wrong for 2 people)."""
+    from umo.faces.types import Detections
+
+    good = np.array([[30, 40], [60, 40], [45, 55], [33, 70], [57, 70]], np.float32)
+    det = Detections(np.array([[20, 25, 70, 85], [80, 25, 130, 85]], np.float32),
+                     np.stack([good, np.full((5, 2), 100.0, np.float32)]), np.array([0.9, 0.9], np.float32))
+    recognizer = RowRecognizer()
+    judge = Judge(FixedDetections(det), recognizer)
+    image = np.zeros((160, 160, 3), np.uint8)
+    (boxes, faces), = judge.faces([image])
+    assert recognizer.asked == [1] and len(faces) == 1
+    np.testing.assert_array_equal(boxes, det.boxes[:1])
+    item = score_item("x", np.eye(2, 8), [faces])  # 2 people
+    (s,) = item.images
+    assert (s.faces, s.count_ok, s.id_conf, s.id_sim) == (1, False, None, 0.5)
+    r = aggregate([item], 100)
+    assert r["id_conf"] is None and r["face_count_accuracy"] == 0.0
+    # with the degenerate face counted (the old rule), the image had an ID-Conf entry and a right count
+    counted = score_item("x", np.eye(2, 8), [np.eye(2, 8)])
+    assert counted.images[0].id_conf is not None and counted.images[0].count_ok
+    # a reference image whose only face is degenerate has no reference face
+    only_bad = Detections(det.boxes[1:], det.landmarks[1:], det.scores[1:])
+    refs, missing = Judge(FixedDetections(only_bad), RowRecognizer()).references([image])
+    assert missing == [0] and not refs.any()
 
 
 def test_confusion_is_zero_when_the_best_similarity_is_not_positive():

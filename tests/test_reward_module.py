@@ -142,15 +142,32 @@ def test_target_faces_mode(reward_parts):
     assert float(reward(target, empty)) == 0.0
 
 
-def test_faces_outside_the_image_are_skipped_and_counted(reward_parts, references):
+def test_a_face_partly_outside_the_image_is_kept_by_the_reward_and_the_judge_alike(reward_parts, references):
+    """The reward and the judge make the same decision on a face with landmarks outside the image: both keep
+    it, and both crop it with a black border (umo.reward.CROP_FILL), so their crops agree pixel for pixel up to
+    OpenCV's fixed-point bilinear rounding."""
+    from umo.eval.score import Judge
+    from umo.faces.embed import norm_crops
+
     detector, embedder = reward_parts
     reward = MatchingReward(detector, embedder)
     # A face whose nose sits 8 px from the left edge: its left eye and mouth landmarks fall outside the image.
     image = scene([1, 2], slots=[(8.0, 128.0), (128.0, 128.0)])
-    out = reward.compute(to_tensor([image]), [references])
-    assert out.skipped["degenerate"] == 1
-    assert out.faces.tolist() == [1]
-    assert torch.isfinite(out.rewards).all()
+    tensor = to_tensor([image])
+    (det,), _ = reward.detect(tensor)
+    assert len(det) == 2 and (det.landmarks[..., 0] < 0).any()
+    faces, owner, degenerate = reward.align(tensor, [det])  # the reward's path
+    (judged,) = Judge(detector, recognizer=None).detect([image])  # the judge's path
+    crops, (usable,) = norm_crops([image], [judged])
+    assert degenerate == 0 and faces.shape[0] == 2 and len(judged) == 2 and usable.all()
+    np.testing.assert_allclose(judged.landmarks, det.landmarks, atol=1e-4)
+    reward_px = ((faces.detach().permute(0, 2, 3, 1).double() + 1) * 127.5).numpy()
+    border = crops == 0  # the judge's black border (and any black pixels of the face itself)
+    assert border[0].mean() > 0.05 or border[1].mean() > 0.05  # the cut face's crop is partly border
+    assert np.abs(reward_px[border]).max() < 1.0  # black in the reward's crop too (gray would be 127.5)
+    assert np.abs(reward_px - crops).max() < 1.5 and np.abs(reward_px - crops).mean() < 0.5
+    out = reward.compute(tensor, [references])
+    assert out.faces.tolist() == [2] and out.skipped["degenerate"] == 0 and torch.isfinite(out.rewards).all()
 
 
 def test_max_faces_and_min_face_size(reward_parts, references):

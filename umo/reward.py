@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 
 ArrayLike = Any  # torch.Tensor | np.ndarray | nested sequences of floats
 
+# A face whose landmarks fall partly outside the image is kept by the reward and by the judge alike, and
+# cropped with a black border: -1 in the reward's [-1, 1] images, 0 in the judge's uint8 ones (cv2's and
+# insightface norm_crop's borderValue=0, the border the toy embedders were trained with). Dropping it would
+# let the policy hide a duplicated face at the edge, where the judge still counts and scores it.
+CROP_FILL = -1.0
+
 
 def check_similarity(sim: ArrayLike, name: str = "sim") -> ArrayLike:
     """Validate a similarity matrix: 2-D, finite. Returns torch tensors as they are, anything else as float64."""
@@ -236,18 +242,19 @@ class MatchingReward(nn.Module):
 
     def align(self, images: torch.Tensor, detections: Sequence[Detections]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """All usable faces of the batch as (K, 3, 112, 112) crops (differentiable), their owner image (K,), and
-        the number of faces skipped for degenerate landmarks (collinear, non-finite, outside the image)."""
+        the number of faces skipped for degenerate landmarks (collinear, coincident, non-finite). A face partly
+        outside the image is usable: its crop has a black border (`CROP_FILL`), as the judge's has."""
         counts = [len(d) for d in detections]
         owner = np.repeat(np.arange(len(detections)), counts)
         landmarks = (
             np.concatenate([d.landmarks for d in detections]) if sum(counts) else np.zeros((0, 5, 2), np.float32)
         )
-        matrices, valid = similarity_transforms(landmarks, image_hw=tuple(images.shape[2:]))
+        matrices, valid = similarity_transforms(landmarks)
         skipped = int((~valid).sum())
         if skipped:
             log.debug("skipping %d face(s) with degenerate landmarks", skipped)
         owner_t = torch.as_tensor(owner[valid], dtype=torch.long, device=images.device)
-        return warp_faces(images, owner_t, matrices[valid]), owner_t, skipped
+        return warp_faces(images, owner_t, matrices[valid], fill=CROP_FILL), owner_t, skipped
 
     def embed(self, faces: torch.Tensor) -> torch.Tensor:
         """(K, 3, 112, 112) in [-1, 1] -> (K, D) L2-normalized float32 embeddings, one forward."""

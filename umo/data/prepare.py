@@ -199,6 +199,7 @@ def _reference_crop(rgb: np.ndarray, box: np.ndarray, p) -> np.ndarray:
 def _load_models(config, device: str):
     from umo.faces.detect import FaceDetector
     from umo.faces.embed import load_arcface
+    from umo.reward import CROP_FILL
 
     detector = FaceDetector.from_config(config.faces.detector)
     embedder = load_arcface(config.faces.embedder.path, config.faces.embedder.arch)
@@ -206,7 +207,7 @@ def _load_models(config, device: str):
     d = config.faces.detector
     key = models_key([Path(detector.model_file)], Path(config.faces.embedder.path),
                      {"det_thresh": d.det_thresh, "nms_thresh": d.nms_thresh, "input_size": d.input_size,
-                      "arch": config.faces.embedder.arch})
+                      "arch": config.faces.embedder.arch, "crop_fill": CROP_FILL})  # embeddings see the border
     return face_embedder, key
 
 

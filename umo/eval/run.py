@@ -10,7 +10,8 @@ sums by thread count), and the same noise serves the base, the candidate and the
 
 Work folder and crashes. Each finished (model, item) is written at once to `.<out>.work/`: its images (one grid
 PNG, the XVerseBench output format) and its judge scores (JSON). A run that stops is re-run with the same
-command and skips what is done; a change of any setting, LoRA file or item list empties the work folder first.
+command and skips what is done; a change of any setting, LoRA file, item list or scoring rule
+(umo.eval.score.SCORING_VERSION) empties the work folder first.
 When every process is done (a barrier), the main process reads all the score files, the one merge, and builds
 `out` in a temporary sibling renamed into place (umo.eval.report); the work folder is then removed.
 
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from umo.config import Config, to_dict
-from umo.eval.score import ImageScore, ItemScore, Judge, score_item
+from umo.eval.score import SCORING_VERSION, ImageScore, ItemScore, Judge, score_item
 from umo.eval.sets import EvalItem, file_stem, load_heldout, load_omnicontext, load_xverse
 from umo.io import atomic_write_bytes, atomic_write_json, sha256_file
 
@@ -107,7 +108,7 @@ def fingerprint(config: Config, items: list[EvalItem], models: dict[str, Path | 
                                          for i in items]).encode()).hexdigest()
     return {"eval": {k: cfg["eval"][k] for k in ("benchmark", "images_per_item", "steps", "seed", "precision")},
             "generator": cfg["generator"], "judge": cfg["faces"]["judge"], "detector": cfg["faces"]["detector"],
-            "items": listing,
+            "items": listing, "scoring": SCORING_VERSION,
             "models": {name: None if path is None else sha256_file(path) for name, path in models.items()}}
 
 

@@ -1,17 +1,28 @@
 """Scoring generated images with the JUDGE (a face model independent of the reward), and aggregating.
 
-Per generated image, with M references and the N faces the judge detects in it (umo.metrics, PAPER.md):
-ID-Sim per reference, ID-Conf per reference (only when N >= 2), ID-Match (mean Hungarian-assigned
-similarity) and whether N == M (face-count accuracy).
+Per generated image, with M references and the N faces the judge detects and can align in it (umo.metrics,
+PAPER.md): ID-Sim per reference, ID-Conf per reference (only when N >= 2), ID-Match (mean Hungarian-assigned
+similarity) and whether N == M (face-count accuracy). A detected face whose landmarks are degenerate
+(`similarity_transforms` says invalid: coincident, collinear, non-finite) is not a face: it is dropped before
+embedding, so it counts neither toward N >= 2 nor in the face count. A face partly outside the image is kept
+and cropped with a black border, as the reward does (umo.reward.CROP_FILL).
 
-Aggregation, the same for every set; only the scale differs:
+Aggregation, the public evaluators' rule (bytedance/XVerse eval/tools/idip_face_score.py for ID-Sim,
+bytedance/UMO eval/id_conf_xversebench.py for ID-Conf): ONE pooled mean over every (item, image, reference)
+entry of the set, never a mean of item means:
 
-    image  ID-Sim = mean over references; ID-Conf = mean over the references that have an entry (none: no
-           value); ID-Match; face count correct (0/1)
-    item   the mean over its images (a XVerseBench grid has 4); ID-Conf over the images that have a value
-    set    the mean over items (ID-Conf over the items that have a value), times the scale:
-           x100 for XVerseBench and our held-out set, x10 for OmniContext. ID-Match is scaled like ID-Sim;
-           face-count accuracy is a fraction.
+    ID-Sim              every (item, image, reference): M entries per image (0 for a reference of an image
+                        without faces)
+    ID-Conf             the same entries, only from images with N >= 2 faces (an image with fewer adds none)
+    ID-Match            every image (item, image) once: it is one value per image, not per reference
+    face-count accuracy every image once, the share with N == M
+
+An item's images share its M references (`ItemScore.identities`), so each image keeps the mean of its M
+entries and stands for M of them: the pooled mean is sum(M * image mean) / sum(M) over the images (for ID-Conf,
+over the images that have a value). Items with more references or more images weigh more, as in the
+public scripts. The per-number-of-identities blocks pool the same way within their items. Then x the scale:
+x100 for XVerseBench and our held-out set, x10 for OmniContext; ID-Match is scaled like ID-Sim, face-count
+accuracy is a fraction.
 
 Reference face = the largest face the judge detects in each reference image. A reference image with no face
 cannot be scored: its item is counted as `unscored` (with the reason), never silently averaged as zero.
@@ -32,8 +43,16 @@ from umo.metrics import id_conf, id_match, id_sim
 SCALES = {"xverse": 100.0, "heldout": 100.0, "omnicontext": 10.0}
 
 
+# The rules behind a stored ImageScore: the face rule above and what the fields mean. A cached score of another
+# version (umo.eval.run's work folder) is recomputed. 2: degenerate faces are no longer counted as faces.
+SCORING_VERSION = 2
+
+
 @dataclass
 class ImageScore:
+    """One generated image, unscaled. id_sim: mean over its M references; id_conf: mean over the references'
+    entries, None without entries (N < 2); id_match: mean assigned similarity; faces: N; count_ok: N == M."""
+
     id_sim: float
     id_conf: float | None
     id_match: float
@@ -50,6 +69,8 @@ class ItemScore:
     seeds: list[int] = field(default_factory=list)  # of the images, when they were generated
 
     def mean(self, key: str) -> float | None:
+        """The mean of an image value over this item's images (those that have one): the item alone, for
+        reading and ranking items. Its images share M, so it equals its pooled mean; for sets, `aggregate`."""
         values = [getattr(i, key) for i in self.images]
         values = [float(v) for v in values if v is not None]
         return float(np.mean(values)) if values else None
@@ -79,25 +100,36 @@ def score_item(item: str, references: np.ndarray, generated: Sequence[np.ndarray
 
 
 def aggregate(items: Sequence[ItemScore], scale: float) -> dict:
-    """Set-level metrics (see the module docstring) and the same per number of identities.
+    """Set-level metrics, pooled over (item, image, reference) entries (see the module docstring), and the same
+    per number of identities.
+
+    Item a (2 people): ID-Sim entries 0.5, 0.5 and 0.7, 0.7; ID-Conf 0.5, 0.5 (its 2nd image has 1 face).
+    Item b (1 person): ID-Sim 0.9. ID-Sim = (0.5 + 0.5 + 0.7 + 0.7 + 0.9) / 5 = 0.66 (item means: 0.75);
+    ID-Match over the 3 images (0.4 + 0.3 + 0.9) / 3; face count 2 of 3 images.
 
     >>> a = ItemScore("a", 2, [ImageScore(0.5, 0.5, 0.4, 2, True), ImageScore(0.7, None, 0.3, 1, False)])
     >>> b = ItemScore("b", 1, [ImageScore(0.9, None, 0.9, 1, True)])
     >>> r = aggregate([a, b], 100)
     >>> r["id_sim"], r["id_conf"], r["id_match"], r["face_count_accuracy"], r["items"]
-    (75.0, 50.0, 62.5, 0.75, 2)
+    (66.0, 50.0, 53.3333, 0.6667, 2)
     >>> r["by_identities"]["2"]["id_sim"]
     60.0
     """
     scored = [i for i in items if i.unscored is None and i.images]
 
     def block(group: Sequence[ItemScore]) -> dict:
-        def mean(key: str, factor: float) -> float | None:
-            values = [v for v in (i.mean(key) for i in group) if v is not None]
-            return round(float(np.mean(values)) * factor, 4) if values else None
+        images = [(i.identities, s) for i in group for s in i.images]
 
-        return {"items": len(group), "id_sim": mean("id_sim", scale), "id_conf": mean("id_conf", scale),
-                "id_match": mean("id_match", scale), "face_count_accuracy": mean("count_ok", 1.0)}
+        def pooled(entries: list[tuple[float, int]], factor: float) -> float | None:
+            """(image value, number of entries it stands for) pairs -> the mean over all entries x factor."""
+            n = sum(w for _, w in entries)
+            return round(sum(v * w for v, w in entries) / n * factor, 4) if n else None
+
+        return {"items": len(group),
+                "id_sim": pooled([(s.id_sim, m) for m, s in images], scale),
+                "id_conf": pooled([(s.id_conf, m) for m, s in images if s.id_conf is not None], scale),
+                "id_match": pooled([(s.id_match, 1) for _, s in images], scale),
+                "face_count_accuracy": pooled([(float(s.count_ok), 1) for _, s in images], 1.0)}
 
     out = block(scored)
     out["scale"] = scale
@@ -129,6 +161,18 @@ def largest_only(det):
     return Detections(det.boxes[keep], det.landmarks[keep], det.scores[keep])
 
 
+def alignable_only(det):
+    """The `Detections` holding only the faces of `det` whose landmarks can be aligned (not degenerate); a face
+    partly outside the image stays (the reward keeps it too)."""
+    from umo.faces.align import similarity_transforms
+    from umo.faces.types import Detections
+
+    _, ok = similarity_transforms(np.asarray(det.landmarks).reshape(-1, 5, 2))
+    if ok.all():
+        return det
+    return Detections(det.boxes[ok], det.landmarks[ok], det.scores[ok])
+
+
 class Judge:
     """The evaluation face pipeline: the detector plus the judge recognizer (never the reward's embedder)."""
 
@@ -144,7 +188,8 @@ class Judge:
                    OnnxRecognizer.from_model_root(faces.judge.root, faces.judge.pack))
 
     def detect(self, images: Sequence[np.ndarray]) -> list:
-        """RGB uint8 images -> their `Detections`: one detector call per batch of same-size images."""
+        """RGB uint8 images -> their `Detections` of alignable faces: one detector call per batch of same-size
+        images; faces with degenerate landmarks are dropped (see the module docstring)."""
         out: list = [None] * len(images)
         by_size: dict[tuple, list[int]] = {}
         for i, img in enumerate(images):
@@ -153,7 +198,7 @@ class Judge:
             for k in range(0, len(idx), self.batch):
                 chunk = idx[k:k + self.batch]
                 for i, det in zip(chunk, self.detector.detect([np.asarray(images[i]) for i in chunk])):
-                    out[i] = det
+                    out[i] = alignable_only(det)
         return out
 
     def embed(self, images: Sequence[np.ndarray], detections: Sequence) -> list[np.ndarray]:
@@ -161,13 +206,13 @@ class Judge:
         return self.recognizer.embed([np.asarray(img) for img in images], detections)
 
     def faces(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """RGB uint8 images -> per image (boxes (K, 4), embeddings (K, D)) of every detected face."""
+        """RGB uint8 images -> per image (boxes (K, 4), embeddings (K, D)) of every alignable detected face."""
         dets = self.detect(images)
         return [(det.boxes, emb) for det, emb in zip(dets, self.embed(images, dets))]
 
     def references(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
-        """Each reference image's largest face embedding (R, D), and the indices of images with no face
-        (their rows are zero). Only the largest face of each image is embedded."""
+        """Each reference image's largest alignable face embedding (R, D), and the indices of images with no
+        such face (their rows are zero). Only the largest face of each image is embedded."""
         largest = [largest_only(det) for det in self.detect(images)]
         missing = [r for r, det in enumerate(largest) if len(det) == 0]
         emb = self.embed(images, largest)

@@ -59,8 +59,9 @@ def similarity_transforms(
     image_size: crop side S; the template is `ARCFACE_TEMPLATE * S / 112` (S a multiple of 112, as
                 insightface's `estimate_norm` requires for the arcface template).
     image_hw:   (H, W) of the source image; when given, a face with any landmark outside the image (pixel
-                centers 0..W-1 / 0..H-1, extended by `margin` px on each side) is invalid, because part of
-                its crop would be the zero border and its embedding would measure the border, not the face.
+                centers 0..W-1 / 0..H-1, extended by `margin` px on each side) is invalid. Data prep uses it to
+                pick whole faces; the reward and the judge do not: both keep such a face and crop it with a
+                black border (umo.reward, umo.faces.embed.norm_crops).
     min_spread, min_aspect: degeneracy thresholds, see `MIN_SPREAD_PX` and `MIN_ASPECT`.
 
     Returns (matrices, valid):
@@ -143,6 +144,7 @@ def warp_faces(
     matrices: np.ndarray | torch.Tensor,
     *,
     size: int = 112,
+    fill: float = 0.0,
 ) -> torch.Tensor:
     """Cut K aligned face crops out of B images, differentiably w.r.t. the images.
 
@@ -152,9 +154,11 @@ def warp_faces(
                  numpy or torch on any device; must be finite and invertible. They carry no gradient (the
                  landmarks come from a detector run without one).
     size:        output side S in pixels (the matrices must target an S x S template).
+    fill:        the value of every channel outside the source, in the images' units (the reward passes the
+                 [-1, 1] value of a black pixel, -1, so its crops match the judge's; see umo.reward).
 
-    Returns (K, C, S, S) in the images' dtype: bilinear samples, zeros outside the source, matching
-    `cv2.warpAffine(img, M, (S, S), flags=INTER_LINEAR, borderValue=0)` up to OpenCV's fixed-point rounding.
+    Returns (K, C, S, S) in the images' dtype: bilinear samples, `fill` outside the source, matching
+    `cv2.warpAffine(img, M, (S, S), flags=INTER_LINEAR, borderValue=fill)` up to OpenCV's fixed-point rounding.
     K = 0 gives an empty (0, C, S, S) tensor (no graph: there is nothing to differentiate).
     """
     if images.ndim != 4 or not images.is_floating_point():
@@ -187,4 +191,8 @@ def warp_faces(
     # (K, C, H, W); gradients scatter back to the B images
     src = images.index_select(0, image_index.to(device=images.device, dtype=torch.long))
     grid = F.affine_grid(theta, [k, c, size, size], align_corners=False)
-    return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if fill == 0.0:
+        return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # grid_sample only pads with zeros: shift the pixels so that `fill` is the zero, then shift back (the
+    # gradient is the same; bilinear weights at the border blend with `fill` exactly as cv2's constant border).
+    return F.grid_sample(src - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill

@@ -439,6 +439,30 @@ def load_arcface(
 # The evaluation judge: an insightface ONNX recognizer
 # ---------------------------------------------------------------------------------------------------------
 
+def norm_crops(images: Sequence[np.ndarray], detections: Sequence[Detections],
+               size: int = 112) -> tuple[np.ndarray, list[np.ndarray]]:
+    """insightface's norm_crop of every usable face: 5-point similarity to the ArcFace template, then
+    cv2.warpAffine (bilinear, black border).
+
+    images: RGB uint8 (H, W, 3) arrays; detections: one `Detections` per image; size: crop side S.
+    Returns (crops, usable): crops (K, S, S, 3) uint8 of the usable faces of all images in order, and per
+    image its (K_i,) bool mask. A face is usable unless its landmarks are degenerate (`similarity_transforms`);
+    one partly outside the image is usable and its crop has a black border, as the reward's has (umo.reward).
+    """
+    if len(images) != len(detections):
+        raise ValueError(f"got {len(images)} images but {len(detections)} detections")
+    crops: list[np.ndarray] = []
+    usable: list[np.ndarray] = []
+    for i, (img, det) in enumerate(zip(images, detections)):
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"image {i}: expected (H, W, 3) RGB, got {img.shape}")
+        mats, valid = similarity_transforms(det.landmarks.reshape(-1, 5, 2), image_size=size)
+        for m in mats[valid]:
+            crops.append(cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR, borderValue=0.0))
+        usable.append(valid)
+    return (np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)), usable
+
+
 # Recognizers shipped in insightface packs, preferred in this order when a pack folder holds several ONNX.
 KNOWN_RECOGNIZERS = ("w600k_r50.onnx", "glintr100.onnx", "w600k_mbf.onnx")
 
@@ -542,30 +566,21 @@ class OnnxRecognizer:
         return emb / np.maximum(norm, 1e-12)
 
     def embed(self, images: Sequence[np.ndarray], detections: Sequence[Detections]) -> list[np.ndarray]:
-        """Align (5-point similarity + cv2.warpAffine, insightface's norm_crop) and embed every detected face.
+        """Align (`norm_crops`: insightface's norm_crop) and embed every detected face.
 
         images: RGB uint8 (H, W, 3) arrays; detections: one `Detections` per image.
         Returns one (K_i, D) float32 array per image, rows in detection order. Faces partly outside the image
-        are embedded with a zero border, as insightface does. A face whose landmarks are degenerate gets an
-        all-zero row (cosine 0 with everything) so rows stay aligned with the detections; it is logged.
+        are embedded with a black border, as insightface does. A face whose landmarks are degenerate gets an
+        all-zero row (cosine 0 with everything) so rows stay aligned with the detections; it is logged. (The
+        judge, umo.eval.score.Judge, drops such faces before they get here: they are not faces it counts.)
         All faces of all images are embedded together (session runs of `max_batch` faces).
         """
-        if len(images) != len(detections):
-            raise ValueError(f"got {len(images)} images but {len(detections)} detections")
-        s = self.image_size
-        crops: list[np.ndarray] = []
-        valid_per_image: list[np.ndarray] = []
-        for i, (img, det) in enumerate(zip(images, detections)):
-            if img.ndim != 3 or img.shape[2] != 3:
-                raise ValueError(f"image {i}: expected (H, W, 3) RGB, got {img.shape}")
-            mats, valid = similarity_transforms(det.landmarks.reshape(-1, 5, 2), image_size=s)
+        crops, valid_per_image = norm_crops(images, detections, self.image_size)
+        for i, valid in enumerate(valid_per_image):
             if not valid.all():
                 log.warning("image %d: %d of %d faces have degenerate landmarks; zero embeddings", i,
                             int((~valid).sum()), len(valid))
-            for m in mats[valid]:
-                crops.append(cv2.warpAffine(img, m, (s, s), flags=cv2.INTER_LINEAR, borderValue=0.0))
-            valid_per_image.append(valid)
-        emb = self.embed_aligned(np.stack(crops) if crops else np.zeros((0, s, s, 3), np.uint8))
+        emb = self.embed_aligned(crops)
         out: list[np.ndarray] = []
         start = 0
         for valid in valid_per_image:
