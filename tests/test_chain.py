@@ -25,9 +25,19 @@ sys.path.insert(0, str(ROOT))
 from flows.umo_pipeline import umo_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.slow
-STAGES = ("toyworld", "generator", "prepare", "train", "evaluate", "register", "gate", "deploy")  # dvc.yaml's chain
+STAGES = ("toyworld", "toybase", "prepare", "train", "evaluate", "register", "gate", "deploy")  # dvc.yaml's chain
 
-FAST = {  # a chain of seconds per stage: a few training steps, two evaluation items, one image each
+FAST = {  # a chain of seconds per stage: a toy base of a few steps, a few training steps, two items, one image each
+    "toyworld.collection.cast": [200, 216],  # held-out ids of the small world
+    "toybase.photos.n_train": 24, "toybase.photos.n_test": 2,
+    "toybase.vae.channels": [8, 8, 8, 8], "toybase.vae.latent_channels": 4, "toybase.vae.steps": 2,
+    "toybase.vae.batch": 4, "toybase.vae.crop": 32,
+    "toybase.model.heads": 2, "toybase.model.head_dim": 16, "toybase.model.double_blocks": 1,
+    "toybase.model.single_blocks": 1, "toybase.model.steps": 2, "toybase.model.batch": 4, "toybase.model.warmup": 1,
+    # an untrained base draws no faces: its gate is opened here to test the chain's mechanics (the registry's
+    # gate then refuses every version for want of evidence; approve_by_hand stands in for a person)
+    "toybase.gate.min_two_face_rate": 0.0, "toybase.gate.min_id_sim": 0.0, "toybase.gate.id_conf": None,
+    "toybase.gate.images_per_item": 1, "toybase.gate.steps": 2,
     "train.max_steps": 2, "train.checkpoint_every": 2, "train.sample_every": 0, "train.warmup_steps": 0,
     "train.sampler_steps": 4, "train.grad_step_range": [1, 2],
     "prepare.synthetic.count": 2, "prepare.synthetic.steps": 4,
@@ -99,9 +109,11 @@ def test_dvc_repro_runs_the_chain_then_is_a_noop(project):
     registered = json.loads((project / "artifacts/registry/registered.json").read_text())
     gate = json.loads((project / "artifacts/registry/gate.json").read_text())
     deployed = json.loads((project / "artifacts/registry/deployed.json").read_text())
-    assert registered["version"] == gate["version"] == "1" and gate["passed"]
-    pointer = json.loads((project / "artifacts/deploy/umo-flux2-klein-lora/current.json").read_text())
-    assert pointer["version"] == "1" and deployed["version"] == "1"
+    # the untrained base and its LoRA draw no faces: the gate refuses for want of evidence, nothing is deployed
+    assert registered["version"] == gate["version"] == "1" and not gate["passed"]
+    assert gate["rules"]["faces_scored"].startswith("FAIL") and "no faces scored" in gate["rules"]["faces_scored"]
+    assert deployed["version"] is None and "nothing deployed" in deployed["reason"]
+    assert not (project / "artifacts/deploy/umo-flux2-klein-lora/current.json").exists()
     lock = (project / "dvc.lock").read_text()
     assert all(f"\n  {stage}:" in lock for stage in STAGES)
 
@@ -109,12 +121,30 @@ def test_dvc_repro_runs_the_chain_then_is_a_noop(project):
     assert "Running stage" not in again
     assert all(f"Stage '{stage}' didn't change, skipping" in again for stage in STAGES), again
 
+    approve_by_hand(project, "1")
+    run([sys.executable, "-m", "umo.cli", "deploy", "--none-ok", "--record", "artifacts/registry/deployed.json"],
+        project)
+    pointer = json.loads((project / "artifacts/deploy/umo-flux2-klein-lora/current.json").read_text())
+    assert pointer["version"] == "1"
+
+
+def approve_by_hand(project: Path, version: str) -> None:
+    """What a person approving `version` does (the registry gate refused it: the test chain's base draws no
+    faces): `champion` moves to it, with a passed decision."""
+    from mlflow import MlflowClient
+
+    from umo.registry import CHAMPION, DECISION_TAG
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/artifacts/mlflow/mlflow.db")
+    client.set_registered_model_alias("umo-flux2-klein-lora", CHAMPION, version)
+    client.set_model_version_tag("umo-flux2-klein-lora", version, DECISION_TAG, "passed")
+
 
 def test_dvc_exp_run_with_another_learning_rate(project):
     git(project, "add", "-A")
     git(project, "commit", "-qm", "the chain's first run")
     out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.learning_rate=0.0003"], project).stdout
-    for stage in ("toyworld", "generator", "prepare"):
+    for stage in ("toyworld", "toybase", "prepare"):
         assert f"Stage '{stage}' didn't change, skipping" in out
     assert "Running stage 'train'" in out and "Running stage 'deploy'" in out
     registered = json.loads((project / "artifacts/registry/registered.json").read_text())
@@ -132,7 +162,7 @@ def test_flow_reruns_only_what_an_override_changes(project, prefect_harness):
 
     done = umo_pipeline(overrides={"train.learning_rate": 0.0002}, project_dir=str(project),
                         retry_delay_seconds=0)
-    assert done == {s: "skipped" for s in ("toyworld", "generator", "prepare")} | {
+    assert done == {s: "skipped" for s in ("toyworld", "toybase", "prepare")} | {
         s: "ran" for s in ("train", "evaluate", "register", "gate", "deploy")}
     assert "learning_rate: 0.0002       # paper: 5e-6 at rank 512" in (project / "params.yaml").read_text()
     registered = json.loads((project / "artifacts/registry/registered.json").read_text())
@@ -140,7 +170,7 @@ def test_flow_reruns_only_what_an_override_changes(project, prefect_harness):
 
     evaluation, decision = Artifact.get("umo-evaluation"), Artifact.get("umo-gate")
     assert "ID-Sim" in evaluation.data and "toy world" in evaluation.data.lower()
-    assert f"version {registered['version']}: PASSED" in decision.data
+    assert f"version {registered['version']}: FAILED" in decision.data and "no faces scored" in decision.data
     assert umo_pipeline(project_dir=str(project)) == {s: "skipped" for s in STAGES}
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from umo.config import load_config
-from umo.eval.score import SCALES, Judge, aggregate, score_image, score_item
+from umo.eval.score import SCALES, ItemScore, Judge, aggregate, score_image, score_item
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,9 +71,9 @@ def test_the_set_mean_pools_entries_not_item_means():
     assert r["items"] == 2 and r["unscored"] == 0
     # the per-number-of-identities blocks pool within their own items
     assert r["by_identities"]["2"] == {"items": 1, "id_sim": 65.0, "id_conf": 77.5, "id_match": 65.0,
-                                       "face_count_accuracy": 1.0}
+                                       "face_count_accuracy": 1.0, "collision_rate": 0.0}
     assert r["by_identities"]["1"] == {"items": 1, "id_sim": 33.3333, "id_conf": 50.0, "id_match": 33.3333,
-                                       "face_count_accuracy": 0.3333}
+                                       "face_count_accuracy": 0.3333, "collision_rate": None}
     # the old rule's numbers, to show that the two definitions differ on this case
     item_first = [np.mean([a.mean(k), b.mean(k)]) for k in ("id_sim", "id_conf", "id_match", "count_ok")]
     assert item_first == pytest.approx([0.49167, 0.6375, 0.49167, 0.66667], abs=1e-5)
@@ -160,3 +160,17 @@ def test_the_judge_embeds_each_face_once_and_scores_a_scene_against_its_own_peop
     item = score_item("scene", faces, [faces])  # a scene against its own two faces
     assert item.images[0].id_sim == pytest.approx(1.0, abs=1e-4) and item.images[0].count_ok
     assert item.images[0].id_match == pytest.approx(1.0, abs=1e-4)
+
+
+def test_collision_is_two_references_choosing_the_same_face():
+    # ref 0's best is face 1 (0.7), ref 1's best is face 1 too (0.6): one face won both -> collision
+    assert score_image(np.array([[0.1, 0.7], [0.2, 0.6]])).collision is True
+    # each reference has its own best face (0.9 on face 0, 0.8 on face 1)
+    assert score_image(np.array([[0.9, 0.1], [0.3, 0.8]])).collision is False
+    # one face for two people: both choose it; one reference or no face: undefined
+    assert score_image(np.array([[0.5], [0.4]])).collision is True
+    assert score_image(np.array([[0.5, 0.1]])).collision is None
+    assert score_image(np.zeros((2, 0))).collision is None
+    item = ItemScore("x", 2, [score_image(np.array([[0.1, 0.7], [0.2, 0.6]])),
+                              score_image(np.array([[0.9, 0.1], [0.3, 0.8]])), score_image(np.zeros((2, 0)))])
+    assert aggregate([item], 100.0)["collision_rate"] == 0.5  # 1 of the 2 images where it is defined

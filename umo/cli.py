@@ -243,6 +243,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Deploy the approved champion (or roll back, or verify what is deployed)."""
     from umo.deploy import DeployError, deploy, rollback, verify_current
+    from umo.registry import champion_version
 
     config = load_config(args.params, args.overrides)
     try:
@@ -251,6 +252,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         elif args.verify:
             result = verify_current(config, target=args.target)
         else:
+            if args.none_ok and champion_version(config) is None:
+                reason = f"{config.registry.model_name}: no approved champion (the gate passed no version): nothing deployed"
+                print(reason)
+                _record(args, {"model": config.registry.model_name, "version": None, "location": None,
+                               "changed": False, "reason": reason})
+                return 0
             result = deploy(config, version=args.version, target=args.target)
     except DeployError as err:
         log.error("%s", err)
@@ -375,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("--rollback", action="store_true", help="point current.json back at the previous version")
     action.add_argument("--verify", action="store_true", help="verify what current.json points at")
     p.add_argument("--record", type=Path, default=None, help="also write the result JSON here")
+    p.add_argument("--none-ok", action="store_true",
+                   help="no champion yet (every version refused): say so, record it and exit 0 (the chain's stage)")
     p.set_defaults(func=cmd_deploy)
     return parser
 

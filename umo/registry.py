@@ -569,6 +569,12 @@ def approved_champion(client, name: str, version: str | None = None):
     return champion
 
 
+def champion_version(config: Config) -> str | None:
+    """The version holding `champion`, None when no version does (the gate has passed none yet)."""
+    champion = _alias_version(client_for(config), config.registry.model_name, CHAMPION)
+    return None if champion is None else str(champion.version)
+
+
 def champion_lora(config: Config, out: str | Path) -> Path | None:
     """The current champion's LoRA downloaded into `out` (for `umo evaluate --champion`); None without one."""
     client = client_for(config)

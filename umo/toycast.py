@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 MANIFEST_FILE = "toybase_build.json"
 GATE_FILE = "gate.json"
 STEPS = ("photos", "vae", "generator")
+PHOTOS_FORMAT = 1  # bump when what `write_photos` writes changes (its toy-world sources are hashed in the key)
 
 
 class UninformativeBase(RuntimeError):
@@ -143,9 +144,14 @@ def write_photos(out: Path, cfg: ToyCastPhotosConfig, *, world_seed: int, cast: 
             [_render_chunk(c) for c in chunks]
         for split, rows in plan.items():
             samples, embeddings = [], {}
-            for sample_id, pair, _seed, dup in rows:
-                paths = [f"references/{sample_id}-r{k}.png" for k in range(2)]
-                emb = reward.embed_references(torch.stack([_load_rgb(tmp / p) for p in paths]), largest_only=True)
+            paths = [f"references/{row[0]}-r{k}.png" for row in rows for k in range(2)]
+            found = []
+            for i in range(0, len(paths), 128):  # one detector and embedder call per 128 references
+                found += reward.embed_references(torch.stack([_load_rgb(tmp / p) for p in paths[i:i + 128]]),
+                                                 largest_only=True)
+            for n, (sample_id, pair, _seed, dup) in enumerate(rows):
+                emb = found[2 * n:2 * n + 2]
+                paths_n = paths[2 * n:2 * n + 2]
                 if any(e.shape[0] != 1 for e in emb):
                     stats["dropped_no_reference_face"] += 1
                     continue
@@ -154,7 +160,7 @@ def write_photos(out: Path, cfg: ToyCastPhotosConfig, *, world_seed: int, cast: 
                 samples.append(Sample(id=sample_id, group=group, prompt="a photo of two people",
                                       target=f"targets/{sample_id}.png",
                                       references=tuple(Reference(identity=f"toy/{i:04d}", path=p)
-                                                       for i, p in zip(pair, paths))))
+                                                       for i, p in zip(pair, paths_n))))
             manifest = Manifest(split=split, samples=samples, embeddings=f"{split}_embeddings.safetensors",
                                 embedder={"path": str(embedder_path), "sha256": sha256_file(embedder_path)},
                                 toy_world=True, root=tmp)
@@ -257,10 +263,10 @@ def run_gate(cfg: ToyBaseConfig, root: Path, *, models: dict[str, Path | None] |
 
 
 def _sources_hash(*names: str) -> str:
+    """sha256 of umo/<names> (globs allowed), in name order."""
     root = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    files = [root / n for n in names] + sorted((root / "toyworld").glob("*.py"))
-    for path in files:
+    for path in sorted(p for n in names for p in root.glob(n)):
         h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
 
@@ -289,17 +295,20 @@ def step_keys(cfg: ToyBaseConfig, world) -> dict[str, str]:
     from umo.io import sha256_file
 
     c = to_dict(cfg)
-    src = _sources_hash("toycast.py", "toybase.py", "models/flux2.py", "models/tiny.py")
     cast, size = cast_of(cfg, world)
-    photos = {"photos": c["photos"], "world_seed": world.config.world_seed, "cast": cast, "image_size": size,
-              "src": src, "torch": torch.__version__,
+    photos = {"photos": c["photos"], "format": PHOTOS_FORMAT, "world_seed": world.config.world_seed, "cast": cast,
+              "image_size": size, "src": _sources_hash("toyworld/*.py"), "torch": torch.__version__,
               "faces": {k: sha256_file(v) for k, v in faces.items()}}
-    keys = {"photos": hashlib.sha256(json.dumps(photos, sort_keys=True).encode()).hexdigest()}
-    keys["vae"] = hashlib.sha256(json.dumps([keys["photos"], c["vae"]], sort_keys=True).encode()).hexdigest()
-    keys["generator"] = hashlib.sha256(json.dumps(
-        [keys["vae"], c["model"], c["reference_resolution"], c["sampler_steps"],
-         c["max_sequence_length"]], sort_keys=True).encode()).hexdigest()
-    keys["gate"] = hashlib.sha256(json.dumps([keys["generator"], c["gate"]], sort_keys=True).encode()).hexdigest()
+    trainer = _sources_hash("toybase.py", "models/*.py")
+
+    def key(*parts: Any) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    keys = {"photos": key(photos)}
+    keys["vae"] = key(keys["photos"], c["vae"], trainer)
+    keys["generator"] = key(keys["vae"], c["model"], c["reference_resolution"], c["sampler_steps"],
+                            c["max_sequence_length"], trainer)
+    keys["gate"] = key(keys["generator"], c["gate"], _sources_hash("eval/*.py", "faces/*.py", "metrics.py"))
     return keys
 
 

@@ -24,6 +24,9 @@ public scripts. The per-number-of-identities blocks pool the same way within the
 x100 for XVerseBench and our held-out set, x10 for OmniContext; ID-Match is scaled like ID-Sim, face-count
 accuracy is a fraction.
 
+Collision rate (identity collapse, beyond the paper): the share of images with >= 2 references and a face in
+which two references' best faces (each row's argmax) are the same face; a fraction, over images.
+
 Reference face = the largest face the judge detects in each reference image. A reference image with no face
 cannot be scored: its item is counted as `unscored` (with the reason), never silently averaged as zero.
 
@@ -44,8 +47,8 @@ SCALES = {"xverse": 100.0, "heldout": 100.0, "omnicontext": 10.0}
 
 
 # The rules behind a stored ImageScore: the face rule above and what the fields mean. A cached score of another
-# version (umo.eval.run's work folder) is recomputed. 2: degenerate faces are no longer counted as faces.
-SCORING_VERSION = 2
+# version (umo.eval.run's work folder) is recomputed. 2: degenerate faces are no longer counted as faces; 3: collision.
+SCORING_VERSION = 3
 
 
 @dataclass
@@ -58,6 +61,8 @@ class ImageScore:
     id_match: float
     faces: int
     count_ok: bool
+    collision: bool | None = None
+    """Two references' best faces are the same face (identity collapse); None with < 2 references or no face."""
 
 
 @dataclass
@@ -80,14 +85,16 @@ def score_image(sim: np.ndarray) -> ImageScore:
     """(M, N) judge similarities of one generated image -> its scores (unscaled).
 
     >>> s = score_image(np.array([[0.8, 0.2], [0.6, 0.5]]))
-    >>> round(s.id_sim, 4), round(s.id_conf, 4), round(s.id_match, 4), s.faces, s.count_ok
-    (0.7, 0.4583, 0.65, 2, True)
+    >>> round(s.id_sim, 4), round(s.id_conf, 4), round(s.id_match, 4), s.faces, s.count_ok, s.collision
+    (0.7, 0.4583, 0.65, 2, True, True)
     """
     sim = np.asarray(sim, np.float64)
     m, n = sim.shape
     conf = [c for c in id_conf(sim) if c is not None]
+    best = sim.argmax(axis=1) if m and n else np.zeros(0, int)
+    collision = bool(len(set(best.tolist())) < m) if m >= 2 and n else None
     return ImageScore(float(np.mean(id_sim(sim))) if m else 0.0, float(np.mean(conf)) if conf else None,
-                      id_match(sim), n, n == m)
+                      id_match(sim), n, n == m, collision)
 
 
 def score_item(item: str, references: np.ndarray, generated: Sequence[np.ndarray]) -> ItemScore:
@@ -129,7 +136,9 @@ def aggregate(items: Sequence[ItemScore], scale: float) -> dict:
                 "id_sim": pooled([(s.id_sim, m) for m, s in images], scale),
                 "id_conf": pooled([(s.id_conf, m) for m, s in images if s.id_conf is not None], scale),
                 "id_match": pooled([(s.id_match, 1) for _, s in images], scale),
-                "face_count_accuracy": pooled([(float(s.count_ok), 1) for _, s in images], 1.0)}
+                "face_count_accuracy": pooled([(float(s.count_ok), 1) for _, s in images], 1.0),
+                "collision_rate": pooled([(float(s.collision), 1) for _, s in images if s.collision is not None],
+                                         1.0)}
 
     out = block(scored)
     out["scale"] = scale
