@@ -189,21 +189,19 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     """The toy-world ablation's stages (ablation/dvc.yaml; docs/ablation.md)."""
     from umo import ablation
 
-    if args.stage == "arm":
-        result = ablation.run_arm(args.params, args.arm, args.seed, args.overrides)
-    else:
-        config = load_config(args.params, args.overrides)
-        if args.stage == "samples":
-            result = ablation.make_samples(config)
-        elif args.stage == "vae":
-            result = ablation.make_vae(config)
-        elif args.stage == "base":
-            result = ablation.make_base(config)
-        elif args.stage == "evaluate":
-            m = ablation.evaluate_all(config)["models"]
-            result = {name: {k: m[name][k] for k in ablation.METRICS} for name in m}
+    try:
+        if args.stage == "arm":
+            result = ablation.run_arm(args.params, args.arm, args.seed, args.overrides)
         else:
-            result = {"report": str(ablation.write_report(config, args.doc))}
+            config = load_config(args.params, args.overrides)
+            if args.stage == "evaluate":
+                m = ablation.evaluate_all(config)["models"]
+                result = {name: {k: m[name][k] for k in ablation.METRICS} for name in m}
+            else:
+                result = {"report": str(ablation.write_report(config, args.doc))}
+    except ablation.AblationError as err:
+        log.error("%s", err)
+        return 1
     print(json.dumps(result, indent=2))
     return 0
 
@@ -344,11 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ab = sub.add_parser("ablation", help="the toy-world ablation SFT vs SIR vs MIMR (ablation/dvc.yaml)")
     ab_sub = ab.add_subparsers(dest="stage", metavar="STAGE", required=True)
-    for name, text in (("samples", "group-photo samples: train (training identities) and test (held-out)"),
-                       ("vae", "train the base generator's VAE as an autoencoder"),
-                       ("base", "train the base generator (supervised flow matching)"),
-                       ("arm", "one fine-tuning run of an arm from the base"),
-                       ("evaluate", "the base and every run, judged on the held-out items"),
+    for name, text in (("arm", "one fine-tuning run of an arm from the toy base (refused unless its gate passed)"),
+                       ("evaluate", "the base and every run, judged on the held-out cast photos"),
                        ("report", "write the results page (table, intervals, curves, samples)")):
         p = ab_sub.add_parser(name, help=text)
         _add_config_args(p)

@@ -529,41 +529,7 @@ class ToyWorldConfig:
 
 
 @dataclass
-class AblationSamplesConfig:
-    """The ablation's multi-reference samples: toy group photos (`umo.toybase.write_group_samples`)."""
-
-    n_train: int = 3000
-    """Train samples, of the toy world's training identities."""
-    n_test: int = 48
-    """Test items, of its held-out identities (the same number for each people count)."""
-    people: list[int] = field(default_factory=lambda: [1, 2])
-    """[min, max] people per image (1..3)."""
-    size: int = 128
-    """Target side, px (faces 36% of it for 1-2 people, 27% for 3: at 128 px, 46 and 35 px wide)."""
-    reference_size: int = 128
-    """Saved reference crops, px (the generator resizes them to generator.reference_resolution)."""
-    crop_scale: float = 1.5
-    """Reference crop side = this x the face box side."""
-    train_references: str = "portrait"
-    """Where a TRAIN sample's references come from: "portrait", a face crop of another photo of the person (a
-    studio portrait: other pose, light and expression), or "target", the crop of the person's face in the
-    target itself (in-image references, as subject-driven training sets are often built). Test references are
-    always portraits."""
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.train_references not in ("portrait", "target"):
-            raise ConfigError(f"train_references: expected 'portrait' or 'target', got {self.train_references!r}")
-        if len(self.people) != 2 or not 1 <= self.people[0] <= self.people[1] <= 3:
-            raise ConfigError(f"people: expected [min, max] within 1..3, got {self.people}")
-        if self.size < 128 or self.size % 16:
-            raise ConfigError(f"size: expected a multiple of 16, >= 128, got {self.size}")
-        if self.n_train < 1 or self.n_test < 1:
-            raise ConfigError(f"n_train, n_test: expected >= 1, got {self.n_train}, {self.n_test}")
-
-
-@dataclass
-class AblationVaeConfig:
+class ToyVaeConfig:
     """The base generator's VAE (klein's AutoencoderKLFlux2), trained as an autoencoder from scratch."""
 
     channels: list[int] = field(default_factory=lambda: [16, 32, 64])
@@ -587,7 +553,7 @@ class AblationVaeConfig:
 
 
 @dataclass
-class AblationBaseConfig:
+class ToyTransformerConfig:
     """The base generator's transformer (FLUX.2 [klein] KV layout), trained with supervised flow matching."""
 
     heads: int = 4
@@ -662,9 +628,9 @@ class ToyBaseConfig:
     toyworld: str = "artifacts/toyworld"
     """The built toy world: its face models make reference embeddings and judge the gate."""
     photos: ToyCastPhotosConfig = field(default_factory=ToyCastPhotosConfig)
-    vae: AblationVaeConfig = field(default_factory=lambda: AblationVaeConfig(
+    vae: ToyVaeConfig = field(default_factory=lambda: ToyVaeConfig(
         channels=[16, 32, 64, 64], latent_channels=16, steps=1200, crop=64))
-    model: AblationBaseConfig = field(default_factory=lambda: AblationBaseConfig(steps=4000, batch=16))
+    model: ToyTransformerConfig = field(default_factory=lambda: ToyTransformerConfig(steps=4000, batch=16))
     reference_resolution: list[int] = field(default_factory=lambda: [64, 64])
     sampler_steps: int = 8
     max_sequence_length: int = 32
@@ -673,25 +639,29 @@ class ToyBaseConfig:
 
 @dataclass
 class AblationConfig:
-    """`ablation/dvc.yaml`: the toy-world ablation SFT vs SIR vs MIMR from one base (docs/ablation.md)."""
+    """`ablation/dvc.yaml`: SFT vs SIR vs MIMR fine-tuning of the toy base, paired by seed (docs/ablation.md)."""
 
     out: str = "artifacts/ablation"
-    toyworld: str = "artifacts/toyworld"
-    """The built toy world (main dvc.yaml, stage `toyworld`): its training identities make the train samples,
-    its held-out identities the test items."""
-    samples: AblationSamplesConfig = field(default_factory=AblationSamplesConfig)
-    vae: AblationVaeConfig = field(default_factory=AblationVaeConfig)
-    base: AblationBaseConfig = field(default_factory=AblationBaseConfig)
+    toybase: str = "artifacts/toybase"
+    """The built toy base (main dvc.yaml, stage `toybase`): its generator is every arm's base, its gate must have
+    passed, and its held-out cast photos (photos/test.json) are the evaluation items."""
+    train_manifest: str = "artifacts/prepared/samples/train.json"
+    """What every arm fine-tunes on: the main chain's train samples (photo sessions of the cast)."""
     arms: list[str] = field(default_factory=lambda: ["sft", "sir", "mimr"])
     """sft: train.reward_weight 0; sir / mimr: reward.kind (every other setting is the params file's)."""
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
+    """A seed fixes the data order, noise, t draws and LoRA init of a run, the same in every arm (the pairing)."""
+    bootstrap: int = 4000
+    """Resamples of the two-way cluster bootstrap (items, then seeds)."""
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.arms) - {"sft", "sir", "mimr"})
         if unknown or not self.arms:
             raise ConfigError(f"arms: expected some of sft, sir, mimr, got {self.arms}")
         if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
-            raise ConfigError(f"seeds: expected distinct integers, got {self.seeds}")
+            raise ConfigError(f"seeds: expected distinct seeds, got {self.seeds}")
+        if self.bootstrap < 100:
+            raise ConfigError(f"bootstrap: expected >= 100 resamples, got {self.bootstrap}")
 
 
 @dataclass

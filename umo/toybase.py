@@ -1,27 +1,16 @@
-"""The toy world's BASE generator: a small FLUX.2 [klein] pre-trained from scratch on toy group photos.
+"""How the toy BASE generator is trained: a small FLUX.2 [klein] from scratch, on a CPU, in minutes.
 
-The ablation (issue 9, docs/ablation.md) needs a generator that already composes its references, imperfectly:
-the random tiny model of `umo.models.tiny` draws noise, which no identity reward can improve. This module
-makes one on a CPU in minutes, in three steps, each a DVC stage of `ablation/dvc.yaml`:
+`umo.toycast` builds the base (photos, then these steps, then its gate); this module holds the training:
 
-1. `write_group_samples`: multi-reference samples in the `umo.samples` manifest format (the format data prep
-   writes, so `umo train` and `umo evaluate` read them unchanged). A target is a group photo of 1..3 toy
-   people (`render_group`), the references are face crops of studio portraits of the same people (or, for
-   train samples with `train_references: target`, of their faces in the target itself), and the
-   reference embeddings are the REWARD embedder's. Train samples use the toy world's training identities,
-   test samples its held-out identities (never seen by the generator, the reward embedder or the judge).
-2. `train_vae`: the klein VAE (`AutoencoderKLFlux2`, 2^(len(channels) - 1) x, `latent_channels`) trained as
+1. `train_vae`: the klein VAE (`AutoencoderKLFlux2`, 2^(len(channels) - 1) x, `latent_channels`) trained as
    an autoencoder on random crops of the train targets and references (L1 + MSE + a tiny KL); its batch-norm
    statistics, which the pipeline normalizes latents with, are then measured on whole train images.
-3. `train_base`: the transformer (Flux2KleinKV layout: reference tokens first, cacheable) trained from
+2. `train_base`: the transformer (Flux2KleinKV layout: reference tokens first, cacheable) trained from
    scratch with supervised flow matching (x_t = (1 - s) x0 + s noise, target v = noise - x0, s drawn with
-   the sampler's shift: a static one, `ablation.base.shift`, saved in the base's scheduler) on latents
-   encoded once. The text encoder stays the tiny random one: toy prompts carry no identity, so the
-   references are the only way to draw the right people.
-
-The base is deliberately small and briefly trained: it draws the right number of people in the right places
-and their faces from the references, but it does not always give each reference its own person; that
-confusion is what the rewards of the ablation are compared on.
+   the sampler's shift: a static one, saved in the base's scheduler) on latents encoded once. The text encoder
+   stays the tiny random one: toy prompts carry no identity, so the references are the only way to draw the
+   right people.
+3. `save_base`: the pipeline as a Flux2KleinKVPipeline folder (safetensors) with its markers.
 """
 
 from __future__ import annotations
@@ -30,7 +19,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from umo.config import AblationBaseConfig, AblationSamplesConfig, AblationVaeConfig
+from umo.config import ToyTransformerConfig, ToyVaeConfig
 
 log = logging.getLogger(__name__)
 
 BASE_MARKER = "umo_toy_base.json"  # beside model_index.json: what this model is and how it was trained
-PEOPLE_WORDS = {1: "one person", 2: "two people", 3: "three people"}
-
-
-# ------------------------------------------------------------------------------------------------ samples
 
 
 def _reference_crop(image: np.ndarray, box: np.ndarray, scale: float, size: int) -> np.ndarray:
@@ -63,115 +47,10 @@ def _reference_crop(image: np.ndarray, box: np.ndarray, scale: float, size: int)
     return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
 
 
-def render_group_sample(world_seed: int, identity_ids: list[int], seed: int, cfg: AblationSamplesConfig,
-                        references: str = "portrait"):
-    """(target (H, W, 3) uint8, caption, [reference crops in `identity_ids` order]); references: "portrait"
-    (a crop of a studio portrait of each person) or "target" (the crop of their face in the target)."""
-    from umo.toyworld.identity import make_identity
-    from umo.toyworld.render import render_group, render_portrait
-
-    rng = np.random.default_rng([cfg.seed, seed])
-    people = [make_identity(world_seed, int(i)) for i in identity_ids]
-    scene = render_group(world_seed, people, rng, cfg.size)
-    refs = []
-    for person in people:  # references in the sample's own order, which is NOT the left-to-right order
-        if references == "target":
-            j = int(np.flatnonzero(scene.identity_ids == person.identity_id)[0])
-            image, box = scene.image, scene.boxes[j]
-        else:
-            portrait = render_portrait(person, rng, (128, 128))
-            image, box = portrait.image, portrait.boxes[0]
-        refs.append(_reference_crop(image, box, cfg.crop_scale, cfg.reference_size))
-    return scene.image, f"a group photo of {PEOPLE_WORDS[len(people)]}", refs
-
-
-def _render_many(args: tuple[int, list[tuple[str, list[int], int]], dict[str, Any], str, str]) -> list[str]:
-    world_seed, jobs, cfg_data, out, references = args
-    from PIL import Image
-
-    cfg = AblationSamplesConfig(**cfg_data)
-    torch.set_num_threads(1)
-    prompts = []
-    for sample_id, ids, seed in jobs:
-        image, prompt, refs = render_group_sample(world_seed, ids, seed, cfg, references)
-        Image.fromarray(image).save(Path(out) / "targets" / f"{sample_id}.png", compress_level=1)
-        for k, ref in enumerate(refs):
-            Image.fromarray(ref).save(Path(out) / "references" / f"{sample_id}-r{k}.png", compress_level=1)
-        prompts.append(prompt)
-    return prompts
-
-
-def write_group_samples(out: str | Path, cfg: AblationSamplesConfig, *, world_seed: int, train_ids: range,
-                        test_ids: range, reward, embedder_path: str | Path, workers: int = 2) -> dict[str, Any]:
-    """train.json and test.json (+ their embeddings) in `out`, atomically; returns stats.
-
-    reward: a `umo.reward.MatchingReward` (its detector and embedder make the reference embeddings, as data
-    prep's index does). A reference in which it finds no face drops its sample, counted in the stats.
-    """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from umo.data.manifest import Manifest, Reference, Sample, write_manifest
-    from umo.io import atomic_dir, atomic_write_json, sha256_file
-
-    started = time.perf_counter()
-    rng = np.random.default_rng([cfg.seed, 7])
-    plan: dict[str, list[tuple[str, list[int], int]]] = {}
-    for split, n, ids in (("train", cfg.n_train, train_ids), ("test", cfg.n_test, test_ids)):
-        rows = []
-        for i in range(n):
-            k = int(rng.integers(cfg.people[0], cfg.people[1] + 1))
-            if split == "test":  # the test set: people counts in turn, so every count is equally present
-                k = cfg.people[0] + i % (cfg.people[1] - cfg.people[0] + 1)
-            who = [int(ids[j]) for j in rng.choice(len(ids), k, replace=False)]
-            rows.append((f"{split}-{i:05d}", who, int(rng.integers(0, 2**31 - 1))))
-        plan[split] = rows
-    stats: dict[str, Any] = {"dropped_no_reference_face": 0}
-    out = Path(out)
-    with atomic_dir(out) as tmp:
-        (tmp / "targets").mkdir()
-        (tmp / "references").mkdir()
-        for split, rows in plan.items():
-            chunks = [rows[i::max(workers, 1) * 4] for i in range(max(workers, 1) * 4)]
-            references = cfg.train_references if split == "train" else "portrait"
-            args = [(world_seed, chunk, asdict(cfg), str(tmp), references) for chunk in chunks if chunk]
-            if workers > 1:  # spawned, as the toy world's build: no fork of a process holding ONNX threads
-                with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                    prompt_lists = list(pool.map(_render_many, args))
-            else:
-                prompt_lists = [_render_many(a) for a in args]
-            prompts = {row[0]: p for chunk, ps in zip([a[1] for a in args], prompt_lists)
-                       for row, p in zip(chunk, ps)}
-            samples, embeddings = [], {}
-            for sample_id, ids, _seed in rows:
-                paths = [f"references/{sample_id}-r{k}.png" for k in range(len(ids))]
-                images = torch.stack([_load_rgb(tmp / p) for p in paths])
-                emb = reward.embed_references(images, largest_only=True)
-                if any(e.shape[0] != 1 for e in emb):
-                    stats["dropped_no_reference_face"] += 1
-                    continue
-                embeddings[sample_id] = torch.cat(emb).float().contiguous()
-                samples.append(Sample(id=sample_id, group=f"{split}-people{len(ids)}", prompt=prompts[sample_id],
-                                      target=f"targets/{sample_id}.png",
-                                      references=tuple(Reference(identity=f"toy/{i:04d}", path=p)
-                                                       for i, p in zip(ids, paths))))
-            manifest = Manifest(split=split, samples=samples, embeddings=f"{split}_embeddings.safetensors",
-                                embedder={"path": str(embedder_path), "sha256": sha256_file(embedder_path)},
-                                toy_world=True, root=tmp)
-            write_manifest(manifest, tmp / f"{split}.json", embeddings)
-            stats[f"{split}_samples"] = len(samples)
-            stats[f"{split}_by_people"] = {str(k): sum(len(s.references) == k for s in samples)
-                                           for k in range(cfg.people[0], cfg.people[1] + 1)}
-        stats["seconds"] = round(time.perf_counter() - started, 1)
-        atomic_write_json(tmp / "stats.json", stats)
-    log.info("group samples: %s", stats)
-    return stats
-
-
 # ------------------------------------------------------------------------------------------------ models
 
 
-def new_components(vae: AblationVaeConfig, base: AblationBaseConfig) -> dict:
+def new_components(vae: ToyVaeConfig, base: ToyTransformerConfig) -> dict:
     """Untrained base components: `umo.models.tiny`'s text encoder and tokenizer; its scheduler, or one with
     the base's static shift; a VAE and a transformer of the configured sizes (seeded)."""
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
@@ -203,7 +82,7 @@ def _load_rgb(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), np.float32)).permute(2, 0, 1) / 127.5 - 1
 
 
-def train_vae(vae, manifest_path: str | Path, cfg: AblationVaeConfig, *, log_every: int = 100) -> dict[str, float]:
+def train_vae(vae, manifest_path: str | Path, cfg: ToyVaeConfig, *, log_every: int = 100) -> dict[str, float]:
     """Train `vae` in place as an autoencoder (see the module docstring); returns the final losses."""
     from umo.data.manifest import read_manifest
 
@@ -294,7 +173,7 @@ class _Encoded:
         self.n = len(man.samples)
 
 
-def train_base(gen, manifest_path: str | Path, cfg: AblationBaseConfig, *, resolution: tuple[int, int],
+def train_base(gen, manifest_path: str | Path, cfg: ToyTransformerConfig, *, resolution: tuple[int, int],
                reference_resolution: tuple[int, int], sampler_steps: int, log_every: int = 50) -> dict[str, float]:
     """Train `gen.transformer` in place with supervised flow matching (see the module docstring).
     resolution, reference_resolution: [height, width] px of the targets and of the references."""
