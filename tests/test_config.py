@@ -102,9 +102,9 @@ def test_cli_faces_detect(tmp_path, capsys):
 def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     """PyYAML (YAML 1.1) reads `1e-6` as a string; a float setting takes it as the number it means."""
     path = tmp_path / "params.yaml"
-    path.write_text("train:\n  learning_rate: 5e-6\nablation:\n  vae:\n    kl_weight: 1E-06\n")
+    path.write_text("train:\n  learning_rate: 5e-6\ntoybase:\n  vae:\n    kl_weight: 1E-06\n")
     config = load_config(path, ["train.weight_decay=1e-2"])
-    assert (config.train.learning_rate, config.ablation.vae.kl_weight, config.train.weight_decay) == (5e-6, 1e-6, 0.01)
+    assert (config.train.learning_rate, config.toybase.vae.kl_weight, config.train.weight_decay) == (5e-6, 1e-6, 0.01)
     with pytest.raises(ConfigError, match="train.learning_rate: expected a number, got 'e-6'"):
         load_config(path, ["train.learning_rate=e-6"])
     with pytest.raises(ConfigError, match="expected an integer"):

@@ -95,7 +95,7 @@ def cmd_toybase_build(args: argparse.Namespace) -> int:
 
     config = load_config(args.params, args.overrides).toybase
     try:
-        manifest = build_toybase(config, out=args.out, force=args.force, workers=args.workers)
+        manifest = build_toybase(config, out=args.out, force=args.force, workers=args.workers, device=args.device)
     except UninformativeBase as err:
         log.error("%s", err)
         try:
@@ -308,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="output folder (default: toybase.out)")
     p.add_argument("--workers", type=int, default=2, help="photo rendering processes (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="rebuild every step even when cached")
+    p.add_argument("--device", default="cpu", help="torch device of the VAE and transformer training (cpu, cuda)")
     p.set_defaults(func=cmd_toybase_build)
 
     gen = sub.add_parser("generator", help="generator utilities")

@@ -585,6 +585,9 @@ class ToyCastPhotosConfig:
     """[first, last) identity ids (null: the toy world's `collection.cast`); held out of the face models."""
     image_size: list[int] | None = None
     """[height, width] px of a photo (null: the toy world's `collection.image_size`)."""
+    test_cast: list[int] | None = None
+    """[first, last) ids of the TEST photos' people (null: the cast). Another range makes the open-set variant:
+    people the base never drew (held out of the face models too)."""
     n_train: int = 3000
     """Train photos (each a new render: pose, light, expression, backdrop)."""
     n_test: int = 64

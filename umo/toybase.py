@@ -105,7 +105,7 @@ def train_vae(vae, manifest_path: str | Path, cfg: ToyVaeConfig, *, log_every: i
             y, x = (int(torch.randint(0, h - c + 1, (1,), generator=g)), int(torch.randint(0, w - c + 1, (1,),
                                                                                             generator=g)))
             crops.append(img[:, y:y + c, x:x + c])
-        x = torch.stack(crops)
+        x = torch.stack(crops).to(vae.device)
         posterior = vae.encode(x).latent_dist
         z = posterior.sample(generator=g)
         recon = vae.decode(z).sample
@@ -133,7 +133,8 @@ def train_vae(vae, manifest_path: str | Path, cfg: ToyVaeConfig, *, log_every: i
 def set_latent_statistics(vae, images: list[torch.Tensor]) -> None:
     """The VAE's batch-norm running mean/var := the patchified latents' statistics over `images` (the klein
     pipeline normalizes latents with them)."""
-    lat = torch.cat([vae.encode(torch.stack(images[i:i + 16])).latent_dist.mode() for i in range(0, len(images), 16)])
+    lat = torch.cat([vae.encode(torch.stack(images[i:i + 16]).to(vae.device)).latent_dist.mode()
+                     for i in range(0, len(images), 16)])
     b, c, h, w = lat.shape
     patches = lat.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
     vae.bn.running_mean.copy_(patches.mean(dim=(0, 2, 3)))
@@ -193,6 +194,7 @@ def train_base(gen, manifest_path: str | Path, cfg: ToyTransformerConfig, *, res
     weights = torch.tensor([len(data.buckets[k]["prompts"]) for k in keys], dtype=torch.float)
     h, w = resolution
     latent_ids = gen.pipe._prepare_latent_ids(torch.empty((1, 1, h // gen.scale, w // gen.scale), device="meta"))
+    latent_ids = latent_ids.to(gen.device)
     hist = []
     ema = {n: p.detach().clone() for n, p in tr.named_parameters()} if cfg.ema_decay else None
     for step in range(cfg.steps):
@@ -204,7 +206,7 @@ def train_base(gen, manifest_path: str | Path, cfg: ToyTransformerConfig, *, res
         prompt_ids = torch.stack([data.prompt[b["prompts"][i]][1] for i in idx.tolist()])
         cond = Conditioning(prompt, prompt_ids, b["refs"][idx], b["ref_ids"].expand(cfg.batch, -1, -1),
                             latent_ids.expand(cfg.batch, -1, -1), h, w)
-        noise = torch.randn(x0.shape, generator=g)
+        noise = torch.randn(x0.shape, generator=g).to(x0.device)
         s = gen.shift(torch.rand(cfg.batch, generator=g), sampler_steps, cond).to(x0)
         x_t = (1 - s.view(-1, 1, 1)) * x0 + s.view(-1, 1, 1) * noise
         loss = F.mse_loss(gen.velocity(x_t, s, cond), noise - x0)

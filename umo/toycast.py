@@ -101,14 +101,15 @@ def _render_chunk(args: tuple[int, list[tuple[str, tuple[int, int], int, int | N
 def photo_plan(cfg: ToyCastPhotosConfig, cast: tuple[int, int]) -> dict[str, list[tuple[str, tuple[int, int], int,
                                                                                           int | None]]]:
     """Per split, each photo's (id, (person in slot 0, person in slot 1), render seed, duplicated index or None).
-    Test photos never duplicate: they are what the base is asked to draw."""
+    Test photos never duplicate: they are what the base is asked to draw; their people are `cfg.test_cast`'s
+    when it is set (the open-set variant), else the cast's."""
     rng = np.random.default_rng([cfg.seed, 19])
-    cast = np.arange(*cast)
+    people = {"train": np.arange(*cast), "test": np.arange(*(cfg.test_cast or cast))}
     plan = {}
     for split, n in (("train", cfg.n_train), ("test", cfg.n_test)):
         rows = []
         for i in range(n):
-            a, b = (int(v) for v in rng.choice(cast, 2, replace=False))
+            a, b = (int(v) for v in rng.choice(people[split], 2, replace=False))
             dup = int(rng.integers(2)) if split == "train" and rng.random() < cfg.duplicate_p else None
             rows.append((f"{split}-{i:05d}", (a, b), int(rng.integers(0, 2**31 - 1)), dup))
         plan[split] = rows
@@ -280,6 +281,10 @@ def cast_of(cfg: ToyBaseConfig, world) -> tuple[tuple[int, int], tuple[int, int]
     if not c.n_train_identities <= cast[0] < cast[1] <= c.n_identities:
         raise ValueError(f"toybase cast {cast}: must lie in the toy world's held-out identities "
                          f"[{c.n_train_identities}, {c.n_identities}): the face models never saw the cast")
+    test_cast = cfg.photos.test_cast
+    if test_cast is not None and not c.n_train_identities <= test_cast[0] < test_cast[1] - 1 < c.n_identities:
+        raise ValueError(f"toybase.photos.test_cast {test_cast}: must hold 2 or more of the toy world's held-out "
+                         f"identities [{c.n_train_identities}, {c.n_identities})")
     size = cfg.photos.image_size or c.collection.image_size
     if size[0] % 16 or size[1] % 16 or size[1] < 128 or size[0] > size[1]:
         raise ValueError(f"toybase photo size {size}: expected [height, width], multiples of 16, width >= 128, "
@@ -323,9 +328,10 @@ def _read_manifest(root: Path) -> dict[str, Any]:
 
 
 def build_toybase(cfg: ToyBaseConfig, *, out: str | Path | None = None, force: bool = False,
-                  workers: int = 2) -> dict[str, Any]:
+                  workers: int = 2, device: str = "cpu") -> dict[str, Any]:
     """Build (or reuse) the toy base in `out` (default cfg.out); see the module docstring. Returns the build
-    manifest. Raises UninformativeBase (after recording it) when the base fails its gate."""
+    manifest. Raises UninformativeBase (after recording it) when the base fails its gate. device: where the VAE
+    and the transformer train (a GPU: `--device cuda`); the gate's evaluation picks the GPU when there is one."""
     import torch
     from diffusers import AutoencoderKLFlux2, Flux2KleinKVPipeline
 
@@ -366,8 +372,9 @@ def build_toybase(cfg: ToyBaseConfig, *, out: str | Path | None = None, force: b
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if not reuse("vae"):
         t0 = time.perf_counter()
-        vae = new_components(cfg.vae, cfg.model)["vae"]
+        vae = new_components(cfg.vae, cfg.model)["vae"].to(device)
         info = train_vae(vae, root / "photos" / "train.json", cfg.vae)
+        vae.to("cpu")
         with atomic_dir(root / "vae") as tmp:
             vae.save_pretrained(tmp, safe_serialization=True)
         config = base_config(cfg, root)
@@ -381,10 +388,11 @@ def build_toybase(cfg: ToyBaseConfig, *, out: str | Path | None = None, force: b
         t0 = time.perf_counter()
         parts = new_components(cfg.vae, cfg.model)
         parts["vae"] = AutoencoderKLFlux2.from_pretrained(root / "vae", local_files_only=True).eval()
-        gen = Flux2KleinGenerator(Flux2KleinKVPipeline(**parts, is_distilled=False), text_layers=TINY_TEXT_LAYERS,
-                                  max_sequence_length=cfg.max_sequence_length)
+        gen = Flux2KleinGenerator(Flux2KleinKVPipeline(**parts, is_distilled=False).to(device),
+                                  text_layers=TINY_TEXT_LAYERS, max_sequence_length=cfg.max_sequence_length)
         info = train_base(gen, root / "photos" / "train.json", cfg.model, resolution=image_size,
                           reference_resolution=tuple(cfg.reference_resolution), sampler_steps=cfg.sampler_steps)
+        gen.pipe.to("cpu")
         save_base(gen, root / "generator", {**info, "toy": True, "cast": cast, "resolution": list(image_size),
                                             "vae": steps["vae"].get("metrics", {})})
         steps["generator"] = {"key": keys["generator"], "metrics": info}
