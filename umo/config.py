@@ -109,12 +109,12 @@ class GeneratorConfig:
     """Local diffusers pipeline folder (the embedded default writes a tiny one here)."""
     text_layers: list[int] | None = None
     """Text-encoder hidden states stacked as the prompt embedding; null = the tiny model's or [9, 18, 27]."""
-    max_sequence_length: int = 32
+    max_sequence_length: int = 8
     guidance_scale: float = 1.0
     """Classifier-free guidance when > 1 (base klein: 4; distilled klein: 1)."""
     resolution: list[int] = field(default_factory=lambda: [80, 128])
     """Generated [height, width] in pixels, multiples of 16."""
-    reference_resolution: list[int] = field(default_factory=lambda: [64, 64])
+    reference_resolution: list[int] = field(default_factory=lambda: [48, 48])
     """[height, width] every reference image is resized to before encoding, multiples of 16."""
     reference_cache: bool = True
     """KV variant folders (Flux2KleinKVPipeline): compute the reference tokens' keys/values once per batch and
@@ -592,7 +592,7 @@ class ToyCastPhotosConfig:
     """Train photos (each a new render: pose, light, expression, backdrop)."""
     n_test: int = 64
     """Held-out photos of the cast (new renders, new reference portraits): the base gate's items."""
-    duplicate_p: float = 0.3
+    duplicate_p: float = 0.2
     """Share of TRAIN photos that show one of the two people twice and the other not at all, while the references
     stay the two people: the identity confusion the paper describes, put into the base's training data."""
     reference_size: int = 64
@@ -632,11 +632,11 @@ class ToyBaseConfig:
     """The built toy world: its face models make reference embeddings and judge the gate."""
     photos: ToyCastPhotosConfig = field(default_factory=ToyCastPhotosConfig)
     vae: ToyVaeConfig = field(default_factory=lambda: ToyVaeConfig(
-        channels=[16, 32, 64, 64], latent_channels=16, steps=1200, crop=64))
-    model: ToyTransformerConfig = field(default_factory=lambda: ToyTransformerConfig(steps=4000, batch=16))
-    reference_resolution: list[int] = field(default_factory=lambda: [64, 64])
+        channels=[16, 32, 64, 64], latent_channels=16, steps=1000, crop=64))
+    model: ToyTransformerConfig = field(default_factory=lambda: ToyTransformerConfig(steps=2600, batch=48, lr=1.5e-3))
+    reference_resolution: list[int] = field(default_factory=lambda: [48, 48])
     sampler_steps: int = 8
-    max_sequence_length: int = 32
+    max_sequence_length: int = 8
     gate: ToyBaseGateConfig = field(default_factory=ToyBaseGateConfig)
 
 

@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 MANIFEST_FILE = "toybase_build.json"
 GATE_FILE = "gate.json"
 STEPS = ("photos", "vae", "generator")
-PHOTOS_FORMAT = 1  # bump when what `write_photos` writes changes (its toy-world sources are hashed in the key)
+PHOTOS_FORMAT = 2  # bump when what `write_photos` writes changes (its toy-world sources are hashed in the key)
+PROMPT = "a group photo of two people"  # render_group's caption, as the photo sessions of data/ carry it
 
 
 class UninformativeBase(RuntimeError):
@@ -158,7 +159,7 @@ def write_photos(out: Path, cfg: ToyCastPhotosConfig, *, world_seed: int, cast: 
                     continue
                 embeddings[sample_id] = torch.cat(emb).float().contiguous()
                 group = "cast-duplicate" if dup is not None else "cast"
-                samples.append(Sample(id=sample_id, group=group, prompt="a photo of two people",
+                samples.append(Sample(id=sample_id, group=group, prompt=PROMPT,
                                       target=f"targets/{sample_id}.png",
                                       references=tuple(Reference(identity=f"toy/{i:04d}", path=p)
                                                        for i, p in zip(pair, paths_n))))
