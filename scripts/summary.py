@@ -17,9 +17,11 @@ def main(seconds: str = "") -> None:
           f"{f' in {seconds} s' if seconds else ''}.")
     base_gate = Path("artifacts/toybase/gate.json")
     if base_gate.is_file():
-        m = json.loads(base_gate.read_text())["measured"]
+        gate_ = json.loads(base_gate.read_text())
+        m = gate_["measured"]
+        verdict = "passed" if gate_["passed"] else "REFUSED (uninformative base: " + "; ".join(gate_["failures"]) + ")"
         print(f"Toy base gate (held-out photos of its cast): 2-face rate {m['two_face_rate']}, ID-Sim {m['id_sim']}, "
-              f"ID-Conf {m['id_conf']}")
+              f"ID-Conf {m['id_conf']}: {verdict}")
     print(f"\nEvaluation report: {report / 'report.md'} (metrics.json, grids/, images/; `dvc metrics show`)")
     lines = (report / "report.md").read_text().splitlines()
     table = [line for line in lines if line.startswith("|")][:8]

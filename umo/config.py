@@ -530,15 +530,14 @@ class ToyWorldConfig:
 
 @dataclass
 class ToyVaeConfig:
-    """The base generator's VAE (klein's AutoencoderKLFlux2), trained as an autoencoder from scratch."""
+    """The toy base's VAE (klein's AutoencoderKLFlux2), trained as an autoencoder from scratch (`umo.toybase`)."""
 
     channels: list[int] = field(default_factory=lambda: [16, 32, 64])
     """Block widths: 3 levels = 4x downsampling (8 px per image token after klein's 2x2 patches), 4 levels = 8x
-    as the real VAE. A tiny 8x autoencoder trained for minutes blurs toy faces past the detector
-    (half the faces of real test images lost in the round trip, measured); 4x keeps them."""
+    as the real VAE. Trained on varied people, a tiny 8x one blurred faces past the detector; trained on the toy
+    base's 16-person cast alone, it keeps every face (issue 19, measured; docs/ablation.md)."""
     latent_channels: int = 4
-    """4 at 4x: 12x fewer numbers than pixels. 16 (3x) kept faces as well in the round trip but gave a base
-    that drew fewer detectable faces (measured; docs/ablation.md)."""
+    """Latent channels (4 at 4x; 16 at 8x: both 12x fewer numbers than pixels)."""
     steps: int = 800
     batch: int = 16
     crop: int = 64
