@@ -24,7 +24,7 @@ def main(seconds: str = "") -> None:
               f"ID-Conf {m['id_conf']}: {verdict}")
     print(f"\nEvaluation report: {report / 'report.md'} (metrics.json, grids/, images/; `dvc metrics show`)")
     lines = (report / "report.md").read_text().splitlines()
-    table = [line for line in lines if line.startswith("|")][:8]
+    table = [line for line in lines if line.startswith("|")][:11]
     print("\n".join("  " + line for line in table))
     print(f"\nRegistry: model {registered['model']} version {registered['version']} (MLflow run "
           f"{registered['run_id']}); gate {'PASSED' if gate['passed'] else 'refused'}"

@@ -163,16 +163,16 @@ class TrainConfig:
     reward_weight: float = 1.0
     """w: weight of the reward term (paper: 1). 0 = supervised flow matching alone (the ablation's SFT arm); the
     reward is still measured and logged, without gradient."""
-    learning_rate: float = 1e-4
+    learning_rate: float = 5e-4
     """AdamW on the LoRA (paper: 5e-6 at rank 512)."""
     weight_decay: float = 0.0
     gradient_checkpointing: bool = False
     """Recompute the transformer blocks in backward (non-reentrant, so DDP sees each parameter once)."""
     mixed_precision: Literal["no", "bf16"] = "bf16"
     """bf16: frozen weights in bf16 and autocast, LoRA and optimizer in fp32 (GPU only; CPU runs fp32)."""
-    max_steps: int = 200
+    max_steps: int = 100
     """Optimizer steps in all."""
-    batch_size: int = 1
+    batch_size: int = 2
     """Samples per process per micro-batch (samples of a batch share their number of references)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step; the total batch is batch_size x processes x this (paper: 8)."""
