@@ -29,6 +29,7 @@ STAGES = ("toyworld", "toybase", "prepare", "train", "evaluate", "register", "ga
 
 FAST = {  # a chain of seconds per stage: a toy base of a few steps, a few training steps, two items, one image each
     "toyworld.collection.cast": [200, 216],  # held-out ids of the small world
+    "toyworld.reward.identities": None, "toyworld.judge.identities": None,  # the small world's embedders: all ids
     "toybase.photos.n_train": 24, "toybase.photos.n_test": 2,
     "toybase.vae.channels": [8, 8, 8, 8], "toybase.vae.latent_channels": 4, "toybase.vae.steps": 2,
     "toybase.vae.batch": 4, "toybase.vae.crop": 32,

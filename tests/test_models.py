@@ -30,6 +30,7 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def generator(path, **kw) -> Flux2KleinGenerator:
+    kw.setdefault("max_sequence_length", 512)  # the pipeline's own default, which these tests compare with
     return load_generator(GeneratorConfig(path=str(path), **kw))
 
 

@@ -83,7 +83,7 @@ def test_registration_carries_the_evidence_and_is_not_repeated(world):
     mv = client.get_model_version_by_alias(NAME, "challenger")
     assert mv.version == "1" and mv.run_id == world["run_id"]
     assert {"git_commit", "dvc.data_md5", "dvc.params_md5", "base_model", "toy_world", "umo.lora_sha256"} <= set(mv.tags)
-    assert mv.tags["toy_world"] == "true" and mv.tags["dvc.data_md5"] == "8a122753fc64b559fcc01a0813e68a40.dir"
+    assert mv.tags["toy_world"] == "true" and mv.tags["dvc.data_md5"] == "4385047ff38da5ce52dcc5e6b3db2aab.dir"
     metrics = world["report"].metrics
     assert mv.tags["eval.candidate.id_sim"] == str(metrics["candidate"]["id_sim"])
     # the evidence the gate requires: 4 items x 2 images, two fixed faces and two people in each

@@ -30,7 +30,7 @@ CENTERS, FACE = [(16, 32), (48, 32)], 24
 TRAIN = ["generator.resolution=[64, 64]", "generator.reference_resolution=[32, 32]", "lora.rank=4",
          "lora.alpha=4", "train.sampler_steps=4", "train.grad_step_range=[1, 2]", "train.learning_rate=0.003",
          "train.warmup_steps=0", "train.checkpoint_every=2", "train.checkpoints_total_limit=2",
-         "train.sample_every=2", "train.max_steps=4"]
+         "train.sample_every=2", "train.max_steps=4", "train.batch_size=1", "generator.max_sequence_length=512"]
 
 
 def train_config(toy_world, generator_dir, *overrides: str) -> Config:

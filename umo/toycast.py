@@ -368,8 +368,8 @@ def build_toybase(cfg: ToyBaseConfig, *, out: str | Path | None = None, force: b
         stats = write_photos(root / "photos", cfg.photos, world_seed=world.config.world_seed, cast=tuple(cast),
                              image_size=image_size, reward=reward, embedder_path=config.faces.embedder.path,
                              workers=workers)
-        steps["photos"] = {"key": keys["photos"], "stats": stats}
         seconds["photos"] = time.perf_counter() - t0
+        steps["photos"] = {"key": keys["photos"], "stats": stats, "seconds": round(seconds["photos"], 1)}
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if not reuse("vae"):
         t0 = time.perf_counter()
@@ -383,8 +383,8 @@ def build_toybase(cfg: ToyBaseConfig, *, out: str | Path | None = None, force: b
         info["round_trip_judged"] = judge_photos(config, root, vae=vae)
         log.info("toy base VAE: the judge on held-out photos %s, on their round trip %s",
                  _short(info["photos_judged"]), _short(info["round_trip_judged"]))
-        steps["vae"] = {"key": keys["vae"], "metrics": info}
         seconds["vae"] = time.perf_counter() - t0
+        steps["vae"] = {"key": keys["vae"], "metrics": info, "seconds": round(seconds["vae"], 1)}
     if not reuse("generator"):
         t0 = time.perf_counter()
         parts = new_components(cfg.vae, cfg.model)
@@ -396,16 +396,17 @@ def build_toybase(cfg: ToyBaseConfig, *, out: str | Path | None = None, force: b
         gen.pipe.to("cpu")
         save_base(gen, root / "generator", {**info, "toy": True, "cast": cast, "resolution": list(image_size),
                                             "vae": steps["vae"].get("metrics", {})})
-        steps["generator"] = {"key": keys["generator"], "metrics": info}
         seconds["generator"] = time.perf_counter() - t0
+        steps["generator"] = {"key": keys["generator"], "metrics": info, "seconds": round(seconds["generator"], 1)}
     gate = old.get("gate") if old.get("gate_key") == keys["gate"] and "generator" not in seconds else None
     if gate is None:
         t0 = time.perf_counter()
         gate = run_gate(cfg, root)
         seconds["gate"] = time.perf_counter() - t0
+        gate["seconds"] = round(seconds["gate"], 1)
     atomic_write_json(root / GATE_FILE, gate)
     manifest = {"world": "toy", "config": to_dict(cfg), "steps": steps, "gate_key": keys["gate"], "gate": gate,
-                "seconds": {k: round(v, 1) for k, v in seconds.items()}
+                "seconds": {k: round(v, 1) for k, v in seconds.items()}  # this call's; each step keeps its own
                 | {"total": round(time.perf_counter() - started, 1)}}
     atomic_write_json(root / MANIFEST_FILE, manifest)  # the pointer: written last
     log.info("toy base gate: %s", gate_table(gate))
