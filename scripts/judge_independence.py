@@ -6,7 +6,8 @@ score correlations (all pairs, and impostor pairs only). Issue 19 compares the o
     .venv/bin/python scripts/judge_independence.py --reward 0 400 --judge 0 400 --per-id 8   # before
     .venv/bin/python scripts/judge_independence.py                                          # params.yaml
 
-About 4 min per embedder on one core.
+About 1 min per embedder on 2 cores (before: TAR 0.945 / 0.961, correlation 0.777, impostors 0.736;
+after: 0.953 / 0.951, 0.703, 0.654).
 """
 
 from __future__ import annotations
