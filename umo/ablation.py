@@ -161,15 +161,13 @@ def evaluate_all(config: Config) -> dict[str, Any]:
 
 def read_item_scores(eval_dir: Path) -> dict[str, list]:
     """scores.jsonl -> per model its `ItemScore`s in item-id order (the same order for every model)."""
-    from umo.eval.score import ImageScore, ItemScore
+    from umo.eval.score import ItemScore
 
     out: dict[str, list] = {}
     with open(eval_dir / "scores.jsonl") as f:
         for line in f:
             d = json.loads(line)
-            out.setdefault(d["model"], []).append(ItemScore(d["item"], d["identities"],
-                                                            [ImageScore(**s) for s in d["images"]], d["unscored"],
-                                                            d["seeds"]))
+            out.setdefault(d["model"], []).append(ItemScore.from_dict(d))
     for name in out:
         out[name].sort(key=lambda s: s.item)
     return out

@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "toybase_build.json"
 GATE_FILE = "gate.json"
-STEPS = ("photos", "vae", "generator")
 PHOTOS_FORMAT = 2  # bump when what `write_photos` writes changes (its toy-world sources are hashed in the key)
 PROMPT = "a group photo of two people"  # render_group's caption, as the photo sessions of data/ carry it
 
@@ -178,13 +177,13 @@ def write_photos(out: Path, cfg: ToyCastPhotosConfig, *, world_seed: int, cast: 
 # ------------------------------------------------------------------------------------------------ gate
 
 
-def base_config(cfg: ToyBaseConfig, root: Path, params: Config | None = None) -> Config:
+def base_config(cfg: ToyBaseConfig, root: Path) -> Config:
     """A complete umo Config that reads the built base: generator, eval and faces (the toy world's) settings."""
     from umo.config import apply_override, from_dict
     from umo.toyworld.build import load_toyworld
 
     world = load_toyworld(cfg.toyworld)
-    data = to_dict(params) if params is not None else to_dict(Config())
+    data = to_dict(Config())
     data["generator"] |= {"family": "flux2_klein", "path": str(root / "generator"), "text_layers": None,
                           "max_sequence_length": cfg.max_sequence_length, "guidance_scale": 1.0,
                           "resolution": list(cast_of(cfg, world)[1]),

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from umo.config import Config, to_dict
-from umo.eval.score import SCORING_VERSION, ImageScore, ItemScore, Judge, score_item
+from umo.eval.score import SCORING_VERSION, ItemScore, Judge, score_item
 from umo.eval.sets import EvalItem, file_stem, load_heldout, load_omnicontext, load_xverse
 from umo.io import atomic_write_bytes, atomic_write_json, sha256_file
 
@@ -189,8 +189,7 @@ def _read_score(work: Path, model: str, item: EvalItem) -> ItemScore:
     path = _score_path(work, model, item)
     if not path.is_file():  # a process died without raising; never report a partial merge
         raise RuntimeError(f"{path}: missing: a process did not finish item {item.id!r} for {model}")
-    d = json.loads(path.read_text())
-    return ItemScore(d["item"], d["identities"], [ImageScore(**s) for s in d["images"]], d["unscored"], d["seeds"])
+    return ItemScore.from_dict(json.loads(path.read_text()))
 
 
 def _run(config: Config, todo: list[tuple[EvalItem, list[str]]], models: dict[str, Path | None], work: Path,

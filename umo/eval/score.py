@@ -73,6 +73,11 @@ class ItemScore:
     unscored: str | None = None  # why the item could not be scored (e.g. a reference without a face)
     seeds: list[int] = field(default_factory=list)  # of the images, when they were generated
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "ItemScore":
+        """The inverse of `dataclasses.asdict` (work files, scores.jsonl; extra keys such as "model" are ignored)."""
+        return cls(d["item"], d["identities"], [ImageScore(**s) for s in d["images"]], d["unscored"], d["seeds"])
+
     def mean(self, key: str) -> float | None:
         """The mean of an image value over this item's images (those that have one): the item alone, for
         reading and ranking items. Its images share M, so it equals its pooled mean; for sets, `aggregate`."""
