@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from umo.config import ToyBaseConfig, ToyCastPhotosConfig, from_dict
 from umo.toycast import UninformativeBase, build_toybase, check_gate, photo_plan, render_cast_photo
@@ -111,3 +112,17 @@ def test_an_untrained_base_is_refused_with_its_numbers_and_its_steps_are_cached(
         build_toybase(from_dict(ToyBaseConfig, data, source="test"), workers=1)
     manifest = json.loads((tmp_path / "base" / "toybase_build.json").read_text())
     assert set(manifest["seconds"]) == {"generator", "gate", "total"}
+
+
+def test_mismatched_samples_get_another_samples_references():
+    from umo.toybase import mismatch
+
+    g = torch.Generator().manual_seed(0)
+    refs, pool = torch.zeros(400, 4, 2), torch.arange(1, 6, dtype=torch.float).view(5, 1, 1).expand(5, 4, 2)
+    out = mismatch(refs, pool, 0.25, g)
+    swapped = (out != 0).any(dim=(1, 2))
+    assert 0.15 < swapped.float().mean() < 0.35  # about p of the batch
+    assert ((out[swapped] >= 1) & (out[swapped] <= 5)).all()  # whole references of the pool's samples
+    assert (out[swapped] == out[swapped][:, :1, :1]).all()
+    assert (refs == 0).all()  # the input is kept
+    assert (mismatch(refs, pool, 0.0, g) == 0).all()

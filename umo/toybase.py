@@ -174,6 +174,16 @@ class _Encoded:
         self.n = len(man.samples)
 
 
+def mismatch(refs: torch.Tensor, pool: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    """A batch's references, each sample's replaced with probability p by those of a random sample of `pool`
+    (the people drawn are then not the references': a confusion in the training data). A new tensor."""
+    drop = torch.rand(len(refs), generator=g) < p
+    refs = refs.clone()
+    if drop.any():
+        refs[drop] = pool[torch.randint(len(pool), (int(drop.sum()),), generator=g)].to(refs)
+    return refs
+
+
 def train_base(gen, manifest_path: str | Path, cfg: ToyTransformerConfig, *, resolution: tuple[int, int],
                reference_resolution: tuple[int, int], sampler_steps: int, log_every: int = 50) -> dict[str, float]:
     """Train `gen.transformer` in place with supervised flow matching (see the module docstring).
@@ -196,6 +206,8 @@ def train_base(gen, manifest_path: str | Path, cfg: ToyTransformerConfig, *, res
     latent_ids = gen.pipe._prepare_latent_ids(torch.empty((1, 1, h // gen.scale, w // gen.scale), device="meta"))
     latent_ids = latent_ids.to(gen.device)
     hist = []
+    if cfg.compile:  # one graph: every batch has the same shapes (one reference layout per bucket)
+        gen.denoiser = torch.compile(tr)
     ema = {n: p.detach().clone() for n, p in tr.named_parameters()} if cfg.ema_decay else None
     for step in range(cfg.steps):
         k = keys[int(torch.multinomial(weights, 1, generator=g))]
@@ -204,7 +216,10 @@ def train_base(gen, manifest_path: str | Path, cfg: ToyTransformerConfig, *, res
         x0 = b["x0"][idx]
         prompt = torch.stack([data.prompt[b["prompts"][i]][0] for i in idx.tolist()])
         prompt_ids = torch.stack([data.prompt[b["prompts"][i]][1] for i in idx.tolist()])
-        cond = Conditioning(prompt, prompt_ids, b["refs"][idx], b["ref_ids"].expand(cfg.batch, -1, -1),
+        refs = b["refs"][idx]
+        if cfg.mismatch_p > 0:
+            refs = mismatch(refs, b["refs"], cfg.mismatch_p, g)
+        cond = Conditioning(prompt, prompt_ids, refs, b["ref_ids"].expand(cfg.batch, -1, -1),
                             latent_ids.expand(cfg.batch, -1, -1), h, w)
         noise = torch.randn(x0.shape, generator=g).to(x0.device)
         s = gen.shift(torch.rand(cfg.batch, generator=g), sampler_steps, cond).to(x0)
@@ -223,6 +238,7 @@ def train_base(gen, manifest_path: str | Path, cfg: ToyTransformerConfig, *, res
         if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
             log.info("base step %d/%d: flow-matching loss %.4f (%.0f s)", step + 1, cfg.steps,
                      np.mean(hist[-log_every:]), time.perf_counter() - started)
+    gen.denoiser = tr
     if ema is not None:  # the saved base is the EMA of the weights
         with torch.no_grad():
             for n, p in tr.named_parameters():

@@ -32,6 +32,7 @@ VAE, and the face models never rebuild for it:
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import time
@@ -305,12 +306,16 @@ def step_keys(cfg: ToyBaseConfig, world) -> dict[str, str]:
               "image_size": size, "src": _sources_hash("toyworld/*.py"), "torch": torch.__version__,
               "faces": {k: sha256_file(v) for k, v in faces.items()}}
     trainer = _sources_hash("toybase.py", "models/*.py")
+    from umo import toybase  # the VAE's key: only the code that trains it (a transformer change keeps the VAE)
+
+    vae_code = hashlib.sha256("".join(inspect.getsource(f) for f in (
+        toybase.new_components, toybase._load_rgb, toybase.train_vae, toybase.set_latent_statistics)).encode())
 
     def key(*parts: Any) -> str:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     keys = {"photos": key(photos)}
-    keys["vae"] = key(keys["photos"], c["vae"], trainer)
+    keys["vae"] = key(keys["photos"], c["vae"], vae_code.hexdigest(), _sources_hash("models/*.py"))
     keys["generator"] = key(keys["vae"], c["model"], c["reference_resolution"], c["sampler_steps"],
                             c["max_sequence_length"], trainer)
     keys["gate"] = key(keys["generator"], c["gate"], _sources_hash("eval/*.py", "faces/*.py", "metrics.py"))
