@@ -131,7 +131,7 @@ TINY_BASE = {
     "photos": {"cast": [200, 216], "image_size": [80, 128], "n_train": 24, "n_test": 3},
     "vae": {"channels": [8, 8, 8, 8], "latent_channels": 4, "steps": 3, "batch": 4, "crop": 32},
     "model": {"heads": 2, "head_dim": 16, "double_blocks": 1, "single_blocks": 1, "steps": 3, "batch": 4,
-              "warmup": 1},
+              "warmup": 1, "compile": False},
     # the untrained base draws no faces: its gate is opened to run the stages (the gate itself: test_toycast)
     "gate": {"images_per_item": 1, "steps": 2, "min_two_face_rate": 0.0, "min_id_sim": 0.0, "id_conf": None},
 }

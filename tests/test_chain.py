@@ -35,6 +35,7 @@ FAST = {  # a chain of seconds per stage: a toy base of a few steps, a few train
     "toybase.vae.batch": 4, "toybase.vae.crop": 32,
     "toybase.model.heads": 2, "toybase.model.head_dim": 16, "toybase.model.double_blocks": 1,
     "toybase.model.single_blocks": 1, "toybase.model.steps": 2, "toybase.model.batch": 4, "toybase.model.warmup": 1,
+    "toybase.model.compile": False,
     # an untrained base draws no faces: its gate is opened here to test the chain's mechanics (the registry's
     # gate then refuses every version for want of evidence; approve_by_hand stands in for a person)
     "toybase.gate.min_two_face_rate": 0.0, "toybase.gate.min_id_sim": 0.0, "toybase.gate.id_conf": None,

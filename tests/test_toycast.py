@@ -82,7 +82,7 @@ TINY_BASE = {
     "photos": {"cast": [200, 216], "image_size": [80, 128], "n_train": 24, "n_test": 3},
     "vae": {"channels": [8, 8, 8, 8], "latent_channels": 4, "steps": 3, "batch": 4, "crop": 32},
     "model": {"heads": 2, "head_dim": 16, "double_blocks": 1, "single_blocks": 1, "steps": 3, "batch": 4,
-              "warmup": 1},
+              "warmup": 1, "compile": False},
     "gate": {"images_per_item": 1, "steps": 2},
 }
 
