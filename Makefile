@@ -7,12 +7,14 @@ setup:
 	bash scripts/setup.sh
 
 # The main job: the whole chain (dvc.yaml) on the embedded default, then where everything is.
-run: setup
+run:
+	@UMO_BROWSER=0 bash scripts/setup.sh
 	@start=$$(date +%s); PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro && \
 	  $(PY) scripts/summary.py $$(( $$(date +%s) - start ))
 
 # The toy-world ablation SFT vs SIR vs MIMR (ablation/dvc.yaml; results in docs/ablation.md).
-ablation: setup
+ablation:
+	@UMO_BROWSER=0 bash scripts/setup.sh
 	@start=$$(date +%s); PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro ablation/dvc.yaml && \
 	  echo "ablation: $$(( $$(date +%s) - start )) s wall; results: docs/ablation.md"
 

@@ -17,8 +17,9 @@ if [ -z "$py" ]; then
 fi
 [ -n "$py" ] || { echo "setup: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
 
-# The registry UI test drives Debian's chromium (headless). Installed once, when we may (root, apt).
-if [[ "$extras" == *test* ]] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null \
+# The registry UI test drives Debian's chromium (headless). Installed once, when we may (root, apt), and only
+# for the tests: `make run` and `make ablation` set UMO_BROWSER=0 (they never open a browser).
+if [[ "$extras" == *test* ]] && [ "${UMO_BROWSER:-1}" != 0 ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null \
     && [ "$(id -u)" = 0 ]; then
   apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
     || { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \

@@ -28,7 +28,7 @@ def column(id_sim: float, /, **changes) -> dict:
     return col | changes
 
 
-def report(root: Path, seed: int, base: dict, candidate: dict) -> tuple[Path, Path]:
+def report(root: Path, seed: int, base: dict, candidate: dict, paired: dict | None = None) -> tuple[Path, Path]:
     """A training folder holding a LoRA file (its bytes differ by seed) and a report folder of it."""
     from safetensors.numpy import save_file
 
@@ -40,6 +40,8 @@ def report(root: Path, seed: int, base: dict, candidate: dict) -> tuple[Path, Pa
     metrics = {"benchmark": "heldout", "toy_world": True, "images_per_item": 2, "steps": 3, "seed": 0,
                "base": base, "candidate": candidate, "delta": {},
                "models": {"base": None, "candidate": {"path": str(lora), "sha256": sha256_file(lora)}}}
+    if paired is not None:
+        metrics["paired"] = {"candidate - base": paired}
     out = root / f"report-{seed}"
     out.mkdir()
     (out / "metrics.json").write_text(json.dumps(metrics))
@@ -53,11 +55,13 @@ def decide(mlflow_server, tmp_path, request):
     import mlflow
 
     name = f"evidence-{request.node.name}".replace("[", "-").replace("]", "")[:100]
-    config = load_config(None, [f"tracking.tracking_uri={mlflow_server}", f"registry.model_name={name}",
-                                f"generator.path={tmp_path / 'no-generator'}"])
+    settings = [f"tracking.tracking_uri={mlflow_server}", f"registry.model_name={name}",
+                f"generator.path={tmp_path / 'no-generator'}"]
 
-    def run(base: dict, candidate: dict):
-        train, out = report(tmp_path, 0, base, candidate)
+    def run(base: dict, candidate: dict, paired: dict | None = None):
+        # without intervals the point estimates decide: the evidence rules are what these tests are about
+        config = load_config(None, [*settings, f"registry.gate.use_intervals={str(paired is not None).lower()}"])
+        train, out = report(tmp_path, 0, base, candidate, paired)
         version = register(config, train_dir=train, report=out).version
         decision = gate(config, version=version)
         tags = mlflow.MlflowClient(mlflow_server).get_model_version(name, version).tags
@@ -164,3 +168,54 @@ def test_aggregate_counts_images_faces_and_references():
 def test_the_minimum_must_be_positive():
     with pytest.raises(ConfigError, match="min_scored_references: expected >= 1, got 0"):
         load_config(None, ["registry.gate.min_scored_references=0"])
+
+
+def ci(difference: float, lower: float, upper: float) -> dict:
+    return {"difference": difference, "lower": lower, "upper": upper, "level": 0.95, "items": 4,
+            "resamples": 2000, "method": "paired item bootstrap"}
+
+
+def test_intervals_pass_a_gain_they_show_beside_a_drop_they_cannot_resolve(decide):
+    # the main job of session 10: ID-Sim +3.15 [+1.84, +4.39], ID-Conf -0.66 [-3.93, +2.74], face count +0.044
+    shown = {"id_sim": ci(3.15, 1.84, 4.39), "id_conf": ci(-0.66, -3.93, 2.74),
+             "face_count_accuracy": ci(0.044, 0.01, 0.08)}
+    decision, tags = decide(column(22.66, id_conf=58.24), column(25.81, id_conf=57.58), shown)
+    assert decision.passed, failed(decision)
+    assert tags["gate.rule.id_conf"] == ("pass: candidate - base -0.66, 95% [-3.93, +2.74] over 4 items: upper bound "
+                                         "+2.74 >= -0")
+    assert json.loads(tags["gate.policy"])["use_intervals"] is True
+
+
+def test_intervals_refuse_a_gain_they_do_not_show_and_a_drop_they_show(decide):
+    noisy = {"id_sim": ci(0.3, -0.9, 1.5), "id_conf": ci(-3.0, -5.5, -0.4), "face_count_accuracy": ci(0, -0.1, 0.1)}
+    decision, _ = decide(column(30.0), column(30.3, id_conf=37.0), noisy)
+    assert failed(decision) == {
+        "id_sim": "candidate - base +0.3, 95% [-0.9, +1.5] over 4 items: lower bound -0.9 < +0",
+        "id_conf": "candidate - base -3, 95% [-5.5, -0.4] over 4 items: upper bound -0.4 < -0"}
+
+
+def test_a_report_without_intervals_is_refused_when_they_decide():
+    out = {r.name: r for r in rules(GateConfig(), {"base": SEEN, "candidate": column(32.0)}, champion_sha=None)}
+    assert [n for n, r in out.items() if not r.passed] == ["id_sim", "id_conf", "face_count"]
+    assert out["id_sim"].detail == ("the report has no paired interval of candidate - base (evaluate again, or set "
+                                    "registry.gate.use_intervals: false)")
+
+
+def test_paired_interval_on_hand_worked_items():
+    from umo.eval.score import paired_interval
+
+    # every item moves by exactly +0.1 on ID-Sim: each resample gives +10, so the interval is the point
+    a = [ItemScore(k, 2, [ImageScore(0.3 + 0.1 * j, 0.5, 0.3, 2, True)] * 2) for j, k in enumerate("abc")]
+    b = [ItemScore(k, 2, [ImageScore(0.2 + 0.1 * j, 0.5, 0.2, 2, True)] * 2) for j, k in enumerate("abc")]
+    r = paired_interval(a, b, "id_sim", scale=100.0)
+    assert (r["difference"], r["lower"], r["upper"], r["items"]) == (10.0, 10.0, 10.0, 3)
+    # ID-Conf pools only images with a value: item c has none for b, so b's mean is over a and b's 8 entries
+    b[2] = ItemScore("c", 2, [ImageScore(0.4, None, 0.2, 1, False)] * 2)
+    a[0] = ItemScore("a", 2, [ImageScore(0.3, 0.9, 0.3, 2, True)] * 2)
+    r = paired_interval(a, b, "id_conf", scale=100.0)
+    assert r["difference"] == pytest.approx(100 * ((0.9 * 4 + 0.5 * 8) / 12 - 0.5), abs=1e-4)  # +13.33, rounded
+    assert r["lower"] <= r["difference"] <= r["upper"]
+    # face count: once per image, a fraction (no scale)
+    r = paired_interval(a, b, "face_count_accuracy", scale=100.0)
+    assert r["difference"] == pytest.approx(1 - 4 / 6, abs=1e-4)
+    assert paired_interval(a, [], "id_sim", scale=100.0) is None  # nothing shared: nothing to compare

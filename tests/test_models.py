@@ -202,3 +202,21 @@ def test_a_foreign_pipeline_folder_is_named(tiny_generator_dir, tmp_path):
     (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": "FluxPipeline"}))
     with pytest.raises(ValueError, match="names 'FluxPipeline'; the flux2_klein family reads"):
         generator(folder)
+
+
+def test_settings_that_contradict_what_the_generator_was_trained_with_are_refused(tiny_generator_dir, tmp_path):
+    import shutil
+
+    from umo.models import TRAINED_WITH
+
+    folder = shutil.copytree(tiny_generator_dir, tmp_path / "trained")
+    (folder / TRAINED_WITH).write_text(json.dumps({"resolution": [64, 64], "reference_resolution": [32, 32],
+                                                   "max_sequence_length": 4}))
+    kw = {"resolution": [64, 64], "reference_resolution": [32, 32], "max_sequence_length": 4}
+    assert generator(folder, **kw).max_sequence_length == 4  # as trained: loads
+    with pytest.raises(ValueError, match=r"umo_trained_with.json: generator.reference_resolution is \[48, 48\], "
+                                         r"trained with \[32, 32\]; generator.max_sequence_length is 512"):
+        generator(folder, **kw | {"reference_resolution": [48, 48], "max_sequence_length": 512})
+    (folder / TRAINED_WITH).write_text("{not json")
+    with pytest.raises(ValueError, match="umo_trained_with.json: not valid JSON"):
+        generator(folder, **kw)

@@ -98,6 +98,9 @@ def test_an_untrained_base_is_refused_with_its_numbers_and_its_steps_are_cached(
     manifest = json.loads((tmp_path / "base" / "toybase_build.json").read_text())
     assert set(manifest["seconds"]) == {"photos", "vae", "generator", "gate", "total"}
     assert (tmp_path / "base" / "generator" / "model_index.json").is_file()
+    trained_with = json.loads((tmp_path / "base" / "generator" / "umo_trained_with.json").read_text())
+    assert trained_with == {"resolution": [80, 128], "reference_resolution": list(cfg.reference_resolution),
+                            "max_sequence_length": cfg.max_sequence_length}  # what the chain must set (test_models)
     first = {p: p.read_bytes() for p in (tmp_path / "base" / "generator").rglob("*.safetensors")}
 
     # a changed gate re-judges the same base; a changed model setting keeps the photos and the VAE

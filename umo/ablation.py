@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from umo.config import Config, load_config
+from umo.eval.score import entry_sums
 
 log = logging.getLogger(__name__)
 
@@ -193,25 +194,6 @@ def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
     if len(x) < 2:
         return float(x.mean()) if len(x) else math.nan, math.nan
     return float(x.mean()), float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
-
-
-def entry_sums(items: list, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per item, (sum of its (image, reference) entries of `key`, their number), pooled as `aggregate` pools:
-    an image's value stands for its M references' entries (ID-Sim: every image; ID-Conf: images with a value).
-    face_count_accuracy, id_match and collision_rate count once per image (collision: where it is defined).
-    items: a model's `ItemScore`s in one fixed order."""
-    per_image = key in ("face_count_accuracy", "id_match", "collision_rate")
-    attr = {"face_count_accuracy": "count_ok", "collision_rate": "collision"}.get(key, key)
-    sums, counts = np.zeros(len(items)), np.zeros(len(items))
-    for j, item in enumerate(items):
-        for image in item.images:
-            v = getattr(image, attr)
-            if v is None:
-                continue
-            w = 1 if per_image else item.identities
-            sums[j] += float(v) * w
-            counts[j] += w
-    return sums, counts
 
 
 def paired_contrast(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], *, scale: float = 100.0,

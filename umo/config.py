@@ -354,6 +354,12 @@ class GateConfig:
     champion_margin: float = 0.0
     """When a champion exists: candidate ID-Sim >= champion ID-Sim + margin, both from the SAME report (same
     seeds; `umo evaluate --champion`). A report without the champion's column fails this rule."""
+    use_intervals: bool = True
+    """Decide on the report's paired 95% item-bootstrap intervals of candidate - base (and - champion) instead of
+    point estimates: a gain must be shown (ID-Sim, champion: the LOWER bound >= delta / margin) and a drop must not
+    be (ID-Conf: the UPPER bound >= -epsilon; face count: >= 0). A difference the evaluation cannot resolve thus
+    neither approves (a +0.1 ID-Sim within noise) nor refuses (a -0.7 ID-Conf whose interval is [-3.9, +2.7]).
+    false: the point estimates decide. A report without intervals fails these rules."""
 
     def __post_init__(self) -> None:
         if self.min_scored_references < 1:

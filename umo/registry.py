@@ -229,6 +229,11 @@ def _numeric(metrics: dict) -> dict[str, float]:
         for k, v in flatten(metrics.get(m) or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 out[f"eval.{m}.{k}"] = float(v)
+    for pair, by_key in (metrics.get("paired") or {}).items():  # eval.paired.candidate_vs_base.id_sim.lower ...
+        for key, r in by_key.items():
+            for part in ("difference", "lower", "upper"):
+                if r and r.get(part) is not None:
+                    out[f"eval.paired.{pair.replace(' - ', '_vs_')}.{key}.{part}"] = float(r[part])
     return out
 
 
@@ -440,10 +445,20 @@ def rules(policy, metrics: dict, *, champion_sha: str | None) -> list[Rule]:
     >>> seen = {"images_scored": 8, "faces_scored": 16, "references_scored": 16, "unscored": 0}
     >>> m = {"base": {"id_sim": 10.0, "id_conf": 50.0, "face_count_accuracy": 0.5, **seen},
     ...      "candidate": {"id_sim": 12.0, "id_conf": 49.0, "face_count_accuracy": 0.5, **seen}}
-    >>> [(r.name, r.passed) for r in rules(GateConfig(min_id_sim_gain=1.0, max_id_conf_drop=0.5), m,
-    ...                                    champion_sha=None)]  # doctest: +NORMALIZE_WHITESPACE
+    >>> point = GateConfig(min_id_sim_gain=1.0, max_id_conf_drop=0.5, use_intervals=False)
+    >>> [(r.name, r.passed) for r in rules(point, m, champion_sha=None)]  # doctest: +NORMALIZE_WHITESPACE
     [('faces_scored', True), ('references_scored', True), ('id_sim', True), ('id_conf', False),
      ('face_count', True), ('all_scored', True)]
+
+    With intervals (the default), the same +2 ID-Sim is no evidence when its interval reaches below delta, and the
+    -1 ID-Conf no refusal when its interval reaches above -epsilon:
+
+    >>> ci = lambda d, lo, hi: {"difference": d, "lower": lo, "upper": hi, "level": 0.95, "items": 4}
+    >>> m["paired"] = {"candidate - base": {"id_sim": ci(2.0, 0.5, 3.5), "id_conf": ci(-1.0, -4.0, 2.0),
+    ...                                     "face_count_accuracy": ci(0.0, -0.1, 0.1)}}
+    >>> [(r.name, r.passed) for r in rules(GateConfig(min_id_sim_gain=1.0, max_id_conf_drop=0.5), m,
+    ...                                    champion_sha=None)][2:4]
+    [('id_sim', False), ('id_conf', True)]
     """
     base, cand = metrics["base"], metrics["candidate"]
     compared = {"candidate": cand, "base": base}
@@ -453,11 +468,19 @@ def rules(policy, metrics: dict, *, champion_sha: str | None) -> list[Rule]:
         if reported == champion_sha:
             champion_column = compared["champion"] = metrics["champion"]
     out = _evidence(policy, compared)
-    out += [_at_least("id_sim", cand.get("id_sim"), base.get("id_sim"), policy.min_id_sim_gain, "base"),
-            _at_least("id_conf", cand.get("id_conf"), base.get("id_conf"), -policy.max_id_conf_drop, "base")]
+    paired = (metrics.get("paired") or {}) if policy.use_intervals else None
+
+    def compare(name: str, key: str, margin: float, against: str, bound: str) -> Rule:
+        rule = _at_least(name, cand.get(key), compared[against].get(key), margin, against)
+        if paired is None or cand.get(key) is None or compared[against].get(key) is None:
+            return rule  # point estimates decide, or nothing to compare (fails, naming the side)
+        return _interval_at_least(name, (paired.get(f"candidate - {against}") or {}).get(key), margin, bound,
+                                  against)
+
+    out += [compare("id_sim", "id_sim", policy.min_id_sim_gain, "base", "lower"),
+            compare("id_conf", "id_conf", -policy.max_id_conf_drop, "base", "upper")]
     if policy.face_count_not_lower:
-        out.append(_at_least("face_count", cand.get("face_count_accuracy"), base.get("face_count_accuracy"), 0.0,
-                             "base"))
+        out.append(compare("face_count", "face_count_accuracy", 0.0, "base", "upper"))
     if policy.require_all_scored:
         n = cand.get("unscored")
         out.append(Rule("all_scored", False, "the number of unscored items is not recorded for the candidate")
@@ -467,8 +490,7 @@ def rules(policy, metrics: dict, *, champion_sha: str | None) -> list[Rule]:
             out.append(Rule("champion", False, "the report has no column for the current champion's LoRA "
                                                "(evaluate with --champion)"))
         else:
-            out.append(_at_least("champion", cand.get("id_sim"), champion_column.get("id_sim"),
-                                 policy.champion_margin, "champion"))
+            out.append(compare("champion", "id_sim", policy.champion_margin, "champion", "lower"))
     return out
 
 
@@ -511,6 +533,18 @@ def _at_least(name: str, value, reference, margin: float, against: str) -> Rule:
     ok = value >= reference + margin - 1e-9
     return Rule(name, ok, f"candidate {value:.4g} {'>=' if ok else '<'} {against} {reference:.4g} "
                           f"{'+' if margin >= 0 else '-'} {abs(margin):g}")
+
+
+def _interval_at_least(name: str, interval: dict | None, margin: float, bound: str, against: str) -> Rule:
+    """The paired interval of candidate - `against` decides: its `bound` ("lower": a gain the data show;
+    "upper": no drop the data show) >= margin. A report without the interval fails."""
+    if not interval:
+        return Rule(name, False, f"the report has no paired interval of candidate - {against} (evaluate again, or "
+                                 "set registry.gate.use_intervals: false)")
+    d, lo, hi, value = interval["difference"], interval["lower"], interval["upper"], interval[bound]
+    ok = value >= margin - 1e-9
+    return Rule(name, ok, f"candidate - {against} {d:+.4g}, {interval['level']:.0%} [{lo:+.4g}, {hi:+.4g}] over "
+                          f"{interval['items']} items: {bound} bound {value:+.4g} {'>=' if ok else '<'} {margin:+g}")
 
 
 def _logged_report(client, run_id: str) -> dict | None:

@@ -341,6 +341,7 @@ def build_toybase(cfg: ToyBaseConfig, *, out: str | Path | None = None, force: b
     from diffusers import AutoencoderKLFlux2, Flux2KleinKVPipeline
 
     from umo.io import atomic_dir, atomic_write_json
+    from umo.models import TRAINED_WITH
     from umo.models.flux2 import Flux2KleinGenerator
     from umo.models.tiny import TINY_TEXT_LAYERS
     from umo.reward import MatchingReward
@@ -402,6 +403,11 @@ def build_toybase(cfg: ToyBaseConfig, *, out: str | Path | None = None, force: b
                                             "vae": steps["vae"].get("metrics", {})})
         seconds["generator"] = time.perf_counter() - t0
         steps["generator"] = {"key": keys["generator"], "metrics": info, "seconds": round(seconds["generator"], 1)}
+    # What the chain's generator settings must equal (umo.models.check_trained_with); written on every build, so a
+    # base cached before the record existed gets it too (its values are part of the generator's key).
+    atomic_write_json(root / "generator" / TRAINED_WITH, {
+        "resolution": list(image_size), "reference_resolution": list(cfg.reference_resolution),
+        "max_sequence_length": cfg.max_sequence_length})
     gate = old.get("gate") if old.get("gate_key") == keys["gate"] and "generator" not in seconds else None
     if gate is None:
         t0 = time.perf_counter()

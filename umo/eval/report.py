@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from umo.config import Config
-from umo.eval.score import SCALES, ItemScore, aggregate
+from umo.eval.score import PAIRED_KEYS, SCALES, ItemScore, aggregate, paired_interval
 from umo.eval.sets import EvalItem
 from umo.io import atomic_dir, sha256_file
 
@@ -67,6 +67,11 @@ def write_report(out: Path, config: Config, items: list[EvalItem], scores: dict[
                                **results, "delta": delta(results[CANDIDATE], results[BASE])}
     if CHAMPION in results:
         metrics["delta_vs_champion"] = delta(results[CANDIDATE], results[CHAMPION])
+    # The gate decides on these (registry.gate.use_intervals): the sampling error of each difference, from the
+    # items the models share. 95%, 2000 resamples, seeded: the same scores give the same interval.
+    metrics["paired"] = {f"{CANDIDATE} - {other}": {key: paired_interval(scores[CANDIDATE], scores[other], key,
+                                                                          scale=scale) for key in PAIRED_KEYS}
+                         for other in (BASE, CHAMPION) if other in scores}
     metrics["models"] = {name: None if path is None else {"path": str(path), "sha256": sha256_file(path)}
                          for name, path in models.items()}
     changes = _item_changes(scores)
@@ -155,6 +160,12 @@ def _markdown(metrics: dict, models: list[str], changes: list[tuple[str, float, 
         if champion:
             row += [_fmt(metrics[CHAMPION].get(key)), _signed(metrics["delta_vs_champion"].get(key))]
         lines.append("| " + " | ".join(row) + " |")
+    for pair, by_key in metrics.get("paired", {}).items():
+        shown = [f"{label} {_signed(r['difference'])} [{_signed(r['lower'])}, {_signed(r['upper'])}]"
+                 for key, label in METRICS if (r := by_key.get(key))]
+        if shown:
+            items = next(r["items"] for r in by_key.values() if r)
+            lines += ["", f"{pair}, paired item bootstrap 95% ({items} items): " + "; ".join(shown) + "."]
     lines += ["", "## By number of people", "", "| people | items | ID-Sim base | ID-Sim candidate | Δ | "
               "ID-Conf base | ID-Conf candidate | Δ |", "|---|---|---|---|---|---|---|---|"]
     for n, cand in metrics[CANDIDATE]["by_identities"].items():

@@ -2,15 +2,49 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from umo.models.base import Conditioning, Generator, euler_step, generate_images, predict_x0, sample
 
-__all__ = ["Conditioning", "Generator", "euler_step", "generate_images", "load_generator", "predict_x0", "sample"]
+__all__ = ["Conditioning", "Generator", "TRAINED_WITH", "check_trained_with", "euler_step", "generate_images",
+           "load_generator", "predict_x0", "sample"]
+
+# Optional, beside model_index.json: the conditioning a generator was trained with. A model trained on 32-px
+# references and 4 prompt tokens still runs on 48-px references or 512 tokens, only worse (the toy base: ID-Sim
+# 24 instead of 29), so a recorded setting that the config contradicts is an error, never a silent degradation.
+TRAINED_WITH = "umo_trained_with.json"
+CHECKED = ("resolution", "reference_resolution", "max_sequence_length")
+
+
+def check_trained_with(config) -> None:
+    """Raise ValueError, naming the file and each setting, where `config` (a GeneratorConfig) contradicts the
+    generator folder's TRAINED_WITH record; a folder without one (real weights) is not checked."""
+    path = Path(config.path).expanduser() / TRAINED_WITH
+    if not path.is_file():
+        return
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: expected a JSON object of settings, got {type(record).__name__}")
+    wrong = [f"generator.{k} is {getattr(config, k)!r}, trained with {record[k]!r}" for k in CHECKED
+             if k in record and _plain(record[k]) != _plain(getattr(config, k))]
+    if wrong:
+        raise ValueError(f"{path}: {'; '.join(wrong)}: set the generator settings to what the model was trained "
+                         "with (a mismatch runs, but degrades identity)")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def load_generator(config, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Generator:
     """Load the generator a `umo.config.GeneratorConfig` names (family, local path, text layers ...)."""
+    check_trained_with(config)
     if config.family == "flux2_klein":
         from umo.models.flux2 import Flux2KleinGenerator
 
