@@ -182,7 +182,7 @@ def test_intervals_pass_a_gain_they_show_beside_a_drop_they_cannot_resolve(decid
     decision, tags = decide(column(22.66, id_conf=58.24), column(25.81, id_conf=57.58), shown)
     assert decision.passed, failed(decision)
     assert tags["gate.rule.id_conf"] == ("pass: candidate - base -0.66, 95% [-3.93, +2.74] over 4 items: upper bound "
-                                         "+2.74 >= -0")
+                                         "+2.74 >= +0")
     assert json.loads(tags["gate.policy"])["use_intervals"] is True
 
 
@@ -191,7 +191,7 @@ def test_intervals_refuse_a_gain_they_do_not_show_and_a_drop_they_show(decide):
     decision, _ = decide(column(30.0), column(30.3, id_conf=37.0), noisy)
     assert failed(decision) == {
         "id_sim": "candidate - base +0.3, 95% [-0.9, +1.5] over 4 items: lower bound -0.9 < +0",
-        "id_conf": "candidate - base -3, 95% [-5.5, -0.4] over 4 items: upper bound -0.4 < -0"}
+        "id_conf": "candidate - base -3, 95% [-5.5, -0.4] over 4 items: upper bound -0.4 < +0"}
 
 
 def test_a_report_without_intervals_is_refused_when_they_decide():

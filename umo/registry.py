@@ -542,6 +542,7 @@ def _interval_at_least(name: str, interval: dict | None, margin: float, bound: s
         return Rule(name, False, f"the report has no paired interval of candidate - {against} (evaluate again, or "
                                  "set registry.gate.use_intervals: false)")
     d, lo, hi, value = interval["difference"], interval["lower"], interval["upper"], interval[bound]
+    margin += 0.0  # -0.0 (epsilon 0) reads "+0"
     ok = value >= margin - 1e-9
     return Rule(name, ok, f"candidate - {against} {d:+.4g}, {interval['level']:.0%} [{lo:+.4g}, {hi:+.4g}] over "
                           f"{interval['items']} items: {bound} bound {value:+.4g} {'>=' if ok else '<'} {margin:+g}")
