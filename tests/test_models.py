@@ -137,6 +137,11 @@ def test_lora_starts_at_the_base_model_and_diffusers_reads_our_file(tiny_generat
         assert keys and all(k.startswith("transformer.") and ".lora_" in k for k in keys)  # LoRA only
         assert json.loads(f.metadata()["lora_adapter_metadata"])["transformer.r"] == 4
 
+    # the same weights give the same bytes (registration keys on the sha256): diffusers' two metadata entries come
+    # out in a per-call random order unless the header is rewritten canonically (issue 20)
+    again = {save_lora(gen.transformer, tmp_path / f"again-{k}").read_bytes() for k in range(6)}
+    assert again == {path.read_bytes()}
+
     pipe = Flux2KleinPipeline.from_pretrained(tiny_generator_dir, local_files_only=True)
     pipe.load_lora_weights(tmp_path / "lora")
     other = Flux2KleinGenerator(pipe, text_layers=gen.text_layers)
@@ -220,3 +225,15 @@ def test_settings_that_contradict_what_the_generator_was_trained_with_are_refuse
     (folder / TRAINED_WITH).write_text("{not json")
     with pytest.raises(ValueError, match="umo_trained_with.json: not valid JSON"):
         generator(folder, **kw)
+
+
+def test_a_file_that_is_not_safetensors_is_named_when_made_canonical(tmp_path):
+    from umo.io import canonical_safetensors
+
+    bad = tmp_path / "w.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    with pytest.raises(ValueError, match=r"w.safetensors: not a safetensors file \(header is not JSON"):
+        canonical_safetensors(bad)
+    bad.write_bytes(b"abc")
+    with pytest.raises(ValueError, match=r"w.safetensors: not a safetensors file \(3 bytes\)"):
+        canonical_safetensors(bad)

@@ -186,6 +186,9 @@ def test_a_crashed_run_resumes_to_the_lora_of_an_uninterrupted_run(run, toy_worl
     live_a, live_b = lora_state_dict(whole.transformer), lora_state_dict(resumed.transformer)
     assert max((live_a[k] - live_b[k]).abs().max().item() for k in live_a) <= 1e-6
     assert any(not torch.equal(a[k], b[k].new_zeros(b[k].shape)) for k in a)
+    # the crashed run wrote no history.json; the resumed one has every step once, as the uninterrupted one
+    steps = lambda name: [h["step"] for h in json.loads((tmp_path / name / "history.json").read_text())]
+    assert steps("split") == steps("whole") == [1, 2, 3, 4]
 
 
 def test_gradient_checkpointing_trains_the_same_lora(run):
@@ -216,7 +219,7 @@ def test_non_finite_loss_skips_the_step_and_too_many_abort(run, toy_world):
             reward=FlakyReward(fixed_reward(toy_world), bad={3, 4}))
 
 
-def test_training_logs_to_a_real_mlflow_server(run, mlflow_server, monkeypatch):
+def test_training_logs_to_a_real_mlflow_server(run, mlflow_server, monkeypatch, toy_world, tmp_path):
     from mlflow import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "sentinel-secret-6f2a")
@@ -240,6 +243,14 @@ def test_training_logs_to_a_real_mlflow_server(run, mlflow_server, monkeypatch):
                   "train.max_steps=6", resume="latest", tracking=True)
     assert resumed.run_id == result.run_id
     assert [m.step for m in client.get_metric_history(result.run_id, "reward")] == [1, 2, 3, 4, 5, 6]
+    # a crash after MLflow got steps 1-3 and the checkpoint holds step 2: step 3 runs again, and is logged once
+    uri = (f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=train-test", "train.checkpoint_every=2")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run("c", *uri, reward=FlakyReward(fixed_reward(toy_world), crash={4}), tracking=True)
+    crashed = json.loads((tmp_path / "c" / "checkpoints" / "checkpoint-000002" / "train_state.json").read_text())
+    assert [m.step for m in client.get_metric_history(crashed["mlflow_run_id"], "loss")] == [1, 2, 3]
+    done = run("c", *uri, resume="latest", tracking=True)
+    assert [m.step for m in client.get_metric_history(done.run_id, "loss")] == [1, 2, 3, 4]
 
 
 @pytest.mark.slow

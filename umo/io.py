@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +41,28 @@ def save_safetensors(tensors: Mapping[str, Any], path: str | Path, metadata: Map
     header = {"umo": json.dumps(dict(metadata), sort_keys=True)} if metadata else None
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
     os.replace(tmp, path)
+    return path
+
+
+def canonical_safetensors(path: str | Path) -> Path:
+    """Rewrite a safetensors file's header as JSON with sorted keys, in place and atomically, so that the same
+    tensors and metadata always give the same bytes. Writers that put several entries in the header's metadata
+    (diffusers' LoRA files: "format" and the adapter config) get them in a per-process random order. The tensor
+    data is untouched: its offsets are relative to the end of the header, which stays 8-byte aligned."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if len(raw) < 8:
+        raise ValueError(f"{path}: not a safetensors file ({len(raw)} bytes)")
+    (size,) = struct.unpack("<Q", raw[:8])
+    if size > len(raw) - 8:
+        raise ValueError(f"{path}: not a safetensors file (header of {size} bytes in a {len(raw)}-byte file)")
+    try:
+        header = json.loads(raw[8:8 + size])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a safetensors file (header is not JSON: {e})") from e
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    atomic_write_bytes(path, struct.pack("<Q", len(text)) + text + raw[8 + size:])
     return path
 
 

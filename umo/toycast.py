@@ -264,6 +264,9 @@ def run_gate(cfg: ToyBaseConfig, root: Path, *, models: dict[str, Path | None] |
 # ------------------------------------------------------------------------------------------------ build
 
 
+MODEL_CODE = ("models/base.py", "models/flux2.py", "models/tiny.py", "train/data.py")  # what the base trains with
+
+
 def _sources_hash(*names: str) -> str:
     """sha256 of umo/<names> (globs allowed), in name order."""
     root = Path(__file__).resolve().parent
@@ -305,7 +308,8 @@ def step_keys(cfg: ToyBaseConfig, world) -> dict[str, str]:
     photos = {"photos": c["photos"], "format": PHOTOS_FORMAT, "world_seed": world.config.world_seed, "cast": cast,
               "image_size": size, "src": _sources_hash("toyworld/*.py"), "torch": torch.__version__,
               "faces": {k: sha256_file(v) for k, v in faces.items()}}
-    trainer = _sources_hash("toybase.py", "models/*.py")
+    # The code each step runs, not all of umo/models: a LoRA or loader change must not retrain the base.
+    trainer = _sources_hash("toybase.py", *MODEL_CODE)
     from umo import toybase  # the VAE's key: only the code that trains it (a transformer change keeps the VAE)
 
     vae_code = hashlib.sha256("".join(inspect.getsource(f) for f in (
@@ -315,7 +319,7 @@ def step_keys(cfg: ToyBaseConfig, world) -> dict[str, str]:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     keys = {"photos": key(photos)}
-    keys["vae"] = key(keys["photos"], c["vae"], vae_code.hexdigest(), _sources_hash("models/*.py"))
+    keys["vae"] = key(keys["photos"], c["vae"], vae_code.hexdigest(), _sources_hash(*MODEL_CODE))
     keys["generator"] = key(keys["vae"], c["model"], c["reference_resolution"], c["sampler_steps"],
                             c["max_sequence_length"], trainer)
     keys["gate"] = key(keys["generator"], c["gate"], _sources_hash("eval/*.py", "faces/*.py", "metrics.py"))

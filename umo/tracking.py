@@ -97,6 +97,10 @@ class Tracker:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
+    def last_step(self, key: str) -> int:
+        """The last step logged for metric `key` in this run (0: none)."""
+        return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
+
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
         """image: (H, W, 3) uint8."""
         self.client.log_image(self.run_id, image, artifact_file=artifact_file)

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from umo.io import canonical_safetensors
+
 log = logging.getLogger(__name__)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight name
@@ -95,6 +97,7 @@ def save_lora(model: nn.Module, out_dir: str | Path, *, pipeline_cls=None) -> Pa
     metadata["target_modules"] = sorted(metadata["target_modules"])
     pipeline_cls.save_lora_weights(tmp, transformer_lora_layers=lora_state_dict(model), weight_name=LORA_FILE,
                                    safe_serialization=True, transformer_lora_adapter_metadata=metadata)
+    canonical_safetensors(tmp / LORA_FILE)  # the same weights, the same bytes (registration keys on the sha256)
     out_dir.mkdir(parents=True, exist_ok=True)
     (tmp / LORA_FILE).replace(out_dir / LORA_FILE)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -296,9 +296,14 @@ def train(config: Config, *, manifest: str | Path, out: str | Path, resume: str 
     height, width = config.generator.resolution
     accum = tc.gradient_accumulation_steps
     history: list[dict[str, float]] = []
-    if checkpoint is not None and (out / HISTORY_FILE).is_file():  # the steps before the checkpoint
-        history = [h for h in json.loads((out / HISTORY_FILE).read_text()) if h["step"] <= state.step]
+    if checkpoint is not None:  # the steps up to the checkpoint: saved in it (a crashed run wrote no history.json)
+        saved_history = checkpoint / HISTORY_FILE
+        if not saved_history.is_file():
+            saved_history = out / HISTORY_FILE  # a checkpoint of an older umo
+        if saved_history.is_file():
+            history = [h for h in json.loads(saved_history.read_text()) if h["step"] <= state.step]
     started = time.perf_counter()
+    logged = tracker.last_step("loss") if tracker and checkpoint is not None else 0
     progress = _progress(tc.max_steps, state.step, enabled=main)
     status = "FAILED"
     try:
@@ -351,12 +356,12 @@ def train(config: Config, *, manifest: str | Path, out: str | Path, resume: str 
                 history.append({"step": state.step, **metrics})
                 if main:
                     progress.set_postfix(reward=f"{metrics.get('reward', math.nan):.4f}", refresh=False)
-                    if tracker:
+                    if tracker and state.step > logged:  # a resumed run re-runs steps MLflow already has
                         tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, state.step)
             if tracker and last and tc.sample_every and state.step % tc.sample_every == 0:
                 tracker.log_image(sample_grid(last[0], last[1].images), f"samples/step_{state.step:06d}.png")
             if state.step % tc.checkpoint_every == 0 or state.step == tc.max_steps:
-                save_checkpoint(accelerator, out, state, ema, keep=tc.checkpoints_total_limit)
+                save_checkpoint(accelerator, out, state, ema, keep=tc.checkpoints_total_limit, history=history)
         status = "FINISHED"
     finally:
         progress.close()
@@ -387,8 +392,10 @@ def train(config: Config, *, manifest: str | Path, out: str | Path, resume: str 
                        accelerator.unwrap_model(model))
 
 
-def save_checkpoint(accelerator, out: Path, state: TrainState, ema: LoraEMA | None, *, keep: int) -> Path:
-    """Write out/checkpoints/checkpoint-<step> atomically, then the `latest` pointer, then prune old ones."""
+def save_checkpoint(accelerator, out: Path, state: TrainState, ema: LoraEMA | None, *, keep: int,
+                    history: list[dict[str, float]] | None = None) -> Path:
+    """Write out/checkpoints/checkpoint-<step> atomically (with the metric history up to it), then the `latest`
+    pointer, then prune old ones."""
     root = out / "checkpoints"
     name = f"checkpoint-{state.step:06d}"
     final, tmp = root / name, root / f".{name}.tmp"
@@ -402,6 +409,7 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, ema: LoraEMA | No
         if ema is not None:
             save_safetensors(ema.shadow, tmp / EMA_FILE)
         atomic_write_json(tmp / STATE_FILE, asdict(state))
+        atomic_write_json(tmp / HISTORY_FILE, history or [])
     accelerator.wait_for_everyone()
     if main:
         shutil.rmtree(final, ignore_errors=True)
