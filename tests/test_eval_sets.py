@@ -101,6 +101,13 @@ def test_omnicontext_parquet_images_are_extracted_and_characters_scored(tmp_path
     assert [i.id for i in items] == ["m1"] and items[0].identities == (0, 1)
     assert items[0].references[0].read_bytes() == png_bytes(1)
     assert items[0].references[1] == (root / "images" / "local.png").resolve()
+    # keys with dots: each item keeps its own extracted image (`with_suffix` once named both "scene.png")
+    dotted = [{"key": f"scene.{k}", "task_type": "single_character", "instruction": "a person",
+               "input_images": [{"bytes": png_bytes(10 + k), "path": None}]} for k in (1, 2)]
+    write_omnicontext(tmp_path / "dots", dotted)
+    scenes = load_omnicontext(tmp_path / "dots", tmp_path / "extracted-dots")
+    assert [i.references[0].read_bytes() for i in scenes] == [png_bytes(11), png_bytes(12)]
+    assert len({i.references[0] for i in scenes}) == 2
     rows[0]["input_images"][1]["path"] = "../../escape.png"
     (tmp_path / "again").mkdir()
     write_omnicontext(tmp_path / "again", rows)

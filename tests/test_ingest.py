@@ -49,3 +49,29 @@ def test_configuration_mistakes_are_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no group folders"):
         scan_collection(tmp_path / "empty", **SCAN)
+
+
+def test_captions_are_decoded_never_garbled_and_bounded(tmp_path):
+    """Issue 20: a UTF-16 sidecar became a prompt full of NULs, Latin-1 became U+FFFD, and a 100 MB caption went
+    whole into train.json and through the tokenizer. Each is now read right, or dropped, or cut, and counted."""
+    import json
+
+    group = tmp_path / "raw" / "g"
+    group.mkdir(parents=True)
+    for k in range(7):
+        rgb(k).save(group / f"p{k}.png")
+    (group / "p0.txt").write_bytes("deux amis à Paris".encode("utf-16"))  # UTF-16 with its BOM: read right
+    (group / "p1.txt").write_bytes("caf\xe9".encode("latin-1"))  # not UTF-8: no caption, counted
+    (group / "p2.txt").write_bytes("two".encode("utf-16-le"))  # no BOM: NULs, counted
+    (group / "p3.txt").write_bytes(b"x" * 10_000_000)  # 10 MB: cut to the limit, read no further
+    (group / "p4.txt").write_bytes("\ufeffune amie".encode())  # UTF-8 with a BOM
+    lines = [json.dumps({"image": "p5.png", "caption": "y" * 50}).encode(),
+             b'{"image": "p6.png", "caption": "caf\xe9"}']
+    (group / "captions.jsonl").write_bytes(b"\n".join(lines))
+    result = scan_collection(tmp_path / "raw", **SCAN, max_caption_chars=20)
+    by = {i.path.split("/")[1]: i.caption for i in result.images}
+    assert by == {"p0.png": "deux amis à Paris", "p1.png": None, "p2.png": None, "p3.png": "x" * 20,
+                  "p4.png": "une amie", "p5.png": "y" * 20, "p6.png": None}
+    assert dict(result.skipped) == {"bad_caption_encoding": 2, "caption_truncated": 2, "bad_caption_line": 1}
+    assert "p1.txt: not UTF-8 (byte 0xe9 at 3)" in result.examples["bad_caption_encoding"]
+    assert "captions.jsonl:2: not UTF-8 (byte 0xe9" in result.examples["bad_caption_line"]

@@ -248,6 +248,9 @@ class PrepareConfig:
     extensions: list[str] = field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp"])
     max_image_pixels: int = 40_000_000
     """Images with more pixels are skipped as possible decompression bombs (counted)."""
+    max_caption_chars: int = 2000
+    """Longer captions are cut to this many characters (counted: caption_truncated); a 100 MB caption would
+    otherwise go whole through the tokenizer in every training step."""
     min_image_side: int = 32
     cluster_threshold: float = 0.12
     """Faces of a group join one identity while their clusters' mean cosine similarity is >= this."""

@@ -11,8 +11,10 @@ Every file is opened and fully decoded once here. A file that cannot be used is 
 
 - skipped: empty_file, not_an_image, truncated, unreadable, too_large (decompression bomb guard), too_small,
   outside_root (a symlink leaving the raw folder), duplicate (same bytes twice in a group);
-- captions: bad_caption_path (a name with `..` or a folder), bad_caption_line (not JSON / wrong fields),
-  caption_for_missing_image;
+- captions: bad_caption_path (a name with `..` or a folder), bad_caption_line (not JSON / wrong fields / not
+  UTF-8), caption_for_missing_image, bad_caption_encoding (a sidecar that is neither UTF-8 nor UTF-16 with a BOM,
+  or holds control characters: its image is kept, with no caption), caption_truncated (longer than
+  `prepare.max_caption_chars`: cut there, the image kept);
 - converted: cmyk, high_bit_depth (16-bit), alpha (composited on white), grayscale, palette, exif_rotated.
 
 Configuration mistakes (no raw folder, no group in it) raise `ValueError` naming the folder.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -135,33 +138,99 @@ def _safe_name(name: str) -> bool:
     return bool(name) and len(p.parts) == 1 and name not in (".", "..") and "\\" not in name
 
 
-def _read_captions(group_dir: Path, result: ScanResult) -> dict[str, str]:
+DEFAULT_MAX_CAPTION_CHARS = 2000
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # C0/C1 controls; tab and newlines are text
+
+
+def decode_caption(data: bytes) -> str:
+    """Caption bytes as text: UTF-8 (a BOM dropped) or UTF-16 with its BOM; never a guess that garbles.
+
+    Raises UnicodeError naming what is wrong: bytes that are not UTF-8, or control characters (a UTF-16 file
+    without its BOM reads as text full of NULs).
+
+    >>> decode_caption("é".encode("utf-16"))
+    'é'
+    >>> decode_caption(b"caf\\xe9")
+    Traceback (most recent call last):
+    ...
+    UnicodeError: not UTF-8 (byte 0xe9 at 3), nor UTF-16 with a BOM
+    """
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        text = data.decode("utf-16")
+    else:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise UnicodeError(f"not UTF-8 (byte 0x{data[err.start]:02x} at {err.start}), nor UTF-16 with a BOM") \
+                from None
+    bad = _CONTROL.search(text)
+    if bad:
+        raise UnicodeError(f"control character U+{ord(bad.group()):04X} at {bad.start()}")
+    return text
+
+
+def _bounded(caption: str, where: str, limit: int, result: ScanResult) -> str:
+    caption = caption.strip()
+    if len(caption) > limit:
+        result.skip("caption_truncated", f"{where}: {len(caption)} characters, cut to {limit}")
+        caption = caption[:limit].rstrip()
+    return caption
+
+
+def _read_captions(group_dir: Path, result: ScanResult, limit: int) -> dict[str, str]:
     captions: dict[str, str] = {}
     file = group_dir / CAPTIONS_FILE
     if not file.is_file():
         return captions
-    for n, line in enumerate(file.read_text(errors="replace").splitlines(), start=1):
-        if not line.strip():
+    for n, raw_line in enumerate(file.read_bytes().splitlines(), start=1):
+        if not raw_line.strip():
             continue
         where = f"{file}:{n}"
         try:
-            entry = json.loads(line)
+            entry = json.loads(raw_line.decode("utf-8-sig" if n == 1 else "utf-8"))
             name, caption = entry["image"], entry["caption"]
             if not isinstance(name, str) or not isinstance(caption, str):
                 raise TypeError("image and caption must be strings")
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            if _CONTROL.search(caption):
+                raise ValueError("control characters in the caption")
+        except UnicodeDecodeError as err:
+            result.skip("bad_caption_line", f"{where}: not UTF-8 (byte 0x{raw_line[err.start]:02x} at {err.start})")
+            continue
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             result.skip("bad_caption_line", f"{where}: {err}")
             continue
         if not _safe_name(name):
             result.skip("bad_caption_path", f"{where}: {name!r}")
             continue
-        captions[name] = caption.strip()
+        captions[name] = _bounded(caption, where, limit, result)
     return captions
+
+
+def _read_sidecar(sidecar: Path, result: ScanResult, limit: int) -> str | None:
+    """A `.txt` caption, at most `limit` characters; the file is read no further than 4 bytes a character."""
+    with open(sidecar, "rb") as f:
+        data = f.read(4 * limit + 4)
+        longer = bool(f.read(1))
+    text, error = None, None
+    for cut in range(4 if longer else 1):  # a read that stops inside a character drops its first bytes
+        try:
+            text = decode_caption(data[:len(data) - cut])
+            break
+        except UnicodeError as err:
+            error = error or err
+    if text is None:
+        result.skip("bad_caption_encoding", f"{sidecar}: {error}")
+        return None
+    if longer:
+        result.skip("caption_truncated", f"{sidecar}: over {limit} characters, cut to {limit}")
+        return text.strip()[:limit].rstrip() or None
+    return _bounded(text, str(sidecar), limit, result) or None
 
 
 def scan_collection(raw: str | Path, *, extensions: list[str], max_pixels: int, min_side: int,
                     known: Callable[[str], tuple[int, int, list[str]] | None] | None = None,
-                    on_decoded: Callable[[RawImage, np.ndarray], None] | None = None) -> ScanResult:
+                    on_decoded: Callable[[RawImage, np.ndarray], None] | None = None,
+                    max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS) -> ScanResult:
     """Every usable image of the raw collection, sorted by (group, file name); see the module docstring.
 
     known(sha256) -> (width, height, conversions) of an image validated before (a cache): it is not decoded
@@ -179,7 +248,7 @@ def scan_collection(raw: str | Path, *, extensions: list[str], max_pixels: int, 
         if not group_dir.resolve().is_relative_to(root):
             result.skip("outside_root", str(group_dir))
             continue
-        captions = _read_captions(group_dir, result)
+        captions = _read_captions(group_dir, result, max_caption_chars)
         seen: dict[str, str] = {}
         names = set()
         for path in sorted(group_dir.iterdir()):
@@ -211,7 +280,8 @@ def scan_collection(raw: str | Path, *, extensions: list[str], max_pixels: int, 
             seen[digest] = path.name
             result.converted.update(conversions)
             sidecar = path.with_suffix(".txt")
-            caption = sidecar.read_text(errors="replace").strip() if sidecar.is_file() else captions.get(path.name)
+            caption = _read_sidecar(sidecar, result, max_caption_chars) if sidecar.is_file() \
+                else captions.get(path.name)
             image = RawImage(group_dir.name, path.relative_to(raw).as_posix(), digest, int(width), int(height),
                              caption or None, tuple(conversions))
             result.images.append(image)

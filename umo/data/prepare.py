@@ -222,7 +222,7 @@ def prepare(config, *, device: str = "cpu") -> PrepareResult:
     embedder, key = _load_models(config, device)
     scan, faces, index_counts = index_collection(raw, extensions=p.extensions, max_pixels=p.max_image_pixels,
                                                  min_side=p.min_image_side, cache=FaceCache(Path(p.face_cache), key),
-                                                 embedder=embedder)
+                                                 embedder=embedder, max_caption_chars=p.max_caption_chars)
     t_index = time.perf_counter() - t0
 
     # identities and real samples, per group

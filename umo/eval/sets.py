@@ -140,7 +140,7 @@ def _omni_image(image, root: Path, stem: Path, file: Path, where: str) -> Path:
     data = image.get("bytes")
     if data:
         suffix = ".png" if data[:8] == b"\x89PNG\r\n\x1a\n" else ".jpg" if data[:2] == b"\xff\xd8" else ".img"
-        out = stem.with_suffix(suffix)
+        out = stem.with_name(stem.name + suffix)  # not with_suffix: "scene.1_0" would become "scene.png"
         if not out.is_file() or out.read_bytes() != data:
             atomic_write_bytes(out, data)
         return out
