@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from umo.data.ingest import decode_rgb, scan_collection
@@ -75,3 +77,33 @@ def test_captions_are_decoded_never_garbled_and_bounded(tmp_path):
     assert dict(result.skipped) == {"bad_caption_encoding": 2, "caption_truncated": 2, "bad_caption_line": 1}
     assert "p1.txt: not UTF-8 (byte 0xe9 at 3)" in result.examples["bad_caption_encoding"]
     assert "captions.jsonl:2: not UTF-8 (byte 0xe9" in result.examples["bad_caption_line"]
+
+
+def test_unreadable_files_and_symlink_loops_are_skipped_and_counted_not_a_crash(tmp_path, monkeypatch):
+    """Issue 20: a symlink loop in place of an image, or a file the process may not read, ended prepare with a
+    traceback (hashing ran outside the skip logic); a group-level loop was not counted at all."""
+    import os
+
+    import umo.data.ingest as ingest
+
+    group = tmp_path / "raw" / "g"
+    group.mkdir(parents=True)
+    rgb(1).save(group / "ok.png")
+    rgb(2).save(group / "secret.png")
+    os.symlink("loop.png", group / "loop.png")  # points at itself
+    os.symlink(tmp_path / "raw" / "circle", tmp_path / "raw" / "circle")  # a group that is a loop
+    real = ingest.sha256_file
+
+    def no_permission(path):  # the tests run as root, where chmod 000 still reads: refuse the way the OS would
+        if Path(path).name == "secret.png":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(ingest, "sha256_file", no_permission)
+    result = scan_collection(tmp_path / "raw", **SCAN)
+    assert [i.path for i in result.images] == ["g/ok.png"]
+    assert dict(result.skipped) == {"unreadable": 3}
+    assert sorted(result.skipped_files) == [
+        ("unreadable", f"{tmp_path / 'raw' / 'circle'}: a symlink to no readable folder"),
+        ("unreadable", f"{group / 'loop.png'}: a symlink loop"),
+        ("unreadable", f"{group / 'secret.png'}: Permission denied")]

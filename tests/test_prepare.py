@@ -95,6 +95,11 @@ def test_bad_files_are_skipped_and_counted_never_fatal(prepared):
                                          "outside_root": 1, "duplicate": 1, "too_small": 1, "bad_caption_path": 2,
                                          "bad_caption_line": 1, "caption_for_missing_image": 1}
     assert stats["converted"] == {"alpha": 1, "cmyk": 1, "exif_rotated": 1, "grayscale": 2, "high_bit_depth": 1}
+    # every skipped file is findable by name, not only with -v (issue 20)
+    listed = [json.loads(line) for line in (tmp / "prepared" / "skipped_files.jsonl").read_text().splitlines()]
+    assert len(listed) == sum(stats["rejects"]["files"].values()) == 11
+    assert {d["reason"] for d in listed} == set(stats["rejects"]["files"])
+    assert any(d["reason"] == "truncated" and d["file"].endswith(".jpg") for d in listed)
     # only the files that passed the scan can become samples; random pixels mostly hold no face, and every such
     # image that made no sample is counted among the sample rejects
     manifests = [read_manifest(tmp / "prepared" / SAMPLES_DIR / f"{s}.json") for s in ("train", "test")]

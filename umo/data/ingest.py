@@ -37,6 +37,7 @@ from umo.io import sha256_file
 log = logging.getLogger(__name__)
 
 CAPTIONS_FILE = "captions.jsonl"
+SKIP_LIST_LIMIT = 10_000  # skipped files listed by name (all are counted): a bounded list for millions of files
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,13 @@ class ScanResult:
     skipped: Counter = field(default_factory=Counter)
     converted: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)  # reason -> first file it happened to
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (reason, where), the first SKIP_LIST_LIMIT
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] += 1
         self.examples.setdefault(reason, where)
+        if len(self.skipped_files) < SKIP_LIST_LIMIT:
+            self.skipped_files.append((reason, where))
         log.debug("skipped %s: %s", where, reason)
 
 
@@ -227,6 +231,14 @@ def _read_sidecar(sidecar: Path, result: ScanResult, limit: int) -> str | None:
     return _bounded(text, str(sidecar), limit, result) or None
 
 
+def _resolved(path: Path) -> Path | None:
+    """The path with its symlinks resolved; None for a symlink loop."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # Python 3.11 raises RuntimeError for a loop
+        return None
+
+
 def scan_collection(raw: str | Path, *, extensions: list[str], max_pixels: int, min_side: int,
                     known: Callable[[str], tuple[int, int, list[str]] | None] | None = None,
                     on_decoded: Callable[[RawImage, np.ndarray], None] | None = None,
@@ -240,13 +252,18 @@ def scan_collection(raw: str | Path, *, extensions: list[str], max_pixels: int, 
     if not raw.is_dir():
         raise ValueError(f"raw collection {raw}: no such folder (put one folder per group of images there)")
     root = raw.resolve()
-    groups = sorted(p for p in raw.iterdir() if p.is_dir() and not p.name.startswith("."))
+    entries = sorted(p for p in raw.iterdir() if not p.name.startswith("."))
+    groups = [p for p in entries if p.is_dir()]
+    # a symlink that leads nowhere (a loop, a dangling or unreadable target) where a group folder would be
+    broken = [p for p in entries if p.is_symlink() and not p.is_dir()]
     if not groups:
         raise ValueError(f"raw collection {raw}: no group folders (expected {raw}/<group>/<images>)")
     result = ScanResult([])
+    for link in broken:
+        result.skip("unreadable", f"{link}: a symlink to no readable folder")
     for group_dir in groups:
-        if not group_dir.resolve().is_relative_to(root):
-            result.skip("outside_root", str(group_dir))
+        if _resolved(group_dir) is None or not _resolved(group_dir).is_relative_to(root):
+            result.skip("outside_root" if _resolved(group_dir) else "unreadable", str(group_dir))
             continue
         captions = _read_captions(group_dir, result, max_caption_chars)
         seen: dict[str, str] = {}
@@ -256,13 +273,21 @@ def scan_collection(raw: str | Path, *, extensions: list[str], max_pixels: int, 
                 continue
             names.add(path.name)
             where = str(path)
-            if not path.resolve().is_relative_to(root):
+            resolved = _resolved(path)
+            if resolved is None:
+                result.skip("unreadable", f"{where}: a symlink loop")
+                continue
+            if not resolved.is_relative_to(root):
                 result.skip("outside_root", where)
                 continue
             if not path.is_file():
                 result.skip("unreadable", where)
                 continue
-            digest = sha256_file(path)
+            try:
+                digest = sha256_file(path)
+            except OSError as err:  # no permission, an I/O error: the file is skipped, never the whole scan
+                result.skip("unreadable", f"{where}: {err.strerror or err}")
+                continue
             if digest in seen:
                 result.skip("duplicate", f"{where} (same bytes as {seen[digest]})")
                 continue

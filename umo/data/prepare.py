@@ -16,6 +16,7 @@ Outputs under prepare.out (default artifacts/prepared):
     samples/targets/<sample id>.png                target images, decoded and upright (or generated)
     samples/references/<group>-<image>-f<k>.png    reference crops (prepare.reference_crop, reference_size)
     stats.json                                     DVC metrics: counts, rejects by reason, cluster quality
+    skipped_files.jsonl                            each skipped input file: {"reason", "file"} (the first 10,000)
     contact_sheet.png                              random samples, references beside the target
 
 `samples/` is built in a temporary sibling and renamed into place, then stats.json and the contact sheet are
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 SAMPLES_DIR = "samples"
 STATS_FILE = "stats.json"
+SKIPPED_FILE = "skipped_files.jsonl"  # which files the counts of stats.json["rejects"]["files"] are
 SHEET_FILE = "contact_sheet.png"
 SYNTHETIC_GROUP = "synthetic"
 
@@ -286,7 +288,8 @@ def prepare(config, *, device: str = "cpu") -> PrepareResult:
                    "test": len(test_names)},
         "identities": {"clusters": sum(len(g.identities) for g in groups), "test_linked_to_train": linked_identities},
         "samples": {split: _by_people(s) for split, (s, _) in manifests_data.items()},
-        "rejects": {"files": dict(sorted(scan.skipped.items())), "samples": dict(sorted(rejects.items())),
+        "rejects": {"files": dict(sorted(scan.skipped.items())), "files_listed": f"{SKIPPED_FILE} "
+                    f"({len(scan.skipped_files)} of {sum(scan.skipped.values())})", "samples": dict(sorted(rejects.items())),
                     "synthetic": dict(sorted((k, v) for k, v in synthetic_stats.items() if k not in ("attempted", "kept")))},
         "converted": dict(sorted(scan.converted.items())),
         "synthetic": {"attempted": synthetic_stats["attempted"], "kept": synthetic_stats["kept"],
@@ -298,6 +301,8 @@ def prepare(config, *, device: str = "cpu") -> PrepareResult:
         stats["identities"]["quality"] = cluster_quality(groups, ids)
         stats["identities"]["quality"]["split_leaks"] = _truth_leaks(groups, ids, manifests_data)
     atomic_write_json(out / STATS_FILE, stats)
+    atomic_write_bytes(out / SKIPPED_FILE, "".join(json.dumps({"reason": r, "file": w}) + "\n"
+                                                   for r, w in scan.skipped_files).encode())
     if p.contact_sheet:
         atomic_write_bytes(out / SHEET_FILE, _png(contact_sheet(out / SAMPLES_DIR, manifests_data, p.contact_sheet,
                                                                  seed=config.seed)))
