@@ -204,3 +204,24 @@ def test_full_toy_world_cluster_quality(full_toy_world, tmp_path):
     run_prepare(full_toy_world, tmp_path, "prepare.synthetic.count=0", "prepare.contact_sheet=0")
     quality = json.loads((tmp_path / "prepared" / "stats.json").read_text())["identities"]["quality"]
     assert quality["purity"] >= 0.95 and quality["completeness"] >= 0.95, quality
+
+
+def test_sample_ids_are_unique_and_safe_by_construction():
+    """Issue 20: ids were `<group>-<stem>`, so x.png and x.jpg of one group, or group a's b-c.png and group a-b's
+    c.png, collided and aborted prep with an error naming a temporary manifest; names with newlines reached ids."""
+    import re
+
+    from umo.data.ingest import RawImage
+    from umo.data.prepare import sample_ids
+
+    paths = ["g/x.png", "g/x.jpg", "a/b-c.png", "a-b/c.png", "g/new\nline.png", "g/../up.png", "s/shot_0001.png"]
+    ids = sample_ids([RawImage(p.split("/")[0], p, "", 1, 1) for p in paths])
+    assert len(set(ids.values())) == len(paths)
+    assert all(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", i) for i in ids.values()), ids
+    assert ids["s/shot_0001.png"] == "s-shot_0001" and ids["a/b-c.png"] == "a-b-c"  # readable ones stay as they were
+    # a file named like another's hashed id: an error naming both files, before anything is written
+    taken = ids["g/x.png"]
+    clash = [RawImage("g", "g/x.png", "", 1, 1), RawImage("g", "g/x.jpg", "", 1, 1),
+             RawImage(taken.split("-")[0], f"{taken.split('-')[0]}/{taken.split('-', 1)[1]}.png", "", 1, 1)]
+    with pytest.raises(ValueError, match=rf"sample id '{taken}': both g/x.png and g/x-[0-9a-f]{{12}}.png .*rename"):
+        sample_ids(clash)

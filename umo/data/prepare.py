@@ -26,10 +26,13 @@ passing validation.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -91,8 +94,45 @@ def _png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _stem(image: RawImage) -> str:
-    return PurePosixPath(image.path).stem
+_READABLE_GROUP = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._]{0,79}")  # no "-": the first "-" of an id ends the group
+_READABLE_STEM = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
+
+
+def sample_ids(images: Sequence[RawImage]) -> dict[str, str]:
+    """Each image's sample id (its path -> id), unique and safe as a file name by construction.
+
+    `<group>-<stem>` where that is readable and unambiguous: the group holds no "-", both parts only letters,
+    digits, ".", "_" (and "-" in the stem), and no other image of the group has the same stem. Anything else gets
+    its unsafe characters replaced and the first 12 hex digits of its path's sha256 appended: `x.png` and `x.jpg`
+    of one group, group `a` with `b-c.png` against group `a-b` with `c.png`, or a name with a newline all get
+    distinct ids. A collision left after that (a file named like another's hashed id) is an error naming both.
+
+    >>> from umo.data.ingest import RawImage
+    >>> img = lambda path: RawImage(path.split("/")[0], path, "", 1, 1)
+    >>> sample_ids([img("s1/shot_0.png"), img("a/b-c.png"), img("a-b/c.png")])  # doctest: +NORMALIZE_WHITESPACE
+    {'s1/shot_0.png': 's1-shot_0', 'a/b-c.png': 'a-b-c', 'a-b/c.png': 'a_b-c-eab145adacbf'}
+    """
+    stems = Counter((i.group, PurePosixPath(i.path).stem) for i in images)
+    ids: dict[str, str] = {}
+    owner: dict[str, str] = {}
+    for image in images:
+        stem = PurePosixPath(image.path).stem
+        if _READABLE_GROUP.fullmatch(image.group) and _READABLE_STEM.fullmatch(stem) and \
+                stems[(image.group, stem)] == 1:
+            sid = f"{image.group}-{stem}"
+        else:
+            digest = hashlib.sha256(image.path.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+            sid = f"{_safe_part(image.group)}-{_safe_part(stem)}-{digest}"
+        if sid in owner:
+            raise ValueError(f"sample id {sid!r}: both {owner[sid]} and {image.path} (under prepare.raw) would get "
+                             "it; rename one of the two files")
+        owner[sid] = image.path
+        ids[image.path] = sid
+    return ids
+
+
+def _safe_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._]", "_", text)[:60].lstrip(".") or "_"
 
 
 def build_groups(images: list[RawImage], faces: dict[str, ImageFaces], *, config) -> list[Group]:
@@ -226,6 +266,7 @@ def prepare(config, *, device: str = "cpu") -> PrepareResult:
                                                  min_side=p.min_image_side, cache=FaceCache(Path(p.face_cache), key),
                                                  embedder=embedder, max_caption_chars=p.max_caption_chars)
     t_index = time.perf_counter() - t0
+    ids = sample_ids(scan.images)  # before anything is written: a collision names both files
 
     # identities and real samples, per group
     groups = build_groups(scan.images, faces, config=config)
@@ -257,7 +298,7 @@ def prepare(config, *, device: str = "cpu") -> PrepareResult:
 
     # synthetic part (train only): needs the reference crops, so it runs while the files are written
     with atomic_dir(out / SAMPLES_DIR) as tmp:
-        writer = _Writer(tmp, raw, config, embedder)
+        writer = _Writer(tmp, raw, config, embedder, ids)
         manifests_data: dict[str, tuple[list[Sample], dict[str, torch.Tensor]]] = {}
         for split, names in (("train", train_names), ("test", test_names)):
             samples, embeddings = [], {}
@@ -342,8 +383,8 @@ def _truth_leaks(groups: list[Group], ids: dict[str, list[list | None]], manifes
 class _Writer:
     """Writes targets and reference crops into the samples folder; returns manifest samples + embeddings."""
 
-    def __init__(self, root: Path, raw: Path, config, embedder: FaceEmbedder) -> None:
-        self.root, self.raw, self.config, self.embedder = root, raw, config, embedder
+    def __init__(self, root: Path, raw: Path, config, embedder: FaceEmbedder, ids: dict[str, str]) -> None:
+        self.root, self.raw, self.config, self.embedder, self.ids = root, raw, config, embedder, ids
         self.p = config.prepare
         self.images = _Images(raw, self.p.max_image_pixels)
         (root / "targets").mkdir()
@@ -352,7 +393,7 @@ class _Writer:
 
     def reference(self, g: Group, key: FaceKey) -> str:
         image = g.images[key.image]
-        rel = f"references/{g.name}-{_stem(image)}-f{key.face}.png"
+        rel = f"references/{self.ids[image.path]}-f{key.face}.png"
         if rel not in self.written:
             crop = _reference_crop(self.images(image), g.faces[key.image].boxes[key.face], self.p)
             atomic_write_bytes(self.root / rel, _png(crop))
@@ -362,7 +403,7 @@ class _Writer:
     def real(self, g: Group):
         for c in g.samples:
             image = g.images[c.target]
-            sid = f"{g.name}-{_stem(image)}"
+            sid = self.ids[image.path]
             target = f"targets/{sid}.png"
             atomic_write_bytes(self.root / target, _png(self.images(image)))
             refs = tuple(Reference(g.identities[ident].name, self.reference(g, key))
