@@ -68,3 +68,20 @@ def test_missing_files_and_bad_embeddings(tmp_path):
     with pytest.raises(ManifestError, match="missing \\['s1'\\]"):
         write_manifest(manifest, tmp_path / "again.json", {"s0": emb["s0"]})
     assert not (tmp_path / "again.json").exists()
+
+
+def test_a_symlink_that_leads_out_of_the_folder_is_refused_not_followed(tmp_path):
+    """Issue 20: paths are checked after resolving symlinks, not by their text alone."""
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    manifest, emb = make(folder)
+    path = write_manifest(manifest, folder / "train.json", emb)
+    (tmp_path / "secret.png").write_bytes(b"y")
+    (folder / "r1b.png").unlink()
+    (folder / "r1b.png").symlink_to(tmp_path / "secret.png")
+    with pytest.raises(ManifestError, match=r"train.json: .*'r1b.png' resolves to .*secret.png, outside the manifest"):
+        read_manifest(path)
+    back = read_manifest(path, check_files=False)
+    with pytest.raises(ManifestError, match="outside the manifest's folder"):
+        back.path("r1b.png")  # what training and evaluation open
+    assert back.path("r0a.png") == (folder / "r0a.png").resolve()

@@ -322,3 +322,34 @@ def test_the_cli_commands_exit_with_what_happened(world, tmp_path, capsys, caplo
     assert "nothing deployed" in caplog.text
     assert main(["deploy", *cli, "--rollback", "--target", str(tmp_path / "empty")]) == 1
     assert "nothing to roll back" in caplog.text
+
+
+def test_paths_from_a_pointer_are_confined_after_resolving(tmp_path):
+    """Issue 20: a history entry edited to `../../evil` in current.json made rollback point outside the
+    deployment root (a valid-looking version was waiting there), and --verify passed."""
+    import hashlib
+
+    from umo.config import load_config
+
+    root = tmp_path / "serve"
+    config = load_config(None, ["registry.model_name=m", f"deploy.target={root}"])
+    evil = tmp_path / "evil"  # = serve/m/../../evil
+    evil.mkdir()
+    (evil / "a.bin").write_bytes(b"x")
+    (evil / "manifest.json").write_text(json.dumps({"files": {"a.bin": {"size": 1,
+                                                                          "sha256": hashlib.sha256(b"x").hexdigest()}}}))
+    (root / "m").mkdir(parents=True)
+    pointer = {"model": "m", "version": "2", "path": "m/2", "manifest": "m/2/manifest.json", "history": ["../../evil"]}
+    (root / "m" / "current.json").write_text(json.dumps(pointer))
+    with pytest.raises(DeployError, match=r"m/current.json: history\[0\] '../../evil' is not a version"):
+        rollback(config)
+    assert json.loads((root / "m" / "current.json").read_text()) == pointer  # unchanged
+    (root / "m" / "current.json").write_text(json.dumps(pointer | {"version": "../../evil", "history": []}))
+    with pytest.raises(DeployError, match=r"current.json: version '../../evil' is not a version"):
+        verify_current(config)
+    # a symlink inside the root that leads out of it is refused too
+    (root / "m" / "3").symlink_to(evil, target_is_directory=True)
+    (root / "m" / "current.json").write_text(json.dumps(pointer | {"version": "3", "manifest": "m/3/manifest.json",
+                                                                   "history": []}))
+    with pytest.raises(DeployError, match="outside the deployment root"):
+        verify_current(config)

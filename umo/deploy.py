@@ -100,7 +100,11 @@ class LocalStore:
         self.location = str(root)
 
     def _path(self, key: str) -> Path:
-        return self.root / key
+        """The key's file, confined to the root after resolving symlinks (a key from a pointer is data)."""
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise DeployError(f"{self.root}: key {key!r} resolves to {path}, outside the deployment root")
+        return path
 
     def put_file(self, key: str, path: Path, sha256: str) -> None:
         dst = self._path(key)
@@ -183,7 +187,7 @@ def deploy(config: Config, *, version: str | None = None, target: str | None = N
     except RegistryError as err:
         raise DeployError(str(err)) from err
     store = parse_target(target or config.deploy.target, config, s3_client=s3_client)
-    pointer = _read_json(store, f"{name}/{POINTER}")
+    pointer = _read_pointer(store, name)
     if pointer and pointer.get("version") == str(mv.version):
         problems = verify(store, name, str(mv.version))
         if not problems:
@@ -231,7 +235,7 @@ def rollback(config: Config, *, target: str | None = None, s3_client=None) -> De
     """Point current.json back at the newest earlier deployed version (verified first)."""
     name = config.registry.model_name
     store = parse_target(target or config.deploy.target, config, s3_client=s3_client)
-    pointer = _read_json(store, f"{name}/{POINTER}")
+    pointer = _read_pointer(store, name)
     if not pointer or not pointer.get("history"):
         raise DeployError(f"{store.location}/{name}: nothing to roll back to (no earlier deployment recorded)")
     previous, rest = pointer["history"][0], pointer["history"][1:]
@@ -276,7 +280,7 @@ def verify_current(config: Config, *, target: str | None = None, s3_client=None)
     """What current.json points at, verified; DeployError listing every problem otherwise (for readers)."""
     name = config.registry.model_name
     store = parse_target(target or config.deploy.target, config, s3_client=s3_client)
-    pointer = _read_json(store, f"{name}/{POINTER}")
+    pointer = _read_pointer(store, name)
     if not pointer:
         raise DeployError(f"{store.location}/{name}/{POINTER}: nothing deployed")
     problems = verify(store, name, pointer["version"])
@@ -300,6 +304,28 @@ def _check_safetensors(path: Path) -> None:
         raise
     except Exception as err:  # safetensors raises its own error types
         raise DeployError(f"{path}: not a readable safetensors file: {err}") from err
+
+
+_VERSION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")  # MLflow's are integers; never a path
+
+
+def _read_pointer(store: Store, name: str) -> dict | None:
+    """current.json, with every version it names (version, history) checked to be a version, not a path, and its
+    manifest field the version's own; a DeployError names the file and the field otherwise."""
+    pointer = _read_json(store, f"{name}/{POINTER}")
+    if pointer is None:
+        return None
+    where = f"{store.location}/{name}/{POINTER}"
+    history = pointer.get("history", []) if isinstance(pointer, dict) else None
+    if not isinstance(history, list):
+        raise DeployError(f"{where}: not a deployment pointer (expected an object with a history list)")
+    for field, value in [("version", pointer.get("version")), *((f"history[{k}]", v) for k, v in enumerate(history))]:
+        if not isinstance(value, str) or not _VERSION.fullmatch(value) or ".." in value:
+            raise DeployError(f"{where}: {field} {value!r} is not a version (a path there could lead outside "
+                              f"{store.location}/{name}); fix the file by hand")
+    if pointer.get("manifest", f"{name}/{pointer['version']}/{MANIFEST}") != f"{name}/{pointer['version']}/{MANIFEST}":
+        raise DeployError(f"{where}: manifest {pointer['manifest']!r} is not {name}/{pointer['version']}/{MANIFEST}")
+    return pointer
 
 
 def _read_json(store: Store, key: str) -> dict | None:

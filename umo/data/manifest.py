@@ -63,7 +63,12 @@ class Manifest:
     """The folder the relative paths resolve under (the manifest file's folder); not serialized."""
 
     def path(self, rel: str) -> Path:
-        return self.root / rel
+        """The file `rel` names, confined to the manifest's folder after resolving symlinks: a link inside it
+        that leads out (say, in references/) is refused, not followed."""
+        path = (self.root / rel).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise ManifestError(f"{self.root}: {rel!r} resolves to {path}, outside the manifest's folder")
+        return path
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "version": VERSION, "split": self.split, "toy_world": self.toy_world,
@@ -149,7 +154,10 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
     manifest = parse_manifest(data, root=path.parent, file=str(path))
     if check_files:
         names = [manifest.embeddings] + [rel for s in manifest.samples for rel in (s.target, *(r.path for r in s.references))]
-        missing = [rel for rel in dict.fromkeys(names) if not manifest.path(rel).is_file()]
+        try:
+            missing = [rel for rel in dict.fromkeys(names) if not manifest.path(rel).is_file()]
+        except ManifestError as err:  # a symlink out of the folder: name the manifest, not only its folder
+            raise ManifestError(f"{path}: {err}") from None
         if missing:
             raise ManifestError(f"{path}: {len(missing)} files it names do not exist under {path.parent}, "
                                 f"first: {missing[:3]}")
