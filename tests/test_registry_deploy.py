@@ -216,6 +216,8 @@ def test_an_interrupted_multipart_upload_leaves_the_pointer_and_a_rerun_complete
     with pytest.raises(Exception, match="cut after part 1"):
         publish(store, "m", "2", [weights, card], {}, first.pointer)
     assert hook.seen == 2 and store.read(f"m/{POINTER}") == before  # cut in the middle; readers still see 1
+    # the cut upload's parts are aborted, not left to cost storage (issue 20)
+    assert client.list_multipart_uploads(Bucket="models", Prefix="faults/").get("Uploads", []) == []
     client.meta.events.unregister("provide-client-params.s3.UploadPart", hook)
     done = publish(store, "m", "2", [weights, card], {}, json.loads(store.read(f"m/{POINTER}")))
     assert done.pointer["history"] == ["1"] and verify(store, "m", "2") == []
@@ -353,3 +355,42 @@ def test_paths_from_a_pointer_are_confined_after_resolving(tmp_path):
                                                                    "history": []}))
     with pytest.raises(DeployError, match="outside the deployment root"):
         verify_current(config)
+
+
+def test_s3_faults_are_one_clear_line_and_stale_uploads_can_be_cleaned(s3, tmp_path, capsys):
+    """Issue 20: a missing bucket or an unreachable endpoint printed a botocore traceback, and a deploy killed
+    mid-upload left its multipart parts in the bucket forever."""
+    from botocore.config import Config as BotoConfig
+
+    from umo.cli import main
+    from umo.config import load_config
+    from umo.deploy import clean_incomplete
+
+    card = tmp_path / "MODEL_CARD.md"
+    card.write_text("# a model\n")
+    missing = parse_target("s3://no-such-bucket/p", s3_client=boto3.client("s3"))
+    with pytest.raises(DeployError) as err:
+        missing.put_file("m/1/MODEL_CARD.md", card, "x")
+    assert str(err.value) == ("S3 upload of s3://no-such-bucket/p/m/1/MODEL_CARD.md failed: NoSuchBucket (The "
+                              "specified bucket does not exist); check the bucket of deploy.target (it must exist; "
+                              "umo does not create buckets)")
+    from servers import free_port
+
+    closed = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{free_port()}",
+                          config=BotoConfig(retries={"max_attempts": 1}, connect_timeout=1))
+    with pytest.raises(DeployError, match=r"^S3 read of s3://models/p/m/current.json failed: cannot reach the "
+                                          r"endpoint .*; check AWS_ENDPOINT_URL_S3"):
+        parse_target("s3://models/p", s3_client=closed).read("m/current.json")
+
+    # a killed deploy (no chance to abort): its unfinished upload stays until --clean-incomplete
+    client = boto3.client("s3")
+    started = client.create_multipart_upload(Bucket="models", Key="stale/m/3/pytorch_lora_weights.safetensors")
+    client.upload_part(Bucket="models", Key="stale/m/3/pytorch_lora_weights.safetensors", PartNumber=1,
+                       UploadId=started["UploadId"], Body=b"x" * 1024)
+    other = client.create_multipart_upload(Bucket="models", Key="stale/other-model/1/w.safetensors")
+    config = load_config(None, ["registry.model_name=m", "deploy.target=s3://models/stale"])
+    assert main(["deploy", "-S", "registry.model_name=m", "--target", "s3://models/stale", "--clean-incomplete"]) == 0
+    assert "m: 1 unfinished upload(s) removed" in capsys.readouterr().out
+    left = client.list_multipart_uploads(Bucket="models", Prefix="stale/").get("Uploads", [])
+    assert [u["UploadId"] for u in left] == [other["UploadId"]]  # another model's prefix is not touched
+    assert clean_incomplete(config) == 0

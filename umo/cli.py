@@ -244,11 +244,15 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Deploy the approved champion (or roll back, or verify what is deployed)."""
-    from umo.deploy import DeployError, deploy, rollback, verify_current
+    from umo.deploy import DeployError, clean_incomplete, deploy, rollback, verify_current
     from umo.registry import champion_version
 
     config = load_config(args.params, args.overrides)
     try:
+        if args.clean_incomplete:
+            n = clean_incomplete(config, target=args.target)
+            print(f"{config.registry.model_name}: {n} unfinished upload(s) removed")
+            return 0
         if args.rollback:
             result = rollback(config, target=args.target)
         elif args.verify:
@@ -384,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     action = p.add_mutually_exclusive_group()
     action.add_argument("--rollback", action="store_true", help="point current.json back at the previous version")
     action.add_argument("--verify", action="store_true", help="verify what current.json points at")
+    action.add_argument("--clean-incomplete", action="store_true",
+                        help="abort the unfinished multipart uploads a killed deploy left under the model's prefix")
     p.add_argument("--record", type=Path, default=None, help="also write the result JSON here")
     p.add_argument("--none-ok", action="store_true",
                    help="no champion yet (every version refused): say so, record it and exit 0 (the chain's stage)")

@@ -69,6 +69,8 @@ class Store(Protocol):
 
     def digest(self, key: str) -> tuple[int, str] | None: ...
 
+    def abort_incomplete(self, key: str) -> int: ...
+
 
 # ------------------------------------------------------------------------------------------------ targets
 
@@ -125,6 +127,22 @@ class LocalStore:
         path = self._path(key)
         return (path.stat().st_size, sha256_file(path)) if path.is_file() else None
 
+    def abort_incomplete(self, key: str) -> int:
+        """Remove the temporary files a killed copy left under `key` (`.<name>.tmp`). Returns how many."""
+        folder = self._path(key)
+        stale = [p for p in folder.rglob(".*.tmp") if p.is_file()] if folder.is_dir() else []
+        for p in stale:
+            p.unlink()
+        return len(stale)
+
+
+_S3_HINTS = [
+    ({"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "AccessDenied", "403"},
+     "check the credentials (AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) and the bucket's policy"),
+    ({"NoSuchBucket"}, "check the bucket of deploy.target (it must exist; umo does not create buckets)"),
+    ({"PermanentRedirect", "AuthorizationHeaderMalformed"}, "check the bucket's region (AWS_DEFAULT_REGION)"),
+]
+
 
 class S3Store:
     """A bucket prefix through boto3 (multipart from `threshold` bytes, parts of `chunk` bytes)."""
@@ -141,22 +159,83 @@ class S3Store:
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    def _failed(self, what: str, key: str, err: Exception) -> DeployError:
+        """A botocore error as ONE line: what failed, on which s3:// key, and what to check."""
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        where = f"s3://{self.bucket}/{self._key(key)}"
+        code = message = None
+        if isinstance(err, ClientError):
+            code = err.response.get("Error", {}).get("Code", "?")
+            message = err.response.get("Error", {}).get("Message", "")
+        else:  # boto3's S3UploadFailedError keeps only the text: "... An error occurred (Code) when ...: Message"
+            found = re.search(r"An error occurred \((\w+)\) when calling the \w+ operation(?:[^:]*): (.*)$", str(err))
+            if found:
+                code, message = found.groups()
+        if code is not None:
+            hint = next((h for codes, h in _S3_HINTS if code in codes), "see the code and message")
+            return DeployError(f"S3 {what} {where} failed: {code} ({message}); {hint}")
+        if isinstance(err, NoCredentialsError):
+            return DeployError(f"S3 {what} {where} failed: no credentials found; set AWS_PROFILE or "
+                               "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (boto3's standard chain)")
+        if isinstance(err, EndpointConnectionError):
+            return DeployError(f"S3 {what} {where} failed: cannot reach the endpoint ({err}); check "
+                               "AWS_ENDPOINT_URL_S3, the region and the network")
+        return DeployError(f"S3 {what} {where} failed: {type(err).__name__}: {err}")
+
     def put_file(self, key: str, path: Path, sha256: str) -> None:
-        self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer,
-                                ExtraArgs={"Metadata": {"sha256": sha256}})
+        from botocore.exceptions import BotoCoreError, ClientError
+        from boto3.exceptions import S3UploadFailedError
+
+        try:
+            self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer,
+                                    ExtraArgs={"Metadata": {"sha256": sha256}})
+        except (BotoCoreError, ClientError, S3UploadFailedError) as err:
+            self.abort_incomplete(key, quiet=True)  # parts of a failed multipart upload cost storage until aborted
+            raise self._failed("upload of", key, err) from None
+        except BaseException:
+            self.abort_incomplete(key, quiet=True)
+            raise
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        except (BotoCoreError, ClientError) as err:
+            raise self._failed("write of", key, err) from None
+
+    def abort_incomplete(self, key: str, *, quiet: bool = False) -> int:
+        """Abort every unfinished multipart upload whose key starts with `key` (under the prefix). Returns how
+        many were aborted. quiet: after a failure, best effort (the failure itself is what gets reported)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        aborted = 0
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
+                                                                                 Prefix=self._key(key))
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                                       UploadId=upload["UploadId"])
+                    aborted += 1
+        except (BotoCoreError, ClientError) as err:
+            if not quiet:
+                raise self._failed("abort of unfinished uploads under", key, err) from None
+            log.debug("%s", self._failed("abort of unfinished uploads under", key, err))
+        return aborted
 
     def _get(self, key: str):
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
         except ClientError as err:
             if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
-            raise
+            raise self._failed("read of", key, err) from None
+        except BotoCoreError as err:
+            raise self._failed("read of", key, err) from None
 
     def read(self, key: str) -> bytes | None:
         body = self._get(key)
@@ -250,6 +329,16 @@ def rollback(config: Config, *, target: str | None = None, s3_client=None) -> De
     store.put_bytes(f"{name}/{POINTER}", (json.dumps(new, indent=2) + "\n").encode())
     log.info("%s: current.json now points at version %s (rolled back from %s)", name, previous, pointer["version"])
     return DeployResult(name, previous, store.location, True, new)
+
+
+def clean_incomplete(config: Config, *, target: str | None = None, s3_client=None) -> int:
+    """Abort the unfinished uploads (S3 multipart, or a folder's temporaries) a killed deploy left under the
+    model's prefix; what current.json points at is untouched (its objects are complete). Returns how many."""
+    name = config.registry.model_name
+    store = parse_target(target or config.deploy.target, config, s3_client=s3_client)
+    n = store.abort_incomplete(f"{name}/")
+    log.info("%s/%s: %d unfinished upload(s) removed", store.location, name, n)
+    return n
 
 
 def verify(store: Store, name: str, version: str, *, expected: bytes | None = None) -> list[str]:
