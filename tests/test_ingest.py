@@ -107,3 +107,29 @@ def test_unreadable_files_and_symlink_loops_are_skipped_and_counted_not_a_crash(
         ("unreadable", f"{tmp_path / 'raw' / 'circle'}: a symlink to no readable folder"),
         ("unreadable", f"{group / 'loop.png'}: a symlink loop"),
         ("unreadable", f"{group / 'secret.png'}: Permission denied")]
+
+
+def test_unsupported_files_animations_and_no_op_orientations_are_counted_right(tmp_path):
+    """Issue 20: .gif and .avif files were not counted at all, animated images were used silently at their first
+    frame, and exif_rotated was counted for orientation values (0, 9, 65535) where nothing is rotated."""
+    from PIL import Image
+
+    group = tmp_path / "raw" / "g"
+    group.mkdir(parents=True)
+    rgb(1).save(group / "still.png")
+    (group / "still.txt").write_text("a caption")  # a sidecar: not a file to count
+    rgb(2).save(group / "clip.gif")
+    (group / "photo.avif").write_bytes(b"\x00\x00\x00\x1cftypavif")
+    (group / "notes").write_text("x")
+    frames = [rgb(3), rgb(4)]
+    frames[0].save(group / "anim.webp", save_all=True, append_images=frames[1:], duration=100)
+    for value in (0, 9, 65535, 6):
+        exif = Image.Exif()
+        exif[0x0112] = value
+        rgb(5 + value % 7).save(group / f"orient{value}.jpg", exif=exif)
+    result = scan_collection(tmp_path / "raw", **SCAN)
+    assert dict(result.skipped) == {"unsupported_format": 3}
+    assert sorted(w.split(": ")[0].rsplit("/", 1)[1] for r, w in result.skipped_files) == \
+        ["clip.gif", "notes", "photo.avif"]
+    assert dict(result.converted) == {"animated_first_frame": 1, "exif_rotated": 1}  # orientation 6 only
+    assert len(result.images) == 6

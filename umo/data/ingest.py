@@ -15,7 +15,10 @@ Every file is opened and fully decoded once here. A file that cannot be used is 
   UTF-8), caption_for_missing_image, bad_caption_encoding (a sidecar that is neither UTF-8 nor UTF-16 with a BOM,
   or holds control characters: its image is kept, with no caption), caption_truncated (longer than
   `prepare.max_caption_chars`: cut there, the image kept);
-- converted: cmyk, high_bit_depth (16-bit), alpha (composited on white), grayscale, palette, exif_rotated.
+- unsupported_format: a file of the group that is none of `prepare.extensions`, a caption sidecar or
+  captions.jsonl (a .gif, .avif, .heic ...: add its extension to use it);
+- converted: cmyk, high_bit_depth (16-bit), alpha (composited on white), grayscale, palette, exif_rotated (EXIF
+  orientations 2-8 only), animated_first_frame (an animated image: its first frame).
 
 Configuration mistakes (no raw folder, no group in it) raise `ValueError` naming the folder.
 """
@@ -95,8 +98,11 @@ def decode_rgb(path: Path, *, max_pixels: int | None, min_side: int = 1) -> tupl
                 raise BadImage("too_large", f"{path}: {w}x{h} pixels > {max_pixels}")
             if min(w, h) < min_side:
                 raise BadImage("too_small", f"{path}: {w}x{h}")
+            if getattr(im, "is_animated", False):  # a GIF, APNG or animated WebP: its first frame, counted
+                conversions.append("animated_first_frame")
+                im.seek(0)
             im.load()
-            if im.getexif().get(0x0112, 1) not in (1, None):  # EXIF orientation: turn it upright
+            if im.getexif().get(0x0112, 1) in range(2, 9):  # EXIF orientation 2-8 turns it; 0, 1, 9, 65535 do not
                 conversions.append("exif_rotated")
                 im = ImageOps.exif_transpose(im)
             return _to_rgb(im, conversions), conversions
@@ -268,8 +274,15 @@ def scan_collection(raw: str | Path, *, extensions: list[str], max_pixels: int, 
         captions = _read_captions(group_dir, result, max_caption_chars)
         seen: dict[str, str] = {}
         names = set()
-        for path in sorted(group_dir.iterdir()):
-            if path.suffix.lower() not in extensions or path.name.startswith("."):
+        files = sorted(group_dir.iterdir())
+        sidecars = {p.with_suffix(".txt").name for p in files if p.suffix.lower() in extensions}
+        for path in files:
+            if path.name.startswith("."):
+                continue
+            if path.suffix.lower() not in extensions:
+                if path.name != CAPTIONS_FILE and path.name not in sidecars:  # .gif, .avif, .heic, notes ...
+                    result.skip("unsupported_format", f"{path}: {path.suffix or 'no extension'} is not in "
+                                                      f"prepare.extensions {list(extensions)}")
                 continue
             names.add(path.name)
             where = str(path)
