@@ -174,6 +174,9 @@ def test_an_xverse_set_is_generated_in_grids_of_four_and_faceless_people_are_cou
     result = evaluate(config, lora=setup["candidate"], judge=fixed_judge(config), out=setup["root"] / "xverse")
     m = result.metrics
     assert (m["base"]["items"], m["base"]["unscored"], m["base"]["scale"]) == (1, 1, 100)
+    # item 2 has no person: left out, and the report says so (issue 20: 160 of 300 were dropped silently)
+    assert m["items_left_out"] == {"no_human_reference": 1}
+    assert "Not evaluated: 1 items of the benchmark (1 no human reference)." in (result.out / "report.md").read_text()
     grid = Image.open(result.out / "images" / "candidate" / "0.png")
     assert grid.size == (128, 128)  # 2 x 2 grid of 64 x 64
     assert not (result.out / "images" / "candidate" / "1.png").exists()  # not generated: it cannot be scored

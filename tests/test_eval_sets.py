@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -34,8 +35,9 @@ def test_xverse_items_score_only_the_human_references(bench):
     file = bench / "multi.json"
     file.write_text(json.dumps([xverse_item(0, "sample/human/a.png", "sample/object/cup.png", "sample/human/b.png"),
                                 xverse_item(1, "sample/object/cup.png", "sample/animal/cat.png")]))
-    items = load_xverse(file)
-    assert [i.id for i in items] == ["0"]  # item 1 has no person to score
+    left_out = Counter()
+    items = load_xverse(file, left_out=left_out)
+    assert [i.id for i in items] == ["0"] and left_out == {"no_human_reference": 1}  # item 1 has no person
     assert items[0].identities == (0, 2) and len(items[0].references) == 3
     assert items[0].references[2] == (bench / "sample/human/b.png").resolve()
 

@@ -55,7 +55,7 @@ def delta(new: dict, old: dict) -> dict:
 
 
 def write_report(out: Path, config: Config, items: list[EvalItem], scores: dict[str, list[ItemScore]], *,
-                 images: Path, models: dict[str, Path | None]) -> dict[str, Any]:
+                 images: Path, models: dict[str, Path | None], left_out: dict[str, int] | None = None) -> dict[str, Any]:
     """Write the report folder (see the module docstring) and return metrics.json's content."""
     from umo.eval.sets import file_stem
 
@@ -64,6 +64,7 @@ def write_report(out: Path, config: Config, items: list[EvalItem], scores: dict[
     results = {name: aggregate(s, scale) for name, s in scores.items()}
     metrics: dict[str, Any] = {"benchmark": cfg.benchmark, "toy_world": _toy_world(config, items),
                                "images_per_item": cfg.images_per_item, "steps": cfg.steps, "seed": cfg.seed,
+                               "items_left_out": dict(sorted((left_out or {}).items())),
                                **results, "delta": delta(results[CANDIDATE], results[BASE])}
     if CHAMPION in results:
         metrics["delta_vs_champion"] = delta(results[CANDIDATE], results[CHAMPION])
@@ -152,6 +153,10 @@ def _markdown(metrics: dict, models: list[str], changes: list[tuple[str, float, 
     lines += [f"{metrics[BASE]['items'] + metrics[BASE]['unscored']} items, {metrics['images_per_item']} images "
               f"per item (seeds shared by every model), {metrics['steps']} sampler steps. ID-Sim, ID-Conf and "
               f"ID-Match x{scale:g}; face-count accuracy is the share of images with as many faces as people.", ""]
+    if metrics.get("items_left_out"):
+        lines += [f"Not evaluated: {sum(metrics['items_left_out'].values())} items of the benchmark ("
+                  + ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in metrics["items_left_out"].items())
+                  + ").", ""]
     head = "| metric | base | candidate | Δ vs base |" + (" champion | Δ vs champion |" if champion else "")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for key, label in METRICS:

@@ -28,6 +28,7 @@ import logging
 import re
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -51,18 +52,25 @@ class EvalResult:
     metrics: dict[str, Any]
 
 
-def load_items(config: Config, out: Path) -> list[EvalItem]:
+def load_items(config: Config, out: Path, left_out: Counter | None = None) -> list[EvalItem]:
     """The configured benchmark's items, sorted by id, cut to eval.max_items (OmniContext's embedded images are
-    extracted beside the report folder `out`)."""
+    extracted beside the report folder `out`). left_out: counts the benchmark's items that are not evaluated, by
+    reason (XVerseBench: no human reference; OmniContext: not a character task; beyond eval.max_items)."""
     cfg = config.eval
+    left_out = Counter() if left_out is None else left_out
     if cfg.benchmark == "heldout":
         items = load_heldout(cfg.path)
     elif cfg.benchmark == "xverse":
-        items = load_xverse(cfg.path, cfg.root)
+        items = load_xverse(cfg.path, cfg.root, left_out=left_out)
     else:
-        items = load_omnicontext(cfg.path, out.with_name(f".{out.name}.inputs"))
+        items = load_omnicontext(cfg.path, out.with_name(f".{out.name}.inputs"), left_out=left_out)
     items = sorted(items, key=lambda i: i.id)
-    return items[:cfg.max_items] if cfg.max_items else items
+    if cfg.max_items and len(items) > cfg.max_items:
+        left_out["beyond_max_items"] += len(items) - cfg.max_items
+        items = items[:cfg.max_items]
+    if left_out:
+        log.warning("%s: %d benchmark items not evaluated: %s", cfg.path, sum(left_out.values()), dict(left_out))
+    return items
 
 
 def image_seeds(seed: int, item_id: str, n: int) -> list[int]:
@@ -127,15 +135,17 @@ def evaluate(config: Config, *, lora: str | Path, champion: str | Path | None = 
     models: dict[str, Path | None] = {BASE: None, "candidate": lora_file(lora)}
     if champion is not None:
         models["champion"] = lora_file(champion)
-    items = load_items(config, out)
+    left_out: Counter = Counter()
+    items = load_items(config, out, left_out)
     if not items:
-        raise ValueError(f"{cfg.path}: the {cfg.benchmark} set has no items to evaluate")
+        raise ValueError(f"{cfg.path}: the {cfg.benchmark} set has no items to evaluate (left out: "
+                         f"{dict(left_out) or 'none'})")
     work = out.with_name(f".{out.name}.work")
     score_models(config, items, models, work, judge=judge, state=state)
 
     if state.is_main_process:
         scores = read_scores(work, items, models)
-        write_report(out, config, items, scores, images=work / "images", models=models)
+        write_report(out, config, items, scores, images=work / "images", models=models, left_out=dict(left_out))
         shutil.rmtree(work, ignore_errors=True)
     state.wait_for_everyone()
     return EvalResult(out, json.loads((out / "metrics.json").read_text()))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,9 +70,9 @@ def load_heldout(manifest: str | Path) -> list[EvalItem]:
             for s in m.samples]
 
 
-def load_xverse(file: str | Path, root: str | Path | None = None) -> list[EvalItem]:
+def load_xverse(file: str | Path, root: str | Path | None = None, *, left_out: Counter | None = None) -> list[EvalItem]:
     """An XVerseBench JSON file (single or multi); items without a human reference have nothing to score and
-    are left out (their number is logged by the caller through len(raw) - len(items))."""
+    are left out, counted in `left_out` ("no_human_reference") when given."""
     file = Path(file)
     root = Path(root) if root is not None else file.parent
     try:
@@ -99,10 +100,12 @@ def load_xverse(file: str | Path, root: str | Path | None = None) -> list[EvalIt
         humans = tuple(k for k, p in enumerate(paths) if "human" in Path(p).parent.parts[-1:])
         if humans:
             items.append(EvalItem(index, prompt, refs, humans))
+        elif left_out is not None:
+            left_out["no_human_reference"] += 1
     return items
 
 
-def load_omnicontext(root: str | Path, extract_to: str | Path) -> list[EvalItem]:
+def load_omnicontext(root: str | Path, extract_to: str | Path, *, left_out: Counter | None = None) -> list[EvalItem]:
     """Every `*.parquet` under `root` (sorted), in the OmniContext columns; see the module docstring."""
     import pyarrow.parquet as pq
 
@@ -124,6 +127,8 @@ def load_omnicontext(root: str | Path, extract_to: str | Path) -> list[EvalItem]
                 raise EvalSetError(f"{file}: {where}: duplicate key, empty instruction or no input images")
             seen.add(key)
             if "character" not in task:
+                if left_out is not None:
+                    left_out[f"task_{task}"] += 1
                 continue
             refs = tuple(_omni_image(image, root, extract_to / f"{file_stem(key)}_{k}", file, f"{where} image {k}")
                          for k, image in enumerate(row["input_images"]))
