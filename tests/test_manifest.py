@@ -42,6 +42,7 @@ def test_round_trip(tmp_path):
     (lambda d: d["samples"][0]["references"][0].update(path="t0.png"), "target image may not be a reference"),
     (lambda d: d["samples"][0].update(source="web"), "source: expected one of"),
     (lambda d: d["samples"][0].update(prompt=" "), "prompt: empty"),
+    (lambda d: d["samples"][0].update(prompt="x" * 20_001), "prompt: 20001 characters, more than 20000"),
     (lambda d: d.update(toy_world="yes"), "toy_world: expected bool"),
 ])
 def test_bad_manifests_name_the_file_and_field(tmp_path, edit, message):

@@ -83,6 +83,7 @@ class Manifest:
 
 _TOP = {"schema": str, "version": int, "split": str, "toy_world": bool, "embeddings": str, "embedder": dict,
         "samples": list}
+MAX_PROMPT_CHARS = 20_000
 _SAMPLE = {"id": str, "group": str, "source": str, "prompt": str, "target": str, "references": list}
 _REFERENCE = {"identity": str, "path": str}
 
@@ -123,6 +124,9 @@ def parse_manifest(data: Any, *, root: Path, file: str = "<manifest>") -> Manife
             raise ManifestError(f"{file}: {where}.source: expected one of {SOURCES}, got {s['source']!r}")
         if not s["prompt"].strip():
             raise ManifestError(f"{file}: {where}.prompt: empty")
+        if len(s["prompt"]) > MAX_PROMPT_CHARS:  # a manifest another tool wrote: never a 100 MB tokenizer input
+            raise ManifestError(f"{file}: {where}.prompt: {len(s['prompt'])} characters, more than "
+                                f"{MAX_PROMPT_CHARS} (umo prepare cuts captions at prepare.max_caption_chars)")
         check_relative(s["target"], f"{where}.target", file)
         if not s["references"]:
             raise ManifestError(f"{file}: {where}.references: a sample needs at least one reference")
