@@ -82,9 +82,12 @@ class MlflowServer(_Server):
 class MotoServer(_Server):
     """moto's S3 API server (`moto_server`) on 127.0.0.1 (S3's rules: multipart parts of at least 5 MiB)."""
 
-    def start(self) -> "MotoServer":
+    def start(self, *, check_credentials: bool = False) -> "MotoServer":
+        """check_credentials: moto's IAM authentication from the first request on (an unknown access key is
+        refused, as AWS refuses it); by default any key is accepted."""
         cmd = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)]
-        self._launch(cmd, "moto.log", "/moto-api/data.json")
+        env = os.environ | {"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if check_credentials else None
+        self._launch(cmd, "moto.log", "/moto-api/data.json", env)
         return self
 
 

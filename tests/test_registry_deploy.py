@@ -394,3 +394,20 @@ def test_s3_faults_are_one_clear_line_and_stale_uploads_can_be_cleaned(s3, tmp_p
     left = client.list_multipart_uploads(Bucket="models", Prefix="stale/").get("Uploads", [])
     assert [u["UploadId"] for u in left] == [other["UploadId"]]  # another model's prefix is not touched
     assert clean_incomplete(config) == 0
+
+
+def test_wrong_credentials_are_one_clear_line(tmp_path):
+    """Issue 20: wrong credentials printed a full botocore traceback. A moto server that checks credentials
+    refuses an unknown key as AWS does."""
+    server = MotoServer(tmp_path / "moto").start(check_credentials=True)
+    try:
+        client = boto3.client("s3", endpoint_url=server.uri, region_name="us-east-1",
+                              aws_access_key_id="AKIAWRONGWRONGWRONG0", aws_secret_access_key="wrong")
+        with pytest.raises(DeployError) as err:
+            parse_target("s3://models/p", s3_client=client).put_bytes("m/current.json", b"{}")
+        assert str(err.value).startswith("S3 write of s3://models/p/m/current.json failed: InvalidAccessKeyId (")
+        assert str(err.value).endswith("check the credentials (AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) "
+                                       "and the bucket's policy")
+        assert "\n" not in str(err.value) and "wrong" not in str(err.value).replace("Wrong", "")
+    finally:
+        server.stop()
