@@ -108,7 +108,7 @@ def test_training_moves_every_lora_parameter_keeps_the_base_and_saves_only_the_l
     checkpoint = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
     assert checkpoint.name == "checkpoint-000003"
     assert sorted(p.name for p in checkpoint.iterdir()) == sorted(
-        [LORA_FILE, "optimizer.bin", "random_states_0.pkl", "scheduler.bin", "train_state.json"])
+        [LORA_FILE, "history.json", "optimizer.bin", "random_states_0.pkl", "scheduler.bin", "train_state.json"])
     for f in (checkpoint / LORA_FILE, result.lora):
         tensors = load_file(str(f))
         assert tensors and all(".lora_A." in k or ".lora_B." in k for k in tensors), f
