@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from umo.data.ingest import DEFAULT_MAX_CAPTION_CHARS
 from umo.faces.align import similarity_transforms
 from umo.faces.types import Detections
 from umo.io import sha256_file
@@ -139,7 +140,7 @@ class FaceEmbedder:
 
 
 def index_collection(raw: str | Path, *, extensions: list[str], max_pixels: int, min_side: int, cache: FaceCache,
-                     embedder: FaceEmbedder, max_caption_chars: int = 2000):
+                     embedder: FaceEmbedder, max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS):
     """Scan the raw collection and index its faces: (ScanResult, {sha256: ImageFaces}, {"computed", "cached"}).
 
     Each new image is decoded once (by the scan) and handed to the detector in batches; cached ones are neither

@@ -268,8 +268,9 @@ def scan_collection(raw: str | Path, *, extensions: list[str], max_pixels: int, 
     for link in broken:
         result.skip("unreadable", f"{link}: a symlink to no readable folder")
     for group_dir in groups:
-        if _resolved(group_dir) is None or not _resolved(group_dir).is_relative_to(root):
-            result.skip("outside_root" if _resolved(group_dir) else "unreadable", str(group_dir))
+        resolved = _resolved(group_dir)
+        if resolved is None or not resolved.is_relative_to(root):
+            result.skip("outside_root" if resolved else "unreadable", str(group_dir))
             continue
         captions = _read_captions(group_dir, result, max_caption_chars)
         seen: dict[str, str] = {}
