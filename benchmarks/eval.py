@@ -95,9 +95,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "eval.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from umo.toyworld.build import build_toyworld
+    from umo.toy.world.build import build_toyworld
 
-    world = build_toyworld(args.world, load_config(ROOT / "params.yaml").toyworld).world
+    world = build_toyworld(args.world, load_config(ROOT / "params.yaml").section("toyworld")).world
     config = load_config(ROOT / "params.yaml", world.faces_overrides())
     judge = Judge.from_config(config.faces)
     found = load_items(world, args.items)

@@ -63,10 +63,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from umo.toyworld.build import build_toyworld
+    from umo.toy.world.build import build_toyworld
 
     base_cfg = load_config(ROOT / "params.yaml")
-    world = build_toyworld(args.world, base_cfg.toyworld).world
+    world = build_toyworld(args.world, base_cfg.section("toyworld")).world
     config = load_config(ROOT / "params.yaml", world.faces_overrides())
     embedder, key = _load_models(config, "cpu")
     p = config.prepare

@@ -1,7 +1,7 @@
 """Batched MatchingReward vs. a per-sample loop in the style of the public reward code.
 
 Same models and inputs for both: B generated images (default 8) of 256x256, each with 3 identities / 3 faces,
-an r50-sized ArcFace IResNet with random weights, the SCRFD-signature marker detector of umo.faces.testing
+an r50-sized ArcFace IResNet with random weights, the SCRFD-signature marker detector of umo.toy.tiny.faces
 loaded through insightface; forward + backward of the summed rewards.
 
 - batched: `MatchingReward` (one detector call for the batch, one warp, one embedder forward + backward for all
@@ -32,8 +32,8 @@ import torch
 from umo.faces.align import similarity_transforms, warp_faces
 from umo.faces.detect import FaceDetector
 from umo.faces.embed import ArcFaceEmbedder, iresnet
-from umo.faces.export import export_detector_onnx
-from umo.faces.testing import MarkerDetector, identity_patch, paste_faces, random_background
+from umo.toy.onnx_export import export_detector_onnx
+from umo.toy.tiny.faces import MarkerDetector, identity_patch, paste_faces, random_background
 from umo.reward import CROP_FILL, MatchingReward, matching_reward
 
 from timing import Clock, sync

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from umo.config import load_config
-from umo.toyworld.build import MANIFEST_FILE, build_toyworld, quality_table
+from umo.toy.world.build import MANIFEST_FILE, build_toyworld, quality_table
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "toyworld_build.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.params).toyworld
+    cfg = load_config(args.params).section("toyworld")
     with tempfile.TemporaryDirectory(prefix="umo-toyworld-bench-") as tmp:
         cold = build_toyworld(Path(tmp) / "world", cfg, workers=args.workers)
         warm = build_toyworld(Path(tmp) / "world", cfg, workers=args.workers)

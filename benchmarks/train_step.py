@@ -60,7 +60,7 @@ class DetectThenFixed:
 
 
 def fixed_faces(height: int, width: int):
-    from umo.faces.testing import FixedFaces
+    from umo.toy.tiny.faces import FixedFaces
 
     size = min(width / 4, height / 2)
     return FixedFaces([(width * f, height / 2) for f in (0.2, 0.5, 0.8)], size)
@@ -70,7 +70,7 @@ def fixed_faces(height: int, width: int):
 
 
 def tiny_setup(args, config):
-    from umo.models.tiny import write_tiny_flux2
+    from umo.toy.tiny.flux2 import write_tiny_flux2
 
     tmp = Path(tempfile.mkdtemp(prefix="umo-bench-"))
     return {"plain": write_tiny_flux2(tmp / "tiny"), "kv": write_tiny_flux2(tmp / "tiny_kv", kv=True)}
@@ -82,7 +82,7 @@ def klein_4b_pipeline(kv: bool, depth: int | None):
                            Flux2KleinPipeline, Flux2Transformer2DModel)
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from umo.models.tiny import tiny_tokenizer
+    from umo.toy.tiny.flux2 import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
@@ -122,12 +122,12 @@ def make_generator(args, source, kv: bool, device: torch.device, dtype: torch.dt
 def make_reward(args, height: int, width: int, device: torch.device):
     from umo.config import load_config
     from umo.reward import MatchingReward
-    from umo.toyworld.build import build_toyworld, load_toyworld
+    from umo.toy.world.build import build_toyworld, load_toyworld
 
     if (args.toy_world / "toyworld_build.json").is_file():  # any built world, as it is
         world = load_toyworld(args.toy_world)
     else:
-        world = build_toyworld(args.toy_world, load_config(ROOT / "params.yaml").toyworld).world
+        world = build_toyworld(args.toy_world, load_config(ROOT / "params.yaml").section("toyworld")).world
     faces = load_config(ROOT / "params.yaml", world.faces_overrides())
     real = MatchingReward.from_config(faces.faces, faces.reward)
     reward = MatchingReward(DetectThenFixed(real.detector, fixed_faces(height, width)), real.embedder,

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from umo.config import load_config
-from umo.toyworld.embedders import build_embedders
+from umo.toy.world.embedders import build_embedders
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.params).toyworld
+    cfg = load_config(args.params).section("toyworld")
     reward = replace(cfg.reward, identities=args.reward) if args.reward else cfg.reward
     judge = replace(cfg.judge, identities=args.judge) if args.judge else cfg.judge
     with tempfile.TemporaryDirectory() as tmp:

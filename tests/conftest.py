@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from umo.config import ToyWorldConfig, from_dict
+from umo.toy.config import ToyWorldConfig
+from umo.typed import from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,8 +31,8 @@ SMALL_WORLD = {
 
 @pytest.fixture(scope="session")
 def toy_world():
-    """The small toy world (umo.toyworld.build.ToyWorld), built or reused."""
-    from umo.toyworld.build import build_toyworld
+    """The small toy world (umo.toy.world.build.ToyWorld), built or reused."""
+    from umo.toy.world.build import build_toyworld
 
     cache = Path(os.environ.get("UMO_TEST_CACHE", ROOT / ".cache")) / "toy-world-small"
     return build_toyworld(cache, from_dict(ToyWorldConfig, SMALL_WORLD, source="tests/conftest.py")).world
@@ -42,16 +43,16 @@ def full_toy_world():
     """The toy world of params.yaml (the embedded default's), built (about 4.5 min on 2 cores) or reused from
     .cache/toy-world: for the quality numbers the issues set on THE toy world."""
     from umo.config import load_config
-    from umo.toyworld.build import build_toyworld
+    from umo.toy.world.build import build_toyworld
 
     cache = Path(os.environ.get("UMO_TEST_CACHE", ROOT / ".cache")) / "toy-world"
-    return build_toyworld(cache, load_config(ROOT / "params.yaml").toyworld).world
+    return build_toyworld(cache, load_config(ROOT / "params.yaml").section("toyworld")).world
 
 
 @pytest.fixture(scope="session")
 def tiny_generator_dir(tmp_path_factory):
     """A tiny seeded FLUX.2 [klein] pipeline folder written in the real diffusers layout (~1 s)."""
-    from umo.models.tiny import write_tiny_flux2
+    from umo.toy.tiny.flux2 import write_tiny_flux2
 
     return write_tiny_flux2(tmp_path_factory.mktemp("generator") / "tiny_flux2")
 

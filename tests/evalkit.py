@@ -18,7 +18,7 @@ import torch
 from trainkit import CENTERS, FACE, SIZE, train_config
 from umo.config import Config
 from umo.eval.score import Judge
-from umo.faces.testing import FixedFaces
+from umo.toy.tiny.faces import FixedFaces
 
 EVAL = ["eval.benchmark=heldout", "eval.images_per_item=2", "eval.steps=3", "eval.report_items=1"]
 
@@ -68,7 +68,7 @@ def main(argv: list[str]) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from umo.eval.run import evaluate
-    from umo.toyworld.build import load_toyworld
+    from umo.toy.world.build import load_toyworld
 
     world_dir, generator_dir, manifest, lora, out, *overrides = argv
     config = eval_config(load_toyworld(Path(world_dir)), generator_dir, manifest, *overrides)

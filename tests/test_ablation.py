@@ -13,9 +13,11 @@ import pytest
 import yaml
 from scipy import stats
 
-from umo import ablation
+from umo.toy import ablation
 from umo.cli import main as umo_main
-from umo.config import ConfigError, ToyBaseConfig, from_dict, load_config
+from umo.config import ConfigError, load_config
+from umo.toy.config import ToyBaseConfig
+from umo.typed import from_dict
 from umo.eval.score import ImageScore, ItemScore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +33,7 @@ def test_ablation_params_are_valid_and_the_arms_differ_in_one_setting_each():
     assert configs["sft"].train.reward_weight == 0 and configs["sft"].reward.kind == base.reward.kind
     assert configs["sir"].reward.kind == "sir" and configs["sir"].train.reward_weight == base.train.reward_weight
     assert configs["mimr"].reward.kind == "mimr" and configs["mimr"].train.reward_weight == base.train.reward_weight
-    assert len(base.ablation.seeds) >= 6 and base.eval.images_per_item >= 4
+    assert len(base.section("ablation").seeds) >= 6 and base.eval.images_per_item >= 4
     with pytest.raises(ValueError, match="unknown arm"):
         ablation.arm_config(PARAMS, "dpo", 0)
     with pytest.raises(ConfigError, match="arms"):
@@ -147,7 +149,7 @@ TINY = [
 @pytest.fixture(scope="module")
 def tiny_experiment(toy_world, tmp_path_factory):
     """A tiny toy base, then every stage of ablation/dvc.yaml through `umo ablation ...`, in a temporary folder."""
-    from umo.toycast import build_toybase
+    from umo.toy.cast import build_toybase
 
     out = tmp_path_factory.mktemp("ablation")
     base = from_dict(ToyBaseConfig, TINY_BASE | {"toyworld": str(toy_world.root), "out": str(out / "toybase")},

@@ -79,8 +79,8 @@ def test_cli_faces_detect(tmp_path, capsys):
     import cv2
 
     from umo.cli import main
-    from umo.faces.export import export_detector_onnx
-    from umo.faces.testing import MarkerDetector, identity_patch, paste_faces, random_background
+    from umo.toy.onnx_export import export_detector_onnx
+    from umo.toy.tiny.faces import MarkerDetector, identity_patch, paste_faces, random_background
 
     export_detector_onnx(MarkerDetector(face_size=64), tmp_path / "pack" / "det_marker.onnx")
     image, landmarks = paste_faces(random_background(0, 192, 256), [(identity_patch(1, 64), (96.0, 96.0))], 64)
@@ -104,7 +104,7 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("train:\n  learning_rate: 5e-6\ntoybase:\n  vae:\n    kl_weight: 1E-06\n")
     config = load_config(path, ["train.weight_decay=1e-2"])
-    assert (config.train.learning_rate, config.toybase.vae.kl_weight, config.train.weight_decay) == (5e-6, 1e-6, 0.01)
+    assert (config.train.learning_rate, config.section("toybase").vae.kl_weight, config.train.weight_decay) == (5e-6, 1e-6, 0.01)
     with pytest.raises(ConfigError, match="train.learning_rate: expected a number, got 'e-6'"):
         load_config(path, ["train.learning_rate=e-6"])
     with pytest.raises(ConfigError, match="expected an integer"):

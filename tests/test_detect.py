@@ -14,8 +14,8 @@ from insightface.model_zoo.scrfd import SCRFD
 from torch import nn
 
 from umo.faces.detect import FaceDetector
-from umo.faces.export import export_detector_onnx, export_recognizer_onnx
-from umo.faces.testing import (
+from umo.toy.onnx_export import export_detector_onnx, export_recognizer_onnx
+from umo.toy.tiny.faces import (
     MAX_TEXTURE_GREENNESS,
     MarkerDetector,
     face_landmarks,

@@ -19,7 +19,7 @@ from umo.faces.embed import (
     iresnet,
     load_arcface,
 )
-from umo.faces.export import export_recognizer_onnx
+from umo.toy.onnx_export import export_recognizer_onnx
 from umo.faces.types import Detections
 
 

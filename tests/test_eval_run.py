@@ -144,8 +144,8 @@ def test_a_stopped_run_resumes_where_it_stopped_and_new_settings_start_over(setu
 
 
 def portrait(path: Path, identity: int, seed: int = 0) -> Path:
-    from umo.toyworld.identity import make_identity
-    from umo.toyworld.render import render_portrait
+    from umo.toy.world.identity import make_identity
+    from umo.toy.world.render import render_portrait
 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(render_portrait(make_identity(0, identity), np.random.default_rng(seed), (128, 128)).image

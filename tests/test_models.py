@@ -15,7 +15,7 @@ from umo.config import GeneratorConfig, LoraConfig
 from umo.models import load_generator, sample
 from umo.models.flux2 import Flux2KleinGenerator
 from umo.models.lora import LORA_FILE, add_lora, lora_parameters, save_lora
-from umo.models.tiny import TINY_MARKER
+from umo.toy.tiny.flux2 import TINY_MARKER
 
 LORA = LoraConfig(rank=4, alpha=8.0)
 
@@ -161,7 +161,7 @@ def test_decode_is_differentiable_to_the_latents(tiny_generator_dir):
 
 @pytest.fixture(scope="module")
 def tiny_kv_dir(tmp_path_factory):
-    from umo.models.tiny import write_tiny_flux2
+    from umo.toy.tiny.flux2 import write_tiny_flux2
 
     return write_tiny_flux2(tmp_path_factory.mktemp("kv") / "tiny_flux2_kv", kv=True)
 

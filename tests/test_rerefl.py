@@ -12,12 +12,12 @@ import torch
 
 from umo.config import LoraConfig
 from umo.faces.embed import load_arcface
-from umo.faces.testing import FixedFaces
+from umo.toy.tiny.faces import FixedFaces
 from umo.models.flux2 import Flux2KleinGenerator
 from umo.models.lora import add_lora, lora_parameters
 from umo.reward import MatchingReward
-from umo.toyworld.identity import make_identity
-from umo.toyworld.render import render_portrait
+from umo.toy.world.identity import make_identity
+from umo.toy.world.render import render_portrait
 from umo.train.rerefl import Batch, rerefl_step
 
 SIZE = 128

@@ -1,4 +1,4 @@
-"""The toy base generator (umo.toycast): the cast's photos, the step cache, and the gate that refuses a base that
+"""The toy base generator (umo.toy.cast): the cast's photos, the step cache, and the gate that refuses a base that
 cannot show anything. The base's measured numbers are the README's and docs/ablation.md's (`umo toybase build`)."""
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from umo.config import ToyBaseConfig, ToyCastPhotosConfig, from_dict
-from umo.toycast import UninformativeBase, build_toybase, check_gate, photo_plan, render_cast_photo
-from umo.toyworld.collection import plan_sessions, render_group_image
-from umo.toyworld.identity import make_identity
-from umo.toyworld.render import head_strip, render_group
+from umo.toy.config import ToyBaseConfig, ToyCastPhotosConfig
+from umo.typed import from_dict
+from umo.toy.cast import UninformativeBase, build_toybase, check_gate, photo_plan, render_cast_photo
+from umo.toy.world.collection import plan_sessions, render_group_image
+from umo.toy.world.identity import make_identity
+from umo.toy.world.render import head_strip, render_group
 
 
 def test_fixed_slots_put_person_k_in_slot_k_and_repeats_draw_one_person_twice():
@@ -118,7 +119,7 @@ def test_an_untrained_base_is_refused_with_its_numbers_and_its_steps_are_cached(
 
 
 def test_mismatched_samples_get_another_samples_references():
-    from umo.toybase import mismatch
+    from umo.toy.base import mismatch
 
     g = torch.Generator().manual_seed(0)
     refs, pool = torch.zeros(400, 4, 2), torch.arange(1, 6, dtype=torch.float).view(5, 1, 1).expand(5, 4, 2)

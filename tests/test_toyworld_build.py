@@ -17,11 +17,13 @@ import pytest
 from safetensors import safe_open
 
 from umo.cli import main
-from umo.config import Config, ToyWorldConfig, from_dict, load_config, to_dict
+from umo.config import Config, load_config, to_dict
+from umo.toy.config import ToyWorldConfig
+from umo.typed import from_dict
 from umo.faces.detect import FaceDetector
 from umo.faces.embed import OnnxRecognizer, load_arcface
 from umo.reward import MatchingReward
-from umo.toyworld.build import (
+from umo.toy.world.build import (
     MANIFEST_FILE,
     QUALITY_FILE,
     ToyWorldError,

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from umo.config import ToyEmbedderConfig
+from umo.toy.config import ToyEmbedderConfig
 from umo.faces.embed import OnnxRecognizer, iresnet, load_arcface
-from umo.faces.export import export_recognizer_onnx
-from umo.toyworld.embedders import (
+from umo.toy.onnx_export import export_recognizer_onnx
+from umo.toy.world.embedders import (
     ArcFaceHead,
     aligned_faces,
     build_embedders,

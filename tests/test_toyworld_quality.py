@@ -11,10 +11,10 @@ from umo.config import load_config
 from umo.faces.detect import FaceDetector
 from umo.faces.embed import OnnxRecognizer, load_arcface
 from umo.reward import MatchingReward
-from umo.toyworld.detector import random_scene
-from umo.toyworld.embedders import aligned_faces, to_input
-from umo.toyworld.identity import make_identity
-from umo.toyworld.render import render_scene
+from umo.toy.world.detector import random_scene
+from umo.toy.world.embedders import aligned_faces, to_input
+from umo.toy.world.identity import make_identity
+from umo.toy.world.render import render_scene
 
 
 def held_out(world) -> range:

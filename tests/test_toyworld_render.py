@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from umo.faces.align import ARCFACE_TEMPLATE, similarity_transforms
-from umo.toyworld.caption import caption_ids
-from umo.toyworld.collection import (
+from umo.toy.world.caption import caption_ids
+from umo.toy.world.collection import (
     CAPTIONS_FILE,
     METADATA_FILE,
     default_truth_path,
@@ -20,9 +20,9 @@ from umo.toyworld.collection import (
     plan_collection,
     write_raw_collection,
 )
-from umo.toyworld.draw import shade
-from umo.toyworld.face import PUPIL_RGB, UNIT_FRACTION, FaceVariation, draw_face, sample_variation
-from umo.toyworld.identity import (
+from umo.toy.world.draw import shade
+from umo.toy.world.face import PUPIL_RGB, UNIT_FRACTION, FaceVariation, draw_face, sample_variation
+from umo.toy.world.identity import (
     HAIR_STYLES,
     MARKS,
     MAX_IDENTITIES,
@@ -32,8 +32,8 @@ from umo.toyworld.identity import (
     pairwise_trait_distances,
     trait_distance,
 )
-from umo.toyworld.preview import contact_sheet, main as preview_main
-from umo.toyworld.render import render_face, render_portrait, render_scene
+from umo.toy.world.preview import contact_sheet, main as preview_main
+from umo.toy.world.render import render_face, render_portrait, render_scene
 
 
 def _colour_dist(a, b) -> float:

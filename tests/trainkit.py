@@ -19,11 +19,11 @@ import torch
 from umo.config import Config, load_config
 from umo.data.manifest import Manifest, Reference, Sample, write_manifest
 from umo.faces.embed import load_arcface
-from umo.faces.testing import FixedFaces
+from umo.toy.tiny.faces import FixedFaces
 from umo.io import sha256_file
 from umo.reward import MatchingReward
-from umo.toyworld.identity import make_identity
-from umo.toyworld.render import render_portrait
+from umo.toy.world.identity import make_identity
+from umo.toy.world.render import render_portrait
 
 SIZE = 64
 CENTERS, FACE = [(16, 32), (48, 32)], 24
@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
 
     from umo.io import save_safetensors
     from umo.models.lora import lora_state_dict
-    from umo.toyworld.build import load_toyworld
+    from umo.toy.world.build import load_toyworld
     from umo.train.loop import train
 
     world_dir, generator_dir, manifest, out, *overrides = argv

@@ -12,12 +12,12 @@ from pathlib import Path
 import yaml
 
 from umo import __version__
-from umo.config import ConfigError, load_config, to_dict
+from umo.config import ConfigError, extensions, load_config, to_dict
 
 log = logging.getLogger("umo")
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
+def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     parser.add_argument(
         "-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -55,69 +55,6 @@ def cmd_faces_detect(args: argparse.Namespace) -> int:
             ],
         }))
     return status
-
-
-def cmd_toyworld_build(args: argparse.Namespace) -> int:
-    """Build (or reuse) the toy world; print its quality table; exit 1 when below the quality gates."""
-    from umo.toyworld.build import ToyWorldError, build_toyworld, quality_table
-
-    config = load_config(args.params, args.overrides).toyworld
-    try:
-        result = build_toyworld(args.out, config, workers=args.workers, force=args.force)
-    except ToyWorldError as err:
-        log.error("%s", err)
-        try:
-            print(quality_table(json.loads((args.out / "toy_quality.json").read_text())))
-        except (OSError, ValueError, KeyError):
-            pass
-        return 1
-    world = result.world
-    print(quality_table(world.quality))
-    built = {k: round(v, 1) for k, v in result.seconds.items()}
-    print(f"\ntoy world in {world.root} (reused: {', '.join(result.reused) or 'nothing'}; seconds: {built})")
-    print("use its face models with:", " ".join(f"-S {o}" for o in world.faces_overrides()))
-    return 0
-
-
-def cmd_toyworld_raw(args: argparse.Namespace) -> int:
-    """Write only the toy world's raw collection (the embedded default's `data/`), truth kept outside it."""
-    from umo.toyworld.build import write_raw
-
-    meta = write_raw(args.out, load_config(args.params, args.overrides).toyworld, truth=args.truth)
-    print(f"{meta['n_images']} images of {meta['n_identities']} toy identities in {meta['n_groups']} groups "
-          f"-> {args.out} (ground truth: {args.truth})")
-    return 0
-
-
-def cmd_toybase_build(args: argparse.Namespace) -> int:
-    """Build (or reuse) the toy base generator; print its gate; exit 1 when it is refused (uninformative)."""
-    from umo.toycast import UninformativeBase, build_toybase, gate_table
-
-    config = load_config(args.params, args.overrides).toybase
-    try:
-        manifest = build_toybase(config, out=args.out, force=args.force, workers=args.workers, device=args.device)
-    except UninformativeBase as err:
-        log.error("%s", err)
-        try:
-            print(gate_table(json.loads(((args.out or Path(config.out)) / "gate.json").read_text())))
-        except (OSError, ValueError, KeyError):
-            pass
-        if args.keep_going:
-            print("toy base REFUSED (uninformative base): the chain goes on with it (--keep-going), the ablation "
-                  "will not train from it")
-            return 0
-        return 1
-    print(gate_table(manifest["gate"]))
-    print(f"\ntoy base in {args.out or config.out}/generator (seconds: {manifest['seconds']})")
-    return 0
-
-
-def cmd_generator_tiny(args: argparse.Namespace) -> int:
-    """Write the tiny seeded FLUX.2 [klein] pipeline folder (the embedded default's generator)."""
-    from umo.models.tiny import write_tiny_flux2
-
-    print(write_tiny_flux2(args.out))
-    return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -186,27 +123,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                                         "items", "unscored")}
                           for name in m["models"]} | {"delta": m["delta"]}, indent=2))
         print(f"report: {result.out / 'report.md'}")
-    return 0
-
-
-def cmd_ablation(args: argparse.Namespace) -> int:
-    """The toy-world ablation's stages (ablation/dvc.yaml; docs/ablation.md)."""
-    from umo import ablation
-
-    try:
-        if args.stage == "arm":
-            result = ablation.run_arm(args.params, args.arm, args.seed, args.overrides)
-        else:
-            config = load_config(args.params, args.overrides)
-            if args.stage == "evaluate":
-                m = ablation.evaluate_all(config)["models"]
-                result = {name: {k: m[name][k] for k in ablation.METRICS} for name in m}
-            else:
-                result = {"report": str(ablation.write_report(config, args.doc))}
-    except ablation.AblationError as err:
-        log.error("%s", err)
-        return 1
-    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -284,57 +200,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("config", help="print the validated configuration (params.yaml + overrides)")
-    _add_config_args(p)
+    add_config_args(p)
     p.set_defaults(func=cmd_config)
 
     faces = sub.add_parser("faces", help="face pipeline utilities")
     faces_sub = faces.add_subparsers(dest="faces_command", metavar="ACTION", required=True)
     p = faces_sub.add_parser("detect", help="detect faces in images with the configured detector")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("images", nargs="+", type=Path, help="image files")
     p.set_defaults(func=cmd_faces_detect)
 
-    toy = sub.add_parser("toyworld", help="the offline synthetic world (toy identities and face models)")
-    toy_sub = toy.add_subparsers(dest="toyworld_command", metavar="ACTION", required=True)
-    p = toy_sub.add_parser("build", help="write the raw collection and train the toy face models (cached)")
-    _add_config_args(p)
-    p.add_argument("--out", type=Path, required=True, help="output folder (reused as a cache)")
-    p.add_argument("--workers", type=int, default=2, help="parallel build processes (default: %(default)s)")
-    p.add_argument("--force", action="store_true", help="rebuild every part even when cached")
-    p.set_defaults(func=cmd_toyworld_build)
-    p = toy_sub.add_parser("raw", help="write only the raw collection (the embedded default's data/, seconds)")
-    _add_config_args(p)
-    p.add_argument("--out", type=Path, default=Path("data"), help="empty or new folder (default: %(default)s)")
-    p.add_argument("--truth", type=Path, default=Path("artifacts/toy_raw_truth.jsonl"),
-                   help="ground-truth JSONL, outside --out (default: %(default)s)")
-    p.set_defaults(func=cmd_toyworld_raw)
-
-    p = sub.add_parser("toybase", help="the toy world's base generator (the stand-in for a pretrained model)")
-    base_sub = p.add_subparsers(dest="toybase_command", metavar="ACTION", required=True)
-    p = base_sub.add_parser("build", help="photos of the cast, VAE, transformer, then the gate (cached per step)")
-    _add_config_args(p)
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: toybase.out)")
-    p.add_argument("--workers", type=int, default=2, help="photo rendering processes (default: %(default)s)")
-    p.add_argument("--force", action="store_true", help="rebuild every step even when cached")
-    p.add_argument("--device", default="cpu", help="torch device of the VAE and transformer training (cpu, cuda)")
-    p.add_argument("--keep-going", action="store_true",
-                   help="a refused base still exits 0 (the refusal is printed and recorded in gate.json): the main "
-                   "chain's stage, so that make run completes and reports it; the ablation never trains from it")
-    p.set_defaults(func=cmd_toybase_build)
-
-    gen = sub.add_parser("generator", help="generator utilities")
-    gen_sub = gen.add_subparsers(dest="generator_command", metavar="ACTION", required=True)
-    p = gen_sub.add_parser("tiny", help="write the tiny seeded FLUX.2 [klein] folder (embedded default, tests)")
-    p.add_argument("--out", type=Path, required=True, help="folder to write (replaced atomically)")
-    p.set_defaults(func=cmd_generator_tiny)
-
     p = sub.add_parser("prepare", help="data prep: raw collection -> train/test manifests (DVC stage)")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--device", default="cpu", help="torch device of the face embedder and generator (default: cpu)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="ReReFL training of the LoRA (accelerate; resumable)")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--manifest", type=Path, required=True, help="train manifest written by `umo prepare`")
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoints/, lora/, train_metrics.json")
     p.add_argument("--resume", default=None, metavar="latest|CHECKPOINT",
@@ -343,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="benchmark evaluation: base vs a LoRA, same seeds, judge scores, report")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--lora", type=Path, required=True,
                    help="the candidate LoRA: pytorch_lora_weights.safetensors or a folder holding it; "
                    "`registry`: the registry's champion (its re-evaluation against the base)")
@@ -352,29 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="report folder (default: eval.out)")
     p.set_defaults(func=cmd_evaluate)
 
-    ab = sub.add_parser("ablation", help="the toy-world ablation SFT vs SIR vs MIMR (ablation/dvc.yaml)")
-    ab_sub = ab.add_subparsers(dest="stage", metavar="STAGE", required=True)
-    for name, text in (("arm", "one fine-tuning run of an arm from the toy base (refused unless its gate passed)"),
-                       ("evaluate", "the base and every run, judged on the held-out cast photos"),
-                       ("report", "write the results page (table, intervals, curves, samples)")):
-        p = ab_sub.add_parser(name, help=text)
-        _add_config_args(p)
-        if name == "arm":
-            p.add_argument("--arm", required=True, choices=["sft", "sir", "mimr"])
-            p.add_argument("--seed", type=int, required=True)
-        if name == "report":
-            p.add_argument("--doc", type=Path, default=Path("docs/ablation.md"), help="the page (default: %(default)s)")
-        p.set_defaults(func=cmd_ablation)
-
     p = sub.add_parser("register", help="register a trained LoRA with its evaluation in the MLflow registry")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--train", type=Path, required=True, help="the training run folder (`umo train --out`)")
     p.add_argument("--report", type=Path, required=True, help="its evaluation report folder (`umo evaluate`)")
     p.add_argument("--record", type=Path, default=None, help="also write the result JSON here")
     p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("gate", help="the approval gate: registry.gate policy -> champion alias (exit 1: failed)")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--version", default=None, help="model version (default: the challenger)")
     p.add_argument("--record", type=Path, default=None, help="also write the decision JSON here")
     p.add_argument("--exit-zero", action="store_true", help="exit 0 when the gate refuses (the decision is the "
@@ -382,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_gate)
 
     p = sub.add_parser("deploy", help="deploy the approved champion to deploy.target (S3 or a folder)")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--version", default=None, help="must be the champion (default: the champion)")
     p.add_argument("--target", default=None, help="s3://bucket/prefix or a folder (default: deploy.target)")
     action = p.add_mutually_exclusive_group()
@@ -394,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--none-ok", action="store_true",
                    help="no champion yet (every version refused): say so, record it and exit 0 (the chain's stage)")
     p.set_defaults(func=cmd_deploy)
+
+    for extension in extensions():  # e.g. the toy world's commands (umo.toy.extension)
+        extension.add_commands(sub)
     return parser
 
 

@@ -1,26 +1,33 @@
-"""Typed configuration: one dataclass per concern, loaded from params.yaml, validated on load.
+"""The settings: one section per stage, loaded from params.yaml, validated on load.
 
 params.yaml is the single source of settings (DVC tracks it as `params`). Every key must be known: a typo
 such as `reward.kindd` is an error naming the file and the key, never a silently ignored setting. CLI
 overrides use dotted keys (`-S reward.kind=sir`), parsed as YAML scalars, and go through the same checks.
+
+Installed extensions add sections of their own through the `umo.extensions` entry point (the toy world adds
+`toyworld`, `toybase` and `ablation`); the product's schema below never names them. The typed loader itself is
+`umo.typed`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
+import importlib.metadata
 import io
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from types import ModuleType
+from typing import Any, Literal
 
 import yaml
+from ruamel.yaml import YAML
 
+from umo.io import atomic_write_bytes
+from umo.typed import ConfigError, apply_override, from_dict
+from umo.typed import to_dict as _plain
 
-class ConfigError(ValueError):
-    """A params file or override that does not match the configuration schema."""
+__all__ = ["Config", "ConfigError", "apply_override", "config_from_dict", "extensions", "load_config",
+           "to_dict", "write_overrides"]
 
 
 # ---------------------------------------------------------------------------------------------------- schema
@@ -411,278 +418,6 @@ class TrackingConfig:
 
 
 @dataclass
-class ToyCollectionConfig:
-    """The toy world's raw image collection (groups of images, as from one album or video)."""
-
-    n_groups: int = 40
-    images_per_group: list[int] = field(default_factory=lambda: [6, 20])
-    """[min, max] images per group."""
-    cast_size: list[int] = field(default_factory=lambda: [2, 6])
-    """[min, max] recurring identities per group."""
-    image_size: list[int] = field(default_factory=lambda: [256, 256])
-    """[height, width] px."""
-    cast: list[int] | None = None
-    """[first, last) identity ids: photo sessions of this cast, two people per image in a head strip (the toy
-    base generator's photos; `umo.toyworld.collection`), instead of albums of the whole identity pool."""
-
-    def __post_init__(self) -> None:
-        if self.n_groups < 1:
-            raise ConfigError(f"n_groups: expected >= 1, got {self.n_groups}")
-        if self.cast is not None and (len(self.cast) != 2 or not 0 <= self.cast[0] < self.cast[1] - 1):
-            raise ConfigError(f"cast: expected [first, last) with at least 2 ids, got {self.cast}")
-        for name in ("images_per_group", "cast_size", "image_size"):
-            lo_hi = getattr(self, name)
-            if len(lo_hi) != 2 or min(lo_hi) < 1 or (name != "image_size" and lo_hi[0] > lo_hi[1]):
-                raise ConfigError(f"{name}: expected two positive integers{' [min, max]' * (name != 'image_size')}"
-                                  f", got {lo_hi}")
-
-
-@dataclass
-class ToyDetectorConfig:
-    """Training of the toy face detector (SCRFD layout); defaults take ~3 min on one CPU thread."""
-
-    steps: int = 600
-    """Optimizer steps (800 gave no gain: recall 0.954 vs 0.956, landmarks 3.0 vs 3.1 px)."""
-    batch: int = 16
-    """Scenes per step."""
-    n_scenes: int = 1500
-    """Pre-rendered training scenes (each also seen mirrored)."""
-    lr: float = 3e-3
-    """AdamW peak learning rate (cosine decay after a 5% warm-up)."""
-    weight_decay: float = 1e-4
-    width: int = 32
-    """Base channel count of the network."""
-    seed: int = 0
-
-
-@dataclass
-class ToyEmbedderConfig:
-    """Training of one toy identity embedder (IResNet + ArcFace margin head)."""
-
-    arch: Literal["toy_r10", "toy_r18", "r18", "r34", "r50", "r100"] = "toy_r10"
-    num_features: int = 128
-    """Embedding size."""
-    epochs: int = 8
-    batch: int = 128
-    lr: float = 3e-3
-    """AdamW peak learning rate (one-cycle schedule, 10% warm-up)."""
-    weight_decay: float = 5e-4
-    s: float = 32.0
-    """ArcFace scale."""
-    m: float = 0.5
-    """ArcFace additive angular margin (radians)."""
-    easy_margin: bool = False
-    seed: int = 0
-    identities: list[int] | None = None
-    """[first, last): the training identity ids this embedder learns (null: all of them). The reward and the
-    judge learn disjoint halves, so that an image made to please one does not please the other for free."""
-
-    def __post_init__(self) -> None:
-        if self.identities is not None and (len(self.identities) != 2
-                                            or not 0 <= self.identities[0] < self.identities[1]):
-            raise ConfigError(f"identities: expected [first, last) with 0 <= first < last, got {self.identities}")
-
-
-@dataclass
-class ToyQualityConfig:
-    """Held-out quality gates of a toy-world build (a build below them is refused downstream)."""
-
-    eval_scenes: int = 200
-    """Fresh scenes of held-out identities the detector is measured on."""
-    min_precision: float = 0.95
-    min_recall: float = 0.95
-    """Detector precision / recall at IoU 0.5."""
-    min_tar: float = 0.90
-    """Each embedder's TAR at FAR 1e-3 on held-out identities."""
-
-
-@dataclass
-class ToyWorldConfig:
-    """`umo toyworld build`: the offline synthetic world, its raw collection and its face models."""
-
-    world_seed: int = 0
-    n_identities: int = 500
-    """Identity pool; ids below n_train_identities train the face models, the rest are held out."""
-    n_train_identities: int = 400
-    faces_per_identity: int = 16
-    """Embedder training crops per training identity."""
-    test_faces_per_identity: int = 6
-    """Verification crops per held-out identity."""
-    collection: ToyCollectionConfig = field(default_factory=lambda: ToyCollectionConfig(
-        n_groups=48, images_per_group=[6, 10], cast_size=[2, 3], image_size=[80, 128], cast=[400, 416]))
-    """The raw collection (the embedded default's data/): photo sessions of the toy base's cast."""
-    detector: ToyDetectorConfig = field(default_factory=ToyDetectorConfig)
-    reward: ToyEmbedderConfig = field(
-        default_factory=lambda: ToyEmbedderConfig(arch="toy_r18", epochs=6, seed=1, identities=[0, 200]))
-    """The REWARD embedder (saved as an arcface_torch state dict)."""
-    judge: ToyEmbedderConfig = field(
-        default_factory=lambda: ToyEmbedderConfig(arch="toy_r10", epochs=8, seed=2, identities=[200, 400]))
-    """The evaluation JUDGE (saved as an insightface ONNX recognizer): another seed, depth and set of people."""
-    quality: ToyQualityConfig = field(default_factory=ToyQualityConfig)
-
-    def __post_init__(self) -> None:
-        if not 0 < self.n_train_identities < self.n_identities:
-            raise ConfigError(f"n_train_identities: expected 0 < n_train_identities < n_identities "
-                              f"({self.n_identities}), got {self.n_train_identities}")
-        cast = self.collection.cast
-        if cast is not None and not self.n_train_identities <= cast[0] < cast[1] <= self.n_identities:
-            raise ConfigError(f"collection.cast: {cast} must lie in the held-out identities "
-                              f"[{self.n_train_identities}, {self.n_identities}): the face models never saw the cast")
-        for name, emb in (("reward", self.reward), ("judge", self.judge)):
-            if emb.identities is not None and emb.identities[1] > self.n_train_identities:
-                raise ConfigError(f"{name}.identities: {emb.identities} reaches past the training identities "
-                                  f"(n_train_identities {self.n_train_identities}); held-out ids stay unseen")
-        if self.reward.seed == self.judge.seed and self.reward.arch == self.judge.arch:
-            raise ConfigError("judge: must differ from the reward embedder in seed or arch "
-                              "(evaluation never uses the reward's own model)")
-
-
-@dataclass
-class ToyVaeConfig:
-    """The toy base's VAE (klein's AutoencoderKLFlux2), trained as an autoencoder from scratch (`umo.toybase`)."""
-
-    channels: list[int] = field(default_factory=lambda: [16, 32, 64])
-    """Block widths: 3 levels = 4x downsampling (8 px per image token after klein's 2x2 patches), 4 levels = 8x
-    as the real VAE. Trained on varied people, a tiny 8x one blurred faces past the detector; trained on the toy
-    base's 16-person cast alone, it keeps every face (issue 19, measured; docs/ablation.md)."""
-    latent_channels: int = 4
-    """Latent channels (4 at 4x; 16 at 8x: both 12x fewer numbers than pixels)."""
-    steps: int = 800
-    batch: int = 16
-    crop: int = 64
-    """Random square crops, px (half from targets, half from reference faces)."""
-    lr: float = 2e-3
-    kl_weight: float = 1e-6
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if len(self.channels) not in (3, 4):
-            raise ConfigError(f"channels: expected 3 (4x) or 4 (8x) block widths, got {self.channels}")
-
-
-@dataclass
-class ToyTransformerConfig:
-    """The base generator's transformer (FLUX.2 [klein] KV layout), trained with supervised flow matching."""
-
-    heads: int = 4
-    head_dim: int = 32
-    double_blocks: int = 3
-    single_blocks: int = 3
-    steps: int = 1500
-    batch: int = 8
-    """Samples per step: more updates of fewer samples learned faster here than fewer of more (measured)."""
-    lr: float = 1e-3
-    """AdamW peak learning rate (linear warm-up, cosine decay)."""
-    warmup: int = 100
-    ema_decay: float | None = None
-    """The saved base is this exponential moving average of the weights (null: the last weights). 0.999 with
-    2500 steps did not beat 1500 steps without it (measured; docs/ablation.md)."""
-    shift: float | None = 1.0
-    """The base's scheduler: a static timestep shift (its sampler and its training times), or null for klein's
-    resolution-dependent one (about 6.9 at 256 image tokens and 8 steps, made for megapixel images: it leaves
-    a small image's last sampler step to jump from noise level 0.5 to 0)."""
-    seed: int = 0
-    mismatch_p: float = 0.0
-    """Share of training samples whose references are another train photo's (drawn at random): the paper's
-    identity confusion at its strongest, beside `photos.duplicate_p`. 0: none."""
-    compile: bool = False
-    """Train through `torch.compile` (inductor): about 25% less time per step on 2 CPU cores after about 80 s
-    of compiling (measured; docs/ablation.md). The weights are the same module's either way."""
-
-
-@dataclass
-class ToyCastPhotosConfig:
-    """The toy base's photos (`umo.toycast`): 2-person photos of the toy world's cast (its `collection.cast`, in
-    its `collection.image_size` strip), person k in slot k."""
-
-    cast: list[int] | None = None
-    """[first, last) identity ids (null: the toy world's `collection.cast`); held out of the face models."""
-    image_size: list[int] | None = None
-    """[height, width] px of a photo (null: the toy world's `collection.image_size`)."""
-    test_cast: list[int] | None = None
-    """[first, last) ids of the TEST photos' people (null: the cast). Another range makes the open-set variant:
-    people the base never drew (held out of the face models too)."""
-    n_train: int = 3000
-    """Train photos (each a new render: pose, light, expression, backdrop)."""
-    n_test: int = 64
-    """Held-out photos of the cast (new renders, new reference portraits): the base gate's items."""
-    duplicate_p: float = 0.2
-    """Share of TRAIN photos that show one of the two people twice and the other not at all, while the references
-    stay the two people: the identity confusion the paper describes, put into the base's training data."""
-    reference_size: int = 64
-    """Saved reference crops, px."""
-    crop_scale: float = 1.5
-    """Reference crop side = this x the portrait's face box side."""
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.duplicate_p < 1:
-            raise ConfigError(f"duplicate_p: expected 0 <= p < 1, got {self.duplicate_p}")
-
-
-@dataclass
-class ToyBaseGateConfig:
-    """What the toy base must show on held-out photos of its cast before anything is fine-tuned from it."""
-
-    min_two_face_rate: float = 0.85
-    """Share of generated images in which the judge finds exactly 2 faces."""
-    min_id_sim: float = 20.0
-    """The judge's ID-Sim x100 (chance: about 1-9)."""
-    id_conf: list[float] | None = field(default_factory=lambda: [45.0, 75.0])
-    """[low, high] ID-Conf x100: above confusion at chance, below the real photos' (about 78): room to improve.
-    null: no ID-Conf rule (only for tests of the chain's mechanics with an untrained base)."""
-    images_per_item: int = 2
-    steps: int = 8
-    """Sampler steps."""
-
-
-@dataclass
-class ToyBaseConfig:
-    """`umo toybase build`: the toy world's BASE generator, the stand-in for a pretrained customization model
-    (a FLUX.2 [klein] folder trained from scratch on photos of a small cast; `umo.toycast`)."""
-
-    out: str = "artifacts/toybase"
-    toyworld: str = "artifacts/toyworld"
-    """The built toy world: its face models make reference embeddings and judge the gate."""
-    photos: ToyCastPhotosConfig = field(default_factory=ToyCastPhotosConfig)
-    vae: ToyVaeConfig = field(default_factory=lambda: ToyVaeConfig(
-        channels=[16, 32, 64, 64], latent_channels=8, steps=1000, crop=64))
-    model: ToyTransformerConfig = field(default_factory=lambda: ToyTransformerConfig(
-        steps=3400, batch=48, lr=1.5e-3, mismatch_p=0.1, compile=True))
-    reference_resolution: list[int] = field(default_factory=lambda: [32, 32])
-    sampler_steps: int = 8
-    max_sequence_length: int = 4
-    gate: ToyBaseGateConfig = field(default_factory=ToyBaseGateConfig)
-
-
-@dataclass
-class AblationConfig:
-    """`ablation/dvc.yaml`: SFT vs SIR vs MIMR fine-tuning of the toy base, paired by seed (docs/ablation.md)."""
-
-    out: str = "artifacts/ablation"
-    toybase: str = "artifacts/toybase"
-    """The built toy base (main dvc.yaml, stage `toybase`): its generator is every arm's base, its gate must have
-    passed, and its held-out cast photos (photos/test.json) are the evaluation items."""
-    train_manifest: str = "artifacts/prepared/samples/train.json"
-    """What every arm fine-tunes on: the main chain's train samples (photo sessions of the cast)."""
-    arms: list[str] = field(default_factory=lambda: ["sft", "sir", "mimr"])
-    """sft: train.reward_weight 0; sir / mimr: reward.kind (every other setting is the params file's)."""
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
-    """A seed fixes the data order, noise, t draws and LoRA init of a run, the same in every arm (the pairing)."""
-    bootstrap: int = 4000
-    """Resamples of the two-way cluster bootstrap (items, then seeds)."""
-
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.arms) - {"sft", "sir", "mimr"})
-        if unknown or not self.arms:
-            raise ConfigError(f"arms: expected some of sft, sir, mimr, got {self.arms}")
-        if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
-            raise ConfigError(f"seeds: expected distinct seeds, got {self.seeds}")
-        if self.bootstrap < 100:
-            raise ConfigError(f"bootstrap: expected >= 100 resamples, got {self.bootstrap}")
-
-
-@dataclass
 class Config:
     """Everything in params.yaml."""
 
@@ -697,14 +432,44 @@ class Config:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    toyworld: ToyWorldConfig = field(default_factory=ToyWorldConfig)
-    toybase: ToyBaseConfig = field(default_factory=ToyBaseConfig)
-    ablation: AblationConfig = field(default_factory=AblationConfig)
+    extensions: dict[str, Any] = field(default_factory=lambda: {n: c() for n, c in extension_sections().items()})
+    """Sections that installed extensions register (`extension_sections`), by name: the toy world's, for one."""
+
+    def section(self, name: str) -> Any:
+        """An extension's section (defaults filled in); KeyError naming the registered ones."""
+        try:
+            return self.extensions[name]
+        except KeyError:
+            raise KeyError(f"no config section {name!r} (registered: {sorted(self.extensions) or 'none'})") from None
 
 
 def _check_unit(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ConfigError(f"{name}: expected a value in [0, 1], got {value}")
+
+
+# ---------------------------------------------------------------------------------------------------- extensions
+
+EXTENSIONS_GROUP = "umo.extensions"
+
+
+@functools.cache
+def extensions() -> tuple[ModuleType, ...]:
+    """The installed extensions: modules named by `umo.extensions` entry points (pyproject.toml). Each has
+    SECTIONS ({params.yaml section: its dataclass}) and add_commands(subparsers) for the `umo` command."""
+    return tuple(ep.load() for ep in sorted(importlib.metadata.entry_points(group=EXTENSIONS_GROUP),
+                                             key=lambda ep: ep.name))
+
+
+def extension_sections() -> dict[str, type]:
+    """{section name: dataclass} of every installed extension; a name claimed twice is an error."""
+    sections: dict[str, type] = {}
+    for ext in extensions():
+        for name, cls in ext.SECTIONS.items():
+            if name in sections or name in Config.__dataclass_fields__:
+                raise ConfigError(f"extension {ext.__name__}: section {name!r} is already defined")
+            sections[name] = cls
+    return sections
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -726,31 +491,37 @@ def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | 
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     for item in overrides:
         apply_override(data, item)
-    return from_dict(Config, data, source=source)
+    return config_from_dict(data, source=source)
 
 
-def apply_override(data: dict[str, Any], item: str) -> None:
-    """Set `a.b.c=value` in a nested dict in place; the value is parsed as a YAML scalar (1e-5, true, null)."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {item!r}: expected dotted.key=value")
-    parts = key.strip().split(".")
-    node = data
-    for depth, part in enumerate(parts[:-1], start=1):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth])} is a value, not a section")
-        node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+def config_from_dict(data: dict[str, Any], *, source: str = "params") -> Config:
+    """Validate params.yaml's plain data: the product's sections, then each extension's (defaults if absent)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {data!r}")
+    sections = extension_sections()
+    own = set(Config.__dataclass_fields__) - {"extensions"}
+    unknown = sorted(set(data) - own - set(sections))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {unknown[0]} (known keys of <top level>: "
+                          f"{', '.join(sorted(own | set(sections)))})")
+    config = from_dict(Config, {k: v for k, v in data.items() if k in own}, source=source)
+    config.extensions = {name: from_dict(cls, data.get(name, {}), source=source, prefix=f"{name}.")
+                         for name, cls in sections.items()}
+    return config
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The plain-data form of a config (what params.yaml would hold), for logging and `umo config`."""
+    if isinstance(config, Config):
+        data = _plain(config)
+        extension_data = data.pop("extensions")
+        return data | extension_data
+    return _plain(config)
 
 
 def write_overrides(path: str | Path, overrides: list[str] | tuple[str, ...]) -> Config:
     """Apply dotted `key=value` overrides to the params file itself (what `dvc exp run -S` does), keeping its
     comments and layout; validated first, so a bad key or value leaves the file untouched. Atomic."""
-    from ruamel.yaml import YAML
-
-    from umo.io import atomic_write_bytes
-
     config = load_config(path, overrides)  # raises ConfigError naming the key before anything is written
     path = Path(path)
     rt = YAML()  # round trip: comments, order and quoting survive
@@ -766,76 +537,3 @@ def write_overrides(path: str | Path, overrides: list[str] | tuple[str, ...]) ->
     return config
 
 
-def from_dict(cls: type, data: Any, *, source: str = "params", prefix: str = "") -> Any:
-    """Build dataclass `cls` from plain data, rejecting unknown keys and wrong types with the key's full name."""
-    where = prefix.rstrip(".") or "<top level>"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{source}: unknown key {prefix}{unknown[0]!s} (known keys of {where}: {', '.join(sorted(fields))})"
-        )
-    kwargs = {name: _coerce(hints[name], value, source, f"{prefix}{name}") for name, value in data.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        raise ConfigError(f"{source}: {prefix}{err}") from None
-
-
-_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, source=source, prefix=f"{key}.")
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(option, value, source, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{source}: {key}: {value!r} matches none of {tp}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{source}: {key}: expected one of {list(choices)}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(item_tp, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is float:
-        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 (PyYAML) reads 1e-6 as a string; YAML 1.2 and people mean a number
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: {key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"config field {key}: unsupported annotation {tp!r}")  # a schema bug, not user input
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    """The plain-data form of a config (what params.yaml would hold), for logging and `umo config`."""
-    return dataclasses.asdict(config)

@@ -104,3 +104,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+TOY_WORLD_FILE = "toyworld.json"
+"""What synthetic artifacts write about themselves ({"toy_world": true, ...}): a raw collection, a face-model pack.
+The product reads it (`is_toy_world`) to label manifests and reports as synthetic; it never imports the toy world."""
+
+
+def is_toy_world(folder: str | Path) -> bool:
+    """True when `folder` holds TOY_WORLD_FILE saying "toy_world": true; False when absent or unreadable."""
+    try:
+        return json.loads((Path(folder) / TOY_WORLD_FILE).read_text()).get("toy_world") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+

@@ -367,7 +367,8 @@ class UmoLoraModel(_PythonModel):
     `generator.path` recorded at registration; the LoRA from the version's artifacts."""
 
     def load_context(self, context) -> None:
-        from umo.config import GeneratorConfig, from_dict
+        from umo.config import GeneratorConfig
+        from umo.typed import from_dict
         from umo.models import load_generator
         from umo.models.lora import attach_lora_file
 

@@ -46,7 +46,7 @@ from umo.data.ingest import RawImage, decode_rgb
 from umo.data.manifest import Manifest, Reference, Sample, write_manifest
 from umo.data.samples import (Composed, FaceKey, compose_group, crop_box, linked_to, people_prompt, split_groups,
                               usable)
-from umo.io import atomic_dir, atomic_write_bytes, atomic_write_json, sha256_file
+from umo.io import atomic_dir, atomic_write_bytes, atomic_write_json, is_toy_world, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ def prepare(config, *, device: str = "cpu") -> PrepareResult:
             for s, e in writer.synthetic(train_ids, by_name, synthetic_stats):
                 samples.append(s)
                 embeddings[s.id] = e
-        toy = _is_toy(raw)
+        toy = is_toy_world(raw)
         embedder_ref = {"path": str(config.faces.embedder.path), "sha256": sha256_file(config.faces.embedder.path)}
         manifests = {}
         for split, (samples, embeddings) in manifests_data.items():
@@ -356,15 +356,6 @@ def _by_people(samples: list[Sample]) -> dict[str, int]:
     counts = Counter(len(s.references) for s in samples)
     return {"total": len(samples), **{f"{n}_people": counts[n] for n in sorted(counts)},
             "synthetic": sum(s.source == "synthetic" for s in samples)}
-
-
-def _is_toy(raw: Path) -> bool:
-    from umo.toyworld.collection import METADATA_FILE
-
-    try:
-        return bool(json.loads((raw / METADATA_FILE).read_text()).get("toy_world"))
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _truth_leaks(groups: list[Group], ids: dict[str, list[list | None]], manifests_data) -> int:

@@ -28,7 +28,7 @@ import numpy as np
 from umo.config import Config
 from umo.eval.score import PAIRED_KEYS, SCALES, ItemScore, aggregate, paired_interval
 from umo.eval.sets import EvalItem
-from umo.io import atomic_dir, sha256_file
+from umo.io import atomic_dir, is_toy_world, sha256_file
 
 BASE, CANDIDATE, CHAMPION = "base", "candidate", "champion"
 METRICS = [("id_sim", "ID-Sim"), ("id_conf", "ID-Conf"), ("id_match", "ID-Match"),
@@ -106,9 +106,7 @@ def write_report(out: Path, config: Config, items: list[EvalItem], scores: dict[
 
 def _toy_world(config: Config, items: list[EvalItem]) -> bool:
     """True when the judge is a toy-world model (its pack folder says so) or the held-out set is toy data."""
-    from umo.toyworld.build import JUDGE_PACK
-
-    if config.faces.judge.pack == JUDGE_PACK:
+    if is_toy_world(Path(config.faces.judge.root) / config.faces.judge.pack):
         return True
     if config.eval.benchmark == "heldout":
         from umo.data.manifest import read_manifest

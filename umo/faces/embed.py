@@ -47,7 +47,7 @@ ARCHS: dict[str, IResNetSpec] = {
     "r50": IResNetSpec((3, 4, 14, 3)),
     "r100": IResNetSpec((3, 13, 30, 3)),
     # Toy-world embedders, small enough to train on one CPU thread in a couple of minutes
-    # (umo.toyworld.embedders). Same module and parameter names as arcface_torch, a quarter of the widths,
+    # (umo.toy.world.embedders). Same module and parameter names as arcface_torch, a quarter of the widths,
     # and a stride-2 stem: 112x112 input, 4x4 final map. Not real-face models.
     "toy_r10": IResNetSpec((1, 1, 1, 1), (16, 32, 64, 128), stem_stride=2),
     "toy_r18": IResNetSpec((2, 2, 2, 2), (16, 32, 64, 128), stem_stride=2),

@@ -29,9 +29,11 @@ import numpy as np
 import torch
 
 from umo.models.base import Conditioning
-from umo.models.tiny import TINY_MARKER
 
 log = logging.getLogger(__name__)
+TINY_MARKER = "umo_tiny.json"
+"""Written beside model_index.json by tiny test models (umo.toy.tiny.flux2), so nobody mistakes them for real
+weights: {"text_layers_used": [...], ...}, the text encoder's layers a tiny encoder feeds the transformer."""
 
 DEFAULT_TEXT_LAYERS = (9, 18, 27)  # diffusers' klein default (Qwen3-4B hidden states)
 EXPECTED_LAYOUT = "a diffusers Flux2KleinPipeline folder: model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/"
@@ -93,7 +95,7 @@ class Flux2KleinGenerator:
                         dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> "Flux2KleinGenerator":
         """Load a local Flux2KleinPipeline folder. text_layers None: the folder's tiny marker if it has one
-        (umo.models.tiny), else diffusers' default (9, 18, 27). Raises FileNotFoundError naming the folder."""
+        (umo.toy.tiny.flux2), else diffusers' default (9, 18, 27). Raises FileNotFoundError naming the folder."""
         path = Path(path).expanduser()
         index_file = path / "model_index.json"
         if not index_file.is_file():

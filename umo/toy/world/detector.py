@@ -3,7 +3,7 @@
 It loads through the real `umo.faces.detect.FaceDetector` (insightface routes it to SCRFD), so the toy
 world exercises exactly the code path real model packs take.
 
-Layout (SCRFD, see `umo.faces.export.export_detector_onnx`): strides 8 / 16 / 32, 2 anchors per cell (the
+Layout (SCRFD, see `umo.toy.onnx_export.export_detector_onnx`): strides 8 / 16 / 32, 2 anchors per cell (the
 two anchors of a cell carry the same prediction; NMS drops the duplicate), bbox and keypoints as distances
 in stride units from anchor centres (x = col * stride, y = row * stride).
 
@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from umo.config import ToyDetectorConfig
+from umo.toy.config import ToyDetectorConfig
 from umo.faces.detect import FaceDetector
-from umo.faces.export import SCRFD_ANCHORS, SCRFD_INPUT_MEAN, SCRFD_INPUT_STD, SCRFD_STRIDES, export_detector_onnx
-from umo.toyworld.identity import Identity, make_identity
-from umo.toyworld.render import MAX_FACES, Scene, render_scene
+from umo.toy.onnx_export import SCRFD_ANCHORS, SCRFD_INPUT_MEAN, SCRFD_INPUT_STD, SCRFD_STRIDES, export_detector_onnx
+from umo.toy.world.identity import Identity, make_identity
+from umo.toy.world.render import MAX_FACES, Scene, render_scene
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ something to move. The design follows the measured probe (shared/notes/toy-base-
 - confusion put into the training data the paper's way: with `duplicate_p`, a photo shows one of the two people
   twice and the other not at all, while its references stay the two people;
 - an 8x VAE trained on the cast's photos alone (its decoder carries the faces' detail, the transformer works on
-  40 image tokens), then the transformer trained from scratch with flow matching (`umo.toybase`).
+  40 image tokens), then the transformer trained from scratch with flow matching (`umo.toy.base`).
 
 Then the GATE: on held-out photos of the cast (new poses, light, expressions and reference portraits), the
 judge must find 2 faces in at least `min_two_face_rate` of the generated images, ID-Sim must reach
@@ -42,7 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from umo.config import Config, ToyBaseConfig, ToyCastPhotosConfig, to_dict
+from umo.config import Config, apply_override, config_from_dict, to_dict
+from umo.toy.config import ToyBaseConfig, ToyCastPhotosConfig
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,9 @@ def render_cast_photo(world_seed: int, pair: tuple[int, int], seed: int, cfg: To
     render cut to the head strip). duplicate: None, or the index (0/1) of the person drawn in BOTH slots (the
     other one is missing from the photo, not from the references).
     """
-    from umo.toybase import _reference_crop
-    from umo.toyworld.identity import make_identity
-    from umo.toyworld.render import head_strip, render_group, render_portrait
+    from umo.toy.base import _reference_crop
+    from umo.toy.world.identity import make_identity
+    from umo.toy.world.render import head_strip, render_group, render_portrait
 
     rng = np.random.default_rng([cfg.seed, seed])
     people = [make_identity(world_seed, int(i)) for i in pair]
@@ -129,7 +130,7 @@ def write_photos(out: Path, cfg: ToyCastPhotosConfig, *, world_seed: int, cast: 
 
     from umo.data.manifest import Manifest, Reference, Sample, write_manifest
     from umo.io import atomic_dir, atomic_write_json, sha256_file
-    from umo.toybase import _load_rgb
+    from umo.toy.base import _load_rgb
 
     started = time.perf_counter()
     plan = photo_plan(cfg, cast)
@@ -180,8 +181,7 @@ def write_photos(out: Path, cfg: ToyCastPhotosConfig, *, world_seed: int, cast: 
 
 def base_config(cfg: ToyBaseConfig, root: Path) -> Config:
     """A complete umo Config that reads the built base: generator, eval and faces (the toy world's) settings."""
-    from umo.config import apply_override, from_dict
-    from umo.toyworld.build import load_toyworld
+    from umo.toy.world.build import load_toyworld
 
     world = load_toyworld(cfg.toyworld)
     data = to_dict(Config())
@@ -194,7 +194,7 @@ def base_config(cfg: ToyBaseConfig, root: Path) -> Config:
                      "max_items": None}
     for item in world.faces_overrides():
         apply_override(data, item)
-    return from_dict(Config, data, source="toybase")
+    return config_from_dict(data, source="toybase")
 
 
 def check_gate(metrics: dict[str, Any], cfg: ToyBaseConfig) -> dict[str, Any]:
@@ -264,12 +264,12 @@ def run_gate(cfg: ToyBaseConfig, root: Path, *, models: dict[str, Path | None] |
 # ------------------------------------------------------------------------------------------------ build
 
 
-MODEL_CODE = ("models/base.py", "models/flux2.py", "models/tiny.py", "train/data.py")  # what the base trains with
+MODEL_CODE = ("models/base.py", "models/flux2.py", "toy/tiny/flux2.py", "train/data.py")  # what the base trains with
 
 
 def _sources_hash(*names: str) -> str:
     """sha256 of umo/<names> (globs allowed), in name order."""
-    root = Path(__file__).resolve().parent
+    root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for path in sorted(p for n in names for p in root.glob(n)):
         h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
@@ -306,11 +306,11 @@ def step_keys(cfg: ToyBaseConfig, world) -> dict[str, str]:
     c = to_dict(cfg)
     cast, size = cast_of(cfg, world)
     photos = {"photos": c["photos"], "format": PHOTOS_FORMAT, "world_seed": world.config.world_seed, "cast": cast,
-              "image_size": size, "src": _sources_hash("toyworld/*.py"), "torch": torch.__version__,
+              "image_size": size, "src": _sources_hash("toy/world/*.py"), "torch": torch.__version__,
               "faces": {k: sha256_file(v) for k, v in faces.items()}}
     # The code each step runs, not all of umo/models: a LoRA or loader change must not retrain the base.
-    trainer = _sources_hash("toybase.py", *MODEL_CODE)
-    from umo import toybase  # the VAE's key: only the code that trains it (a transformer change keeps the VAE)
+    trainer = _sources_hash("toy/base.py", *MODEL_CODE)
+    from umo.toy import base as toybase  # the VAE's key: only the code that trains it (a transformer change keeps the VAE)
 
     vae_code = hashlib.sha256("".join(inspect.getsource(f) for f in (
         toybase.new_components, toybase._load_rgb, toybase.train_vae, toybase.set_latent_statistics)).encode())
@@ -347,10 +347,10 @@ def build_toybase(cfg: ToyBaseConfig, *, out: str | Path | None = None, force: b
     from umo.io import atomic_dir, atomic_write_json
     from umo.models import TRAINED_WITH
     from umo.models.flux2 import Flux2KleinGenerator
-    from umo.models.tiny import TINY_TEXT_LAYERS
+    from umo.toy.tiny.flux2 import TINY_TEXT_LAYERS
     from umo.reward import MatchingReward
-    from umo.toybase import new_components, save_base, train_base, train_vae
-    from umo.toyworld.build import load_toyworld
+    from umo.toy.base import new_components, save_base, train_base, train_vae
+    from umo.toy.world.build import load_toyworld
 
     started = time.perf_counter()
     root = Path(out or cfg.out).expanduser().resolve()

@@ -42,8 +42,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from umo import __version__
-from umo.config import ToyWorldConfig, from_dict, to_dict
-from umo.io import atomic_write_bytes, sha256_file
+from umo.config import to_dict
+from umo.toy.config import ToyWorldConfig
+from umo.typed import from_dict
+from umo.io import TOY_WORLD_FILE, atomic_write_bytes, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +105,11 @@ def _environment(env: dict[str, str]) -> Iterator[None]:
 
 
 def sources_hash() -> str:
-    """sha256 of the sources that shape the toy world's bytes (umo/toyworld and umo/faces, except the
-    faces package's test helpers)."""
-    root = Path(__file__).resolve().parents[1]
+    """sha256 of the sources that shape the toy world's bytes: umo/toy/world, the ONNX export and umo/faces."""
+    root = Path(__file__).resolve().parents[2]
     h = hashlib.sha256()
-    sources = [*root.glob("toyworld/*.py"), *root.glob("faces/*.py")]
-    for path in sorted(p for p in sources if p.name != "testing.py"):
+    sources = [*root.glob("toy/world/*.py"), root / "toy" / "onnx_export.py", *root.glob("faces/*.py")]
+    for path in sorted(sources):
         h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
 
@@ -174,19 +175,19 @@ class ToyWorld:
 
     @property
     def detector_path(self) -> Path:
-        from umo.toyworld.detector import DETECTOR_FILE
+        from umo.toy.world.detector import DETECTOR_FILE
 
         return self.models / DETECTOR_PACK / DETECTOR_FILE
 
     @property
     def reward_path(self) -> Path:
-        from umo.toyworld.embedders import reward_file
+        from umo.toy.world.embedders import reward_file
 
         return self.models / reward_file(self.config.reward)
 
     @property
     def judge_path(self) -> Path:
-        from umo.toyworld.embedders import judge_file
+        from umo.toy.world.embedders import judge_file
 
         return self.models / JUDGE_PACK / judge_file(self.config.judge)
 
@@ -239,7 +240,7 @@ def _run_part(name: str, root: str, cfg_data: dict[str, Any]) -> dict[str, Any]:
         metrics = {k: meta[k] for k in ("n_groups", "n_images", "n_faces", "n_identities")}
     elif name == "detector":
         from umo.faces.detect import FaceDetector
-        from umo.toyworld.detector import build_detector, evaluate_detector
+        from umo.toy.world.detector import build_detector, evaluate_detector
 
         build_detector(world.detector_path.parent, cfg.world_seed, train_ids=train_ids, config=cfg.detector,
                        metadata=TOY_METADATA)
@@ -247,13 +248,15 @@ def _run_part(name: str, root: str, cfg_data: dict[str, Any]) -> dict[str, Any]:
         detector = FaceDetector.from_model_root(world.models, DETECTOR_PACK)
         metrics = evaluate_detector(detector, cfg.world_seed, test_ids, n_scenes=cfg.quality.eval_scenes)
     elif name == "embedders":
-        from umo.toyworld.embedders import build_embedders
+        from umo.toy.world.embedders import build_embedders
 
         result = build_embedders(cfg.world_seed, reward=cfg.reward, reward_path=world.reward_path,
                                  judge=cfg.judge, judge_path=world.judge_path, train_ids=train_ids,
                                  test_ids=test_ids, per_id=cfg.faces_per_identity,
                                  per_test_id=cfg.test_faces_per_identity, metadata=TOY_METADATA)
         metrics = {k: v for k, v in result.items() if not k.endswith("_s")}
+        flag = {"toy_world": True, "note": NOTICE}  # what the product reads (umo.io.is_toy_world)
+        atomic_write_bytes(world.judge_path.parent / TOY_WORLD_FILE, (json.dumps(flag, indent=2) + "\n").encode())
     else:
         raise ValueError(f"unknown toy world part {name!r}")
     return {"metrics": metrics, "seconds": time.perf_counter() - t0}
@@ -405,7 +408,7 @@ def build_toyworld(out: str | Path, cfg: ToyWorldConfig, *, workers: int = 2, fo
 
 def _write_collection(cfg: ToyWorldConfig, out: Path, truth: Path) -> dict[str, Any]:
     """The raw collection of `cfg` into `out`, its ground truth at `truth` (the build's part and `write_raw`)."""
-    from umo.toyworld.collection import write_raw_collection
+    from umo.toy.world.collection import write_raw_collection
 
     c = cfg.collection
     return write_raw_collection(out, world_seed=cfg.world_seed, n_groups=c.n_groups,

@@ -64,9 +64,9 @@ class AblationError(RuntimeError):
 
 
 def paths(config: Config) -> dict[str, Path]:
-    out = Path(config.ablation.out)
+    out = Path(config.section("ablation").out)
     return {"out": out, "runs": out / "runs", "eval": out / "eval", "timings": out / "timings",
-            "toybase": Path(config.ablation.toybase)}
+            "toybase": Path(config.section("ablation").toybase)}
 
 
 def run_name(arm: str, seed: int) -> str:
@@ -114,7 +114,7 @@ def run_arm(params: str | Path, arm: str, seed: int, overrides: list[str] | tupl
     started = time.perf_counter()
     out = paths(config)["runs"] / run_name(arm, seed)
     shutil.rmtree(out, ignore_errors=True)
-    result = train(config, manifest=Path(config.ablation.train_manifest), out=out)
+    result = train(config, manifest=Path(config.section("ablation").train_manifest), out=out)
     _timed(config, f"arm-{run_name(arm, seed)}", started)
     return result.summary
 
@@ -124,8 +124,8 @@ def eval_models(config: Config) -> dict[str, Path | None]:
     from umo.models.lora import LORA_FILE
 
     models: dict[str, Path | None] = {BASE: None}
-    for arm in config.ablation.arms:
-        for seed in config.ablation.seeds:
+    for arm in config.section("ablation").arms:
+        for seed in config.section("ablation").seeds:
             models[run_name(arm, seed)] = paths(config)["runs"] / run_name(arm, seed) / "lora" / LORA_FILE
     missing = [str(p) for p in models.values() if p is not None and not p.is_file()]
     if missing:
@@ -278,7 +278,7 @@ def reward_gain(history: list[dict[str, Any]], key: str = "reward", share: float
 def summarize(config: Config, scores: dict[str, list], histories: dict[str, list[dict]] | None = None) -> dict:
     """The table (per arm: mean ± 95% t over seeds of each judge metric, and the per-seed values), the
     pre-registered hypotheses, and the secondary measures. scores: per model its ItemScores (same item order)."""
-    ab = config.ablation
+    ab = config.section("ablation")
     histories = histories or {}
 
     def pooled(model: str, key: str) -> float | None:
@@ -345,8 +345,8 @@ START, END = "<!-- umo ablation report: start -->", "<!-- umo ablation report: e
 
 def _histories(config: Config) -> dict[str, list[dict]]:
     out = {}
-    for arm in config.ablation.arms:
-        for seed in config.ablation.seeds:
+    for arm in config.section("ablation").arms:
+        for seed in config.section("ablation").seeds:
             path = paths(config)["runs"] / run_name(arm, seed) / "history.json"
             if path.is_file():
                 out[run_name(arm, seed)] = json.loads(path.read_text())
@@ -365,8 +365,8 @@ def _curves(config: Config, histories: dict[str, list[dict]], figure: Path) -> N
             ("reward_unmatched", "unmatched part"), ("diff_loss", "L_diff"), ("faces_per_sample", "faces per sample")]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
     window = max(1, config.train.max_steps // 20)
-    for arm in config.ablation.arms:
-        runs = [histories[run_name(arm, s)] for s in config.ablation.seeds if run_name(arm, s) in histories]
+    for arm in config.section("ablation").arms:
+        runs = [histories[run_name(arm, s)] for s in config.section("ablation").seeds if run_name(arm, s) in histories]
         if not runs:
             continue
         n = min(len(r) for r in runs)
@@ -422,7 +422,7 @@ def _sample_grid(config: Config, eval_dir: Path, figure: Path, n_items: int = 6)
 
     items = sorted(load_heldout(config.eval.path), key=lambda i: i.id)[:n_items]
     h, w = config.generator.resolution
-    models = [BASE] + [run_name(arm, config.ablation.seeds[0]) for arm in config.ablation.arms]
+    models = [BASE] + [run_name(arm, config.section("ablation").seeds[0]) for arm in config.section("ablation").arms]
     ref = h
     width = 2 * ref + len(models) * w
     sheet = Image.new("RGB", (width, 16 + len(items) * h), "white")
@@ -485,7 +485,7 @@ def _fmt(mean: float | None, half: float | None = None) -> str:
 def _markdown(config: Config, metrics: dict[str, Any], summary: dict[str, Any], gate: dict[str, Any],
               timings: dict[str, float], figures: str) -> str:
     """The generated block of the page; an existing page keeps everything outside the START/END markers."""
-    ab, tc = config.ablation, config.train
+    ab, tc = config.section("ablation"), config.train
     g = gate["measured"]
     m0 = metrics["models"][BASE]
     lines = [START, "",

@@ -9,7 +9,7 @@ Layout (what data prep sees):
 A group stands for one video, album or event: its own cast of 2..6 identities (an identity occasionally
 recurs in another group, like an actor in two videos), 6..20 images each showing 1..4 of the cast.
 
-With a `cast` (the embedded default's: the toy base generator's cast, `umo.toycast`), a group is a photo
+With a `cast` (the embedded default's: the toy base generator's cast, `umo.toy.cast`), a group is a photo
 SESSION instead: 2..3 people of that cast, every image a studio photo of two of them side by side (left-right
 order random), cut to the strip of rows around their heads (image_size [height, width]: a width-square render
 cut to height rows). These are the photos the toy base draws, so the chain's fine-tuning has something to move.
@@ -38,18 +38,18 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from umo.toyworld.background import SCENE_SETTINGS
-from umo.toyworld.identity import MAX_IDENTITIES, make_identity
-from umo.io import atomic_write_bytes
-from umo.toyworld.render import MAX_FACES, Scene, head_strip, render_group, render_scene
+from umo.toy.world.background import SCENE_SETTINGS
+from umo.toy.world.identity import MAX_IDENTITIES, make_identity
+from umo.io import TOY_WORLD_FILE, atomic_write_bytes
+from umo.toy.world.render import MAX_FACES, Scene, head_strip, render_group, render_scene
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-METADATA_FILE = "toyworld.json"
+METADATA_FILE = TOY_WORLD_FILE
 CAPTIONS_FILE = "captions.jsonl"
 NOTE = (
-    "Synthetic toy-world data rendered by umo.toyworld: cartoon identities, not real people. "
+    "Synthetic toy-world data rendered by umo.toy.world: cartoon identities, not real people. "
     "Ground truth lives outside this folder."
 )
 GROUP_KINDS = ("video", "album", "event")

@@ -1,6 +1,6 @@
 """Contact sheets of toy-world images, for looking at what the renderer makes.
 
-    python -m umo.toyworld.preview /tmp/toyworld_sheet.png [--seed 0] [--boxes]
+    python -m umo.toy.world.preview /tmp/toyworld_sheet.png [--seed 0] [--boxes]
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from umo.toyworld.identity import make_identity
-from umo.toyworld.render import Scene, render_portrait, render_scene
+from umo.toy.world.identity import make_identity
+from umo.toy.world.render import Scene, render_portrait, render_scene
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from umo.toyworld.identity import person_name
+from umo.toy.world.identity import person_name
 
 NAME_PATTERN = re.compile(r"toy person (\d{4})", re.IGNORECASE)
 _OPENINGS = ("", "A photo of ", "A picture of ", "A snapshot of ")

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from umo.toyworld.draw import RGB, Point, ellipse, fill, shade, stroke
-from umo.toyworld.identity import HAIR_COLOURS, SKIN_TONES
+from umo.toy.world.draw import RGB, Point, ellipse, fill, shade, stroke
+from umo.toy.world.identity import HAIR_COLOURS, SKIN_TONES
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """Render toy-world images: single faces, multi-person scenes and reference portraits.
 
 Scene recipe: a setting's background (clutter + non-face distractors) -> one body (neck, shoulders) per
-person -> the face patches (`umo.toyworld.face`), placed so that no face box is covered by another person's
+person -> the face patches (`umo.toy.world.face`), placed so that no face box is covered by another person's
 head or hair and people are separated left to right -> a global tone change, slight blur and pixel noise.
-Ground truth (boxes per the box rule in `umo.toyworld.face`, 5 landmarks, identity ids) is carried through
+Ground truth (boxes per the box rule in `umo.toy.world.face`, 5 landmarks, identity ids) is carried through
 exactly: patches are pasted at integer offsets, so scene landmarks are patch landmarks plus the offset.
 
 Everything is drawn from the caller's `np.random.Generator`, in a fixed order: the same generator state
@@ -19,11 +19,11 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 
-from umo.toyworld.background import SCENE_SETTINGS, SETTINGS, render_background, vertical_gradient
-from umo.toyworld.caption import make_caption
-from umo.toyworld.draw import RGB, composite, fill, shade
-from umo.toyworld.face import UNIT_FRACTION, FacePatch, FaceVariation, draw_face, sample_variation
-from umo.toyworld.identity import Identity, person_name
+from umo.toy.world.background import SCENE_SETTINGS, SETTINGS, render_background, vertical_gradient
+from umo.toy.world.caption import make_caption
+from umo.toy.world.draw import RGB, composite, fill, shade
+from umo.toy.world.face import UNIT_FRACTION, FacePatch, FaceVariation, draw_face, sample_variation
+from umo.toy.world.identity import Identity, person_name
 
 # Target face-box widths in px on a 256 px canvas (scaled with the canvas), by number of people: crowds
 # are smaller so that they fit without covering each other.
@@ -43,7 +43,7 @@ class Scene:
     """One rendered image and its ground truth, faces ordered LEFT TO RIGHT (by box centre x).
 
     image:        (H, W, 3) uint8 RGB.
-    boxes:        (K, 4) float32 x1, y1, x2, y2 pixels (box rule: `umo.toyworld.face`).
+    boxes:        (K, 4) float32 x1, y1, x2, y2 pixels (box rule: `umo.toy.world.face`).
     landmarks:    (K, 5, 2) float32 pixels, insightface order (left eye, right eye, nose, mouth L, mouth R).
     identity_ids: (K,) int64.
     caption:      names the K people left to right, plus the setting.
@@ -285,8 +285,8 @@ def render_group(
 ) -> Scene:
     """A group photo: 1..4 `identities` side by side in a row, heads at about the same height, on a plain
     studio backdrop (no clutter), left-to-right order random (shuffle=False: in the given order, person k in
-    slot k). repeats=True lets one person stand in two places (the confused photos of `umo.toycast`). The generator ablation's targets
-    (`umo.toybase`): the same people and faces as `render_scene`, in a layout a tiny generator can
+    slot k). repeats=True lets one person stand in two places (the confused photos of `umo.toy.cast`). The generator ablation's targets
+    (`umo.toy.base`): the same people and faces as `render_scene`, in a layout a tiny generator can
     learn on a CPU in minutes, so that what it gets wrong is WHO stands where, not where anyone stands.
 
     size: the square canvas side, >= 128 px. Face boxes are 36% of the side for 1-2 people, 27% for 3 and 20%

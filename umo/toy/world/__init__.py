@@ -7,9 +7,9 @@ user's data, ground truth kept apart), `preview` (contact sheets). `draw` holds 
 anti-aliased drawing primitives they share.
 """
 
-from umo.toyworld.collection import write_raw_collection
-from umo.toyworld.identity import Identity, make_identity
-from umo.toyworld.render import Scene, render_face, render_portrait, render_scene
+from umo.toy.world.collection import write_raw_collection
+from umo.toy.world.identity import Identity, make_identity
+from umo.toy.world.render import Scene, render_face, render_portrait, render_scene
 
 __all__ = [
     "Identity",

@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from umo.config import ToyEmbedderConfig
+from umo.toy.config import ToyEmbedderConfig
 from umo.faces.align import similarity_transforms
 from umo.faces.embed import IResNet, iresnet
-from umo.faces.export import export_recognizer_onnx
+from umo.toy.onnx_export import export_recognizer_onnx
 from umo.io import save_safetensors
-from umo.toyworld.identity import make_identity
-from umo.toyworld.render import render_scene
+from umo.toy.world.identity import make_identity
+from umo.toy.world.render import render_scene
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from umo.models.flux2 import TINY_MARKER
+
 TINY_TEXT_LAYERS = (1, 2, 3)  # hidden-state indices stacked as the prompt embedding (real klein: 9, 18, 27)
-TINY_MARKER = "umo_tiny.json"  # written beside model_index.json so nobody mistakes it for real weights
 
 # Qwen3's chat template reduced to what the klein pipeline uses: one user turn, the generation prompt and
 # an empty thinking block when enable_thinking is false.

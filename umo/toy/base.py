@@ -1,6 +1,6 @@
 """How the toy BASE generator is trained: a small FLUX.2 [klein] from scratch, on a CPU, in minutes.
 
-`umo.toycast` builds the base (photos, then these steps, then its gate); this module holds the training:
+`umo.toy.cast` builds the base (photos, then these steps, then its gate); this module holds the training:
 
 1. `train_vae`: the klein VAE (`AutoencoderKLFlux2`, 2^(len(channels) - 1) x, `latent_channels`) trained as
    an autoencoder on random crops of the train targets and references (L1 + MSE + a tiny KL); its batch-norm
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from umo.config import ToyTransformerConfig, ToyVaeConfig
+from umo.toy.config import ToyTransformerConfig, ToyVaeConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,11 @@ def _reference_crop(image: np.ndarray, box: np.ndarray, scale: float, size: int)
 
 
 def new_components(vae: ToyVaeConfig, base: ToyTransformerConfig) -> dict:
-    """Untrained base components: `umo.models.tiny`'s text encoder and tokenizer; its scheduler, or one with
+    """Untrained base components: `umo.toy.tiny.flux2`'s text encoder and tokenizer; its scheduler, or one with
     the base's static shift; a VAE and a transformer of the configured sizes (seeded)."""
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
-    from umo.models.tiny import TINY_TEXT_LAYERS, TinyFlux2Config, tiny_components
+    from umo.toy.tiny.flux2 import TINY_TEXT_LAYERS, TinyFlux2Config, tiny_components
 
     tiny = TinyFlux2Config(latent_channels=vae.latent_channels, seed=base.seed)
     parts = tiny_components(tiny)
@@ -250,13 +250,13 @@ def train_base(gen, manifest_path: str | Path, cfg: ToyTransformerConfig, *, res
 def save_base(gen, out: str | Path, info: dict[str, Any]) -> Path:
     """The trained pipeline as a Flux2KleinKVPipeline folder (safetensors), with its marker; atomic."""
     from umo.io import atomic_dir
-    from umo.models.tiny import TINY_MARKER, TINY_TEXT_LAYERS
+    from umo.toy.tiny.flux2 import TINY_MARKER, TINY_TEXT_LAYERS
 
     out = Path(out)
     with atomic_dir(out) as tmp:
         gen.pipe.save_pretrained(tmp, safe_serialization=True)
         marker = {"text_layers_used": list(TINY_TEXT_LAYERS),
-                  "note": "the toy world's base generator (umo.toybase); not a real model"}
+                  "note": "the toy world's base generator (umo.toy.base); not a real model"}
         (tmp / TINY_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
         (tmp / BASE_MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return out

@@ -2,7 +2,7 @@
 
 `draw_face` returns a transparent RGBA patch with the 5 landmarks exactly where they were drawn, the face
 box, and what a scene needs to attach a body. All geometry is built in canonical face units (see
-`umo.toyworld.identity`), projected by a `Pose` and filled anti-aliased with sub-pixel vertices.
+`umo.toy.world.identity`), projected by a `Pose` and filled anti-aliased with sub-pixel vertices.
 
 Landmarks (insightface order, image-left first): the two pupil centres (the iris and the pupil are
 circles centred on them), the centre of the nose-tip ball, and the two mouth corners (where the lip
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from umo.toyworld.draw import RGB, Layer, Point, Pose, arc, chaikin, ellipse, fill, shade, stroke
-from umo.toyworld.identity import Identity
+from umo.toy.world.draw import RGB, Layer, Point, Pose, arc, chaikin, ellipse, fill, shade, stroke
+from umo.toy.world.identity import Identity
 
 # Pixels per canonical unit = UNIT_FRACTION * patch size * variation.scale: leaves room for an afro or
 # long hair under any roll (the farthest hair point lies ~2.3 units from the origin).

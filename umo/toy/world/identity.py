@@ -2,7 +2,7 @@
 
 An identity is everything that stays the same across the images of one toy person: head shape, colours,
 hair style, eyes, brows, nose, mouth and an optional mark (mole, glasses, beard, ...). Per-image changes
-(pose, lighting, expression) live in `umo.toyworld.face.FaceVariation`.
+(pose, lighting, expression) live in `umo.toy.world.face.FaceVariation`.
 
 Why two identities never look alike (for ids below `MAX_IDENTITIES`):
 - The four categorical traits (hair style 8 x mark 6 x hair colour family 7 x skin tone family 6 = 2016

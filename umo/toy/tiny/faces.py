@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from umo.faces.align import ARCFACE_TEMPLATE
-from umo.faces.export import SCRFD_INPUT_MEAN, SCRFD_INPUT_STD
+from umo.toy.onnx_export import SCRFD_INPUT_MEAN, SCRFD_INPUT_STD
 from umo.faces.types import Detections
 
 NOSE = 2  # index of the nose tip in ARCFACE_TEMPLATE
