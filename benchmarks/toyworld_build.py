@@ -2,7 +2,7 @@
 
 The cold build goes to a fresh temporary folder (nothing reused); the second call on the same folder must
 reuse every part. Prints a table (per part, total, cached) plus the held-out quality, and writes JSON
-(benchmarks/results/toyworld_build.json). Target (issue 3): the cold build <= 10 minutes on 2 cores.
+(benchmarks/results/toyworld_build.json). Target: the cold build <= 10 minutes on 2 cores.
 Run: `.venv/bin/python benchmarks/toyworld_build.py [--params params.yaml] [--workers 2]`.
 """
 

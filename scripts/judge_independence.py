@@ -1,6 +1,6 @@
 """How independent are the toy world's judge and reward embedder? Trains both (params.yaml's toyworld settings)
 with the identity ranges given here, in a temporary folder, and prints their held-out verification numbers and
-score correlations (all pairs, and impostor pairs only). Issue 19 compares the old setting (both learn ids
+score correlations (all pairs, and impostor pairs only). The measurement compares the old setting (both learn ids
 0-399) with the default (reward 0-199, judge 200-399):
 
     .venv/bin/python scripts/judge_independence.py --reward 0 400 --judge 0 400 --per-id 8   # before

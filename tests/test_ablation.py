@@ -1,4 +1,4 @@
-"""The toy-world ablation (issues 9 and 19): the arms, the paired statistics worked out by hand, the base gate that
+"""The toy-world ablation: the arms, the paired statistics worked out by hand, the base gate that
 comes before any arm, and the results page. The real experiment is `make ablation` (docs/ablation.md); here every
 stage runs for real at toy sizes on the tests' small toy world and a tiny toy base."""
 

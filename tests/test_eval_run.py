@@ -16,7 +16,8 @@ from PIL import Image
 from evalkit import EVAL, eval_config, fixed_judge, random_lora
 from servers import free_port
 from trainkit import make_manifest
-from umo.eval.run import evaluate, from_grid
+from umo.eval.run import evaluate
+from umo.images import from_grid
 from umo.eval.sets import file_stem
 from umo.eval.score import score_item
 
@@ -86,7 +87,7 @@ def test_the_scores_are_those_of_the_saved_images(report, setup):
     stored = read_scores(report.out)["candidate"]["s1"]
     grid = np.asarray(Image.open(report.out / "images" / "candidate" / "s1.png").convert("RGB"))
     assert grid.shape == (64, 128, 3)  # 2 images of 64 x 64: one row of two
-    from umo.data.ingest import decode_rgb
+    from umo.images import decode_rgb
     from umo.eval.sets import load_heldout
 
     item = next(i for i in load_heldout(setup["manifest"]) if i.id == "s1")
@@ -174,7 +175,7 @@ def test_an_xverse_set_is_generated_in_grids_of_four_and_faceless_people_are_cou
     result = evaluate(config, lora=setup["candidate"], judge=fixed_judge(config), out=setup["root"] / "xverse")
     m = result.metrics
     assert (m["base"]["items"], m["base"]["unscored"], m["base"]["scale"]) == (1, 1, 100)
-    # item 2 has no person: left out, and the report says so (issue 20: 160 of 300 were dropped silently)
+    # item 2 has no person: left out, and the report says so (160 of 300 were once dropped silently)
     assert m["items_left_out"] == {"no_human_reference": 1}
     assert "Not evaluated: 1 items of the benchmark (1 no human reference)." in (result.out / "report.md").read_text()
     grid = Image.open(result.out / "images" / "candidate" / "0.png")

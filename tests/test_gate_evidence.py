@@ -1,4 +1,4 @@
-"""The approval gate refuses empty evidence (issue 19): no faces scored, too few scored references, a metric not
+"""The approval gate refuses empty evidence: no faces scored, too few scored references, a metric not
 measured. Each refusal names what is missing; a sound report still passes.
 
 Versions are registered with the real `register` on the session's `mlflow server` (conftest `mlflow_server`), each

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from umo.data.ingest import decode_rgb, scan_collection
+from umo.data.ingest import scan_collection
+from umo.images import decode_rgb
 
 from badfiles import rgb, write_bad_corpus
 
@@ -54,7 +55,7 @@ def test_configuration_mistakes_are_errors(tmp_path):
 
 
 def test_captions_are_decoded_never_garbled_and_bounded(tmp_path):
-    """Issue 20: a UTF-16 sidecar became a prompt full of NULs, Latin-1 became U+FFFD, and a 100 MB caption went
+    """A UTF-16 sidecar became a prompt full of NULs, Latin-1 became U+FFFD, and a 100 MB caption went
     whole into train.json and through the tokenizer. Each is now read right, or dropped, or cut, and counted."""
     import json
 
@@ -80,7 +81,7 @@ def test_captions_are_decoded_never_garbled_and_bounded(tmp_path):
 
 
 def test_unreadable_files_and_symlink_loops_are_skipped_and_counted_not_a_crash(tmp_path, monkeypatch):
-    """Issue 20: a symlink loop in place of an image, or a file the process may not read, ended prepare with a
+    """A symlink loop in place of an image, or a file the process may not read, ended prepare with a
     traceback (hashing ran outside the skip logic); a group-level loop was not counted at all."""
     import os
 
@@ -110,7 +111,7 @@ def test_unreadable_files_and_symlink_loops_are_skipped_and_counted_not_a_crash(
 
 
 def test_unsupported_files_animations_and_no_op_orientations_are_counted_right(tmp_path):
-    """Issue 20: .gif and .avif files were not counted at all, animated images were used silently at their first
+    """Once, .gif and .avif files were not counted at all, animated images were used silently at their first
     frame, and exif_rotated was counted for orientation values (0, 9, 65535) where nothing is rotated."""
     from PIL import Image
 

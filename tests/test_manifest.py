@@ -72,7 +72,7 @@ def test_missing_files_and_bad_embeddings(tmp_path):
 
 
 def test_a_symlink_that_leads_out_of_the_folder_is_refused_not_followed(tmp_path):
-    """Issue 20: paths are checked after resolving symlinks, not by their text alone."""
+    """Paths are checked after resolving symlinks, not by their text alone."""
     folder = tmp_path / "samples"
     folder.mkdir()
     manifest, emb = make(folder)

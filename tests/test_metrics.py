@@ -1,4 +1,4 @@
-"""ID-Sim, ID-Conf and ID-Match on hand-worked matrices (PAPER.md definitions, unscaled)."""
+"""ID-Sim, ID-Conf and ID-Match on hand-worked matrices (docs/method.md's definitions, unscaled)."""
 
 import numpy as np
 import pytest

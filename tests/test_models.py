@@ -138,7 +138,7 @@ def test_lora_starts_at_the_base_model_and_diffusers_reads_our_file(tiny_generat
         assert json.loads(f.metadata()["lora_adapter_metadata"])["transformer.r"] == 4
 
     # the same weights give the same bytes (registration keys on the sha256): diffusers' two metadata entries come
-    # out in a per-call random order unless the header is rewritten canonically (issue 20)
+    # out in a per-call random order unless the header is rewritten canonically
     again = {save_lora(gen.transformer, tmp_path / f"again-{k}").read_bytes() for k in range(6)}
     assert again == {path.read_bytes()}
 

@@ -95,7 +95,7 @@ def test_bad_files_are_skipped_and_counted_never_fatal(prepared):
                                          "outside_root": 1, "duplicate": 1, "too_small": 1, "bad_caption_path": 2,
                                          "bad_caption_line": 1, "caption_for_missing_image": 1}
     assert stats["converted"] == {"alpha": 1, "cmyk": 1, "exif_rotated": 1, "grayscale": 2, "high_bit_depth": 1}
-    # every skipped file is findable by name, not only with -v (issue 20)
+    # every skipped file is findable by name, not only with -v
     listed = [json.loads(line) for line in (tmp / "prepared" / "skipped_files.jsonl").read_text().splitlines()]
     assert len(listed) == sum(stats["rejects"]["files"].values()) == 11
     assert {d["reason"] for d in listed} == set(stats["rejects"]["files"])
@@ -199,7 +199,7 @@ def test_generated_images_are_kept_only_when_every_reference_is_matched(toy_worl
 
 @pytest.mark.slow
 def test_full_toy_world_cluster_quality(full_toy_world, tmp_path):
-    """Issue 5's bar on THE toy world (params.yaml's): purity and completeness >= 0.95."""
+    """The clustering bar on THE toy world (params.yaml's): purity and completeness >= 0.95."""
     (tmp_path / "data").symlink_to(full_toy_world.raw)
     run_prepare(full_toy_world, tmp_path, "prepare.synthetic.count=0", "prepare.contact_sheet=0")
     quality = json.loads((tmp_path / "prepared" / "stats.json").read_text())["identities"]["quality"]
@@ -207,7 +207,7 @@ def test_full_toy_world_cluster_quality(full_toy_world, tmp_path):
 
 
 def test_sample_ids_are_unique_and_safe_by_construction():
-    """Issue 20: ids were `<group>-<stem>`, so x.png and x.jpg of one group, or group a's b-c.png and group a-b's
+    """Ids were once `<group>-<stem>`, so x.png and x.jpg of one group, or group a's b-c.png and group a-b's
     c.png, collided and aborted prep with an error naming a temporary manifest; names with newlines reached ids."""
     import re
 

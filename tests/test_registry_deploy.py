@@ -216,7 +216,7 @@ def test_an_interrupted_multipart_upload_leaves_the_pointer_and_a_rerun_complete
     with pytest.raises(Exception, match="cut after part 1"):
         publish(store, "m", "2", [weights, card], {}, first.pointer)
     assert hook.seen == 2 and store.read(f"m/{POINTER}") == before  # cut in the middle; readers still see 1
-    # the cut upload's parts are aborted, not left to cost storage (issue 20)
+    # the cut upload's parts are aborted, not left to cost storage
     assert client.list_multipart_uploads(Bucket="models", Prefix="faults/").get("Uploads", []) == []
     client.meta.events.unregister("provide-client-params.s3.UploadPart", hook)
     done = publish(store, "m", "2", [weights, card], {}, json.loads(store.read(f"m/{POINTER}")))
@@ -327,7 +327,7 @@ def test_the_cli_commands_exit_with_what_happened(world, tmp_path, capsys, caplo
 
 
 def test_paths_from_a_pointer_are_confined_after_resolving(tmp_path):
-    """Issue 20: a history entry edited to `../../evil` in current.json made rollback point outside the
+    """A history entry edited to `../../evil` in current.json made rollback point outside the
     deployment root (a valid-looking version was waiting there), and --verify passed."""
     import hashlib
 
@@ -358,7 +358,7 @@ def test_paths_from_a_pointer_are_confined_after_resolving(tmp_path):
 
 
 def test_s3_faults_are_one_clear_line_and_stale_uploads_can_be_cleaned(s3, tmp_path, capsys):
-    """Issue 20: a missing bucket or an unreachable endpoint printed a botocore traceback, and a deploy killed
+    """A missing bucket or an unreachable endpoint printed a botocore traceback, and a deploy killed
     mid-upload left its multipart parts in the bucket forever."""
     from botocore.config import Config as BotoConfig
 
@@ -397,7 +397,7 @@ def test_s3_faults_are_one_clear_line_and_stale_uploads_can_be_cleaned(s3, tmp_p
 
 
 def test_wrong_credentials_are_one_clear_line(tmp_path):
-    """Issue 20: wrong credentials printed a full botocore traceback. A moto server that checks credentials
+    """Wrong credentials printed a full botocore traceback. A moto server that checks credentials
     refuses an unknown key as AWS does."""
     server = MotoServer(tmp_path / "moto").start(check_credentials=True)
     try:

@@ -13,6 +13,8 @@ import yaml
 
 from umo import __version__
 from umo.config import ConfigError, extensions, load_config, to_dict
+import tempfile
+from umo.io import atomic_write_json
 
 log = logging.getLogger("umo")
 
@@ -34,6 +36,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_faces_detect(args: argparse.Namespace) -> int:
     """Detect faces in image files with the configured model pack; print one JSON line per image."""
+    # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
     import cv2
 
     from umo.faces.detect import FaceDetector
@@ -59,6 +62,7 @@ def cmd_faces_detect(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Data prep: raw collection -> face index -> identities -> samples -> manifests, stats.json, contact sheet."""
+    # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
     from umo.data.prepare import prepare
 
     result = prepare(load_config(args.params, args.overrides), device=args.device)
@@ -71,6 +75,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """ReReFL training of the LoRA (run it under `accelerate launch` or `torchrun` for several processes)."""
+    # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
     import torch.distributed as dist
 
     from umo.train.loop import NonFiniteLossError, train
@@ -93,6 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Base vs candidate LoRA (vs champion) on eval.benchmark, scored by the judge; writes the report folder."""
+    # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
     import torch.distributed as dist
 
     from umo.eval.run import evaluate
@@ -100,8 +106,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     config = load_config(args.params, args.overrides)
     lora, champion = args.lora, args.champion
     if "registry" in (str(lora), str(champion)):  # the registry's current champion, if any
-        import tempfile
-
+        # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
         from umo.registry import champion_lora
 
         registered = champion_lora(config, tempfile.mkdtemp(prefix="umo-champion-"))
@@ -128,8 +133,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _record(args: argparse.Namespace, result: dict) -> None:
     """Print a stage's result as JSON; with --record also write it there (atomically: a DVC output)."""
-    from umo.io import atomic_write_json
-
     print(json.dumps(result, indent=2))
     if getattr(args, "record", None):
         args.record.parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +141,7 @@ def _record(args: argparse.Namespace, result: dict) -> None:
 
 def cmd_register(args: argparse.Namespace) -> int:
     """A training run + its evaluation report -> an MLflow model version (alias challenger)."""
+    # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
     from umo.registry import register
 
     # A RegistryError is a ValueError: main() reports it in one line and exits 2.
@@ -149,6 +153,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def cmd_gate(args: argparse.Namespace) -> int:
     """The approval gate on a version (default: the challenger); exit 1 when it fails."""
+    # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
     from umo.registry import gate
 
     decision = gate(load_config(args.params, args.overrides), version=args.version)  # RegistryError: exit 2
@@ -160,6 +165,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Deploy the approved champion (or roll back, or verify what is deployed)."""
+    # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
     from umo.deploy import DeployError, clean_incomplete, deploy, rollback, verify_current
     from umo.registry import champion_version
 

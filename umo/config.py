@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -89,7 +90,7 @@ class FacesConfig:
 
 @dataclass
 class RewardConfig:
-    """The identity reward of ReReFL (PAPER.md, 'The rewards')."""
+    """The identity reward of ReReFL (docs/method.md, Rewards)."""
 
     kind: Literal["mimr", "sir"] = "mimr"
     """mimr: multi-identity matching reward; sir: per-identity best similarity (the ablation baseline)."""
@@ -158,7 +159,7 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    """ReReFL (PAPER.md, Algorithm 1). Defaults suit the embedded default's tiny generator; the paper's
+    """ReReFL (docs/method.md). Defaults suit the embedded default's tiny generator; the paper's
     values are in the comments of params.yaml."""
 
     sampler_steps: int = 8
@@ -247,7 +248,7 @@ class SyntheticConfig:
 
 @dataclass
 class PrepareConfig:
-    """Data prep (issue 5): raw collection -> face index -> identities -> samples -> manifests."""
+    """Data prep: raw collection -> face index -> identities -> samples -> manifests."""
 
     raw: str = "data"
     """The raw collection: one folder per group (video, album, event) of images, captions optional."""
@@ -314,7 +315,7 @@ class PrepareConfig:
 
 @dataclass
 class EvalConfig:
-    """Benchmark evaluation (issue 6): base and candidate generate under the same seeds; the judge scores both."""
+    """Benchmark evaluation: base and candidate generate under the same seeds; the judge scores both."""
 
     benchmark: Literal["heldout", "xverse", "omnicontext"] = "heldout"
     path: str = "artifacts/prepared/samples/test.json"
@@ -344,7 +345,7 @@ class EvalConfig:
 
 @dataclass
 class GateConfig:
-    """The approval policy (issue 7): every rule must hold for a version to become `champion`.
+    """The approval policy: every rule must hold for a version to become `champion`.
 
     Metrics are on the report's scale (x100 for the held-out set and XVerseBench). A rule whose metric the report
     lacks (not measured for the candidate, or for the model it is compared with) fails: no evidence, no pass."""
@@ -384,8 +385,6 @@ class RegistryConfig:
     gate: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self) -> None:
-        import re
-
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.model_name):
             raise ConfigError(f"model_name: letters, digits, '.', '_' and '-' only (at most 128), got "
                               f"{self.model_name!r}")

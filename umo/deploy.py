@@ -34,8 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import boto3
+from boto3.exceptions import S3UploadFailedError
+from boto3.s3.transfer import TransferConfig
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+from safetensors import safe_open
+
 from umo.config import Config
 from umo.io import atomic_write_bytes, sha256_file
+from umo.registry import CHAMPION, DECISION_TAG, RegistryError, approved_champion, client_for, version_files
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +155,6 @@ class S3Store:
     """A bucket prefix through boto3 (multipart from `threshold` bytes, parts of `chunk` bytes)."""
 
     def __init__(self, bucket: str, prefix: str, *, client=None, threshold: int, chunk: int) -> None:
-        import boto3
-        from boto3.s3.transfer import TransferConfig
-
         self.bucket, self.prefix = bucket, prefix
         self.client = client or boto3.client("s3")
         self.transfer = TransferConfig(multipart_threshold=threshold, multipart_chunksize=chunk, use_threads=False)
@@ -161,8 +165,6 @@ class S3Store:
 
     def _failed(self, what: str, key: str, err: Exception) -> DeployError:
         """A botocore error as ONE line: what failed, on which s3:// key, and what to check."""
-        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
-
         where = f"s3://{self.bucket}/{self._key(key)}"
         code = message = None
         if isinstance(err, ClientError):
@@ -184,9 +186,6 @@ class S3Store:
         return DeployError(f"S3 {what} {where} failed: {type(err).__name__}: {err}")
 
     def put_file(self, key: str, path: Path, sha256: str) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-        from boto3.exceptions import S3UploadFailedError
-
         try:
             self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer,
                                     ExtraArgs={"Metadata": {"sha256": sha256}})
@@ -198,8 +197,6 @@ class S3Store:
             raise
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
         except (BotoCoreError, ClientError) as err:
@@ -208,8 +205,6 @@ class S3Store:
     def abort_incomplete(self, key: str, *, quiet: bool = False) -> int:
         """Abort every unfinished multipart upload whose key starts with `key` (under the prefix). Returns how
         many were aborted. quiet: after a failure, best effort (the failure itself is what gets reported)."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
         aborted = 0
         try:
             pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
@@ -226,8 +221,6 @@ class S3Store:
         return aborted
 
     def _get(self, key: str):
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
         except ClientError as err:
@@ -257,8 +250,6 @@ class S3Store:
 
 def deploy(config: Config, *, version: str | None = None, target: str | None = None, s3_client=None) -> DeployResult:
     """Deploy `version` (default: the `champion`) of registry.model_name to `target` (default deploy.target)."""
-    from umo.registry import CHAMPION, DECISION_TAG, RegistryError, approved_champion, client_for, version_files
-
     name = config.registry.model_name
     client = client_for(config)
     try:
@@ -383,8 +374,6 @@ def verify_current(config: Config, *, target: str | None = None, s3_client=None)
 
 
 def _check_safetensors(path: Path) -> None:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             if not list(f.keys()):

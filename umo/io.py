@@ -33,7 +33,7 @@ def save_safetensors(tensors: Mapping[str, Any], path: str | Path, metadata: Map
     metadata in a hash map whose order changes from process to process, so several entries would make the
     bytes of identical files differ.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # lazy: umo.config imports umo.io, and settings need no torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ def canonical_safetensors(path: str | Path) -> Path:
 
 def read_safetensors_metadata(path: str | Path) -> dict[str, Any]:
     """The "umo" header entry written by `save_safetensors` ({} when there is none)."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # lazy: as above
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}

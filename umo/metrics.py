@@ -1,4 +1,4 @@
-"""Identity metrics of one generated image, exactly as PAPER.md defines them (unscaled; benchmarks apply
+"""Identity metrics of one generated image, exactly as docs/method.md defines them (unscaled; benchmarks apply
 x100 for XVerseBench and x10 for OmniContext when they report).
 
 sim is (M, N): M references x N faces detected in the output, cosine similarities from the JUDGE, a face

@@ -22,20 +22,37 @@ mlflow is imported here and in umo.tracking only. Credentials stay in the enviro
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import json
 import logging
 import os
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import pandas as pd
+import yaml
+from mlflow.entities import Metric, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+from PIL import Image
+
 from umo import __version__
-from umo.config import Config, to_dict
+from umo.config import Config, GeneratorConfig, to_dict
+from umo.images import load_image
 from umo.io import sha256_file
+from umo.models import generate_images, load_generator
+from umo.models.lora import LORA_FILE, attach_lora_file, lora_file
 from umo.tracking import flatten, redact_uri, tracking_uri
+from umo.typed import from_dict
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +92,6 @@ class GateDecision:
 
 
 def client_for(config: Config):
-    import mlflow
-
     uri = tracking_uri(config.tracking.tracking_uri)
     mlflow.set_tracking_uri(uri)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -98,8 +113,6 @@ def git_commit(root: Path = Path(".")) -> str:
 
 def dvc_hashes(root: Path = Path(".")) -> dict[str, str]:
     """The data's DVC hash (data.dvc's md5) and params.yaml's md5 (DVC's file hash)."""
-    import yaml
-
     out = {}
     data = root / "data.dvc"
     if data.is_file():
@@ -136,8 +149,6 @@ def _read_report(report: Path, lora_sha: str) -> dict:
 
 def register(config: Config, *, train_dir: str | Path, report: str | Path) -> Registered:
     """Register the LoRA of a training run folder (`umo train --out`) with its evaluation report folder."""
-    from umo.models.lora import lora_file
-
     train_dir, report = Path(train_dir), Path(report)
     lora = lora_file(train_dir / "lora")
     sha = sha256_file(lora)
@@ -174,7 +185,6 @@ def register(config: Config, *, train_dir: str | Path, report: str | Path) -> Re
         files = _model_files(Path(tmp), config, metrics, lineage, lora)
         model_uri = _log_pyfunc(run_id, files)
     _ensure_registered_model(client, name)
-    import mlflow
 
     version = mlflow.register_model(model_uri, name, tags=lineage | _metric_tags(metrics))
     client.update_model_version(name, version.version, description=_description(metrics, lineage, run_id))
@@ -185,8 +195,6 @@ def register(config: Config, *, train_dir: str | Path, report: str | Path) -> Re
 
 
 def _find_version(client, name: str, sha: str, run_id: str | None):
-    from mlflow.exceptions import MlflowException
-
     try:
         versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException:
@@ -198,8 +206,6 @@ def _find_version(client, name: str, sha: str, run_id: str | None):
 
 
 def _ensure_registered_model(client, name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -238,10 +244,6 @@ def _numeric(metrics: dict) -> dict[str, float]:
 
 
 def _log_evidence(client, run_id: str, metrics: dict, report: Path, lineage: dict[str, str]) -> None:
-    import time
-
-    from mlflow.entities import Metric, RunTag
-
     now = int(time.time() * 1000)
     items = [Metric(k, v, now, 0) for k, v in _numeric(metrics).items()]
     for i in range(0, len(items), 500):
@@ -264,10 +266,6 @@ def _model_files(tmp: Path, config: Config, metrics: dict, lineage: dict, lora: 
 
 
 def _log_pyfunc(run_id: str, files: dict[str, Path]) -> str:
-    import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "references"),
                        ColSpec("long", "seed", required=False)]),
@@ -280,8 +278,6 @@ def _log_pyfunc(run_id: str, files: dict[str, Path]) -> str:
 
 
 def _requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = []
     for pkg in ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "numpy", "pillow",
                 "mlflow"):
@@ -367,11 +363,6 @@ class UmoLoraModel(_PythonModel):
     `generator.path` recorded at registration; the LoRA from the version's artifacts."""
 
     def load_context(self, context) -> None:
-        from umo.config import GeneratorConfig
-        from umo.typed import from_dict
-        from umo.models import load_generator
-        from umo.models.lora import attach_lora_file
-
         settings = json.loads(Path(context.artifacts["config"]).read_text())
         gen = from_dict(GeneratorConfig, settings["generator"], source=context.artifacts["config"])
         if os.environ.get("UMO_GENERATOR_PATH"):
@@ -382,15 +373,6 @@ class UmoLoraModel(_PythonModel):
         self.model.transformer.set_adapter("umo")
 
     def predict(self, context, model_input, params=None):
-        import base64
-        import io
-
-        import pandas as pd
-        from PIL import Image
-
-        from umo.models import generate_images
-        from umo.train.data import load_image
-
         images = []
         height, width = self.config.resolution
         for k, row in enumerate(model_input.to_dict("records")):
@@ -551,8 +533,6 @@ def _interval_at_least(name: str, interval: dict | None, margin: float, bound: s
 
 def _logged_report(client, run_id: str) -> dict | None:
     """The evaluation metrics.json logged in a run (None when there is none)."""
-    from mlflow.exceptions import MlflowException
-
     with tempfile.TemporaryDirectory(prefix="umo-report-") as tmp:
         try:
             path = client.download_artifacts(run_id, "evaluation/metrics.json", tmp)
@@ -572,8 +552,6 @@ def _version_report(client, mv) -> dict:
 
 
 def _alias_version(client, name: str, alias: str):
-    from mlflow.exceptions import MlflowException
-
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:
@@ -622,12 +600,9 @@ def champion_lora(config: Config, out: str | Path) -> Path | None:
 
 def version_files(client, name: str, version: str, out: str | Path) -> dict[str, Path]:
     """A version's deployable files (LoRA, config, model card) downloaded into `out`."""
-    import mlflow
-
     mv = client.get_model_version(name, str(version))
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(out)))
     found = {p.name: p for p in local.rglob("*") if p.is_file()}
-    from umo.models.lora import LORA_FILE
 
     missing = [f for f in (LORA_FILE, CONFIG_FILE, CARD_FILE) if f not in found]
     if missing:

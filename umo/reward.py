@@ -3,7 +3,7 @@
 A similarity matrix `sim` is (M, N): M reference identities (rows) x N faces detected in one generated image
 (columns), cosine similarities of L2-normalized ArcFace embeddings, so values lie in [-1, 1].
 
-MIMR (multi-identity matching reward, PAPER.md) treats identity consistency as an assignment problem: the
+MIMR (multi-identity matching reward, docs/method.md) treats identity consistency as an assignment problem: the
 Hungarian assignment pairs min(M, N) references with faces so that the total similarity is largest; assigned
 pairs are weighted +1, every other pair -1, and the reward is the mean of the weighted matrix. A face that
 resembles two references is thus paid once and penalized once, which is what removes identity confusion.
@@ -29,6 +29,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from umo.faces.align import similarity_transforms, warp_faces
+from umo.faces.detect import FaceDetector
+from umo.faces.embed import load_arcface
 from umo.faces.types import Detections
 
 log = logging.getLogger(__name__)
@@ -183,7 +185,7 @@ class MatchingReward(nn.Module):
     differentiable warp of all faces, ONE embedder forward for all faces, then a Hungarian assignment per
     sample on its small (M_i, N_i) matrix. Reference embeddings are inputs, computed once at data prep (or
     once per sample with `embed_references`), never per call. Gradients flow to the images through the warp
-    and the embedder only; detection, landmarks and the assignment carry none (PAPER.md).
+    and the embedder only; detection, landmarks and the assignment carry none (docs/method.md).
     """
 
     def __init__(
@@ -211,9 +213,6 @@ class MatchingReward(nn.Module):
     @classmethod
     def from_config(cls, faces: Any, reward: Any) -> "MatchingReward":
         """Build from `FacesConfig` and `RewardConfig` (umo.config): loads the detector pack and embedder."""
-        from umo.faces.detect import FaceDetector
-        from umo.faces.embed import load_arcface
-
         detector = FaceDetector.from_config(faces.detector)
         embedder = load_arcface(faces.embedder.path, faces.embedder.arch)
         return cls(

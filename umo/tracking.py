@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import mlflow
 import numpy as np
+from mlflow.entities import Metric, Param
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +70,6 @@ class Tracker:
 
     def __init__(self, *, uri: str, experiment: str, run_name: str | None = None, run_id: str | None = None,
                  tags: Mapping[str, str] | None = None) -> None:
-        import mlflow
-
         self._mlflow = mlflow
         self.uri = uri
         self.client = mlflow.MlflowClient(tracking_uri=uri)
@@ -84,16 +84,12 @@ class Tracker:
         log.info("MLflow run %s at %s", run_id, redact_uri(uri))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
         existing = self.client.get_run(self.run_id).data.params
         new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
         for i in range(0, len(new), 100):  # the REST API takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=new[i:i + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 

@@ -1,1 +1,1 @@
-"""Data prep: the sample manifest schema (`manifest`); the face index, identities and samples (issue 5)."""
+"""Data prep: the sample manifest schema (`manifest`); the face index, identities and samples."""

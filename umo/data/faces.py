@@ -22,11 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
 
-from umo.data.ingest import DEFAULT_MAX_CAPTION_CHARS
+from umo.data.ingest import DEFAULT_MAX_CAPTION_CHARS, scan_collection
 from umo.faces.align import similarity_transforms
 from umo.faces.types import Detections
+from umo.images import to_signed
 from umo.io import sha256_file
+from umo.reward import MatchingReward
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +76,6 @@ class FaceCache:
         return self.root / sha[:2] / f"{sha}.safetensors"
 
     def get(self, sha: str) -> ImageFaces | None:
-        from safetensors import SafetensorError, safe_open
-
         path = self.path(sha)
         if not path.is_file():
             return None
@@ -86,8 +89,6 @@ class FaceCache:
             return None
 
     def put(self, faces: ImageFaces) -> None:
-        from safetensors.numpy import save_file
-
         path = self.path(faces.sha256)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -103,8 +104,6 @@ class FaceEmbedder:
     """Detect (numpy, batched by image size) and embed (aligned 112 crops, torch) without gradients."""
 
     def __init__(self, detector, embedder, *, batch: int = 16, device: str | torch.device = "cpu") -> None:
-        from umo.reward import MatchingReward
-
         self.detector = detector
         self.reward = MatchingReward(detector, embedder, max_faces=64).to(device).eval()
         self.batch = batch
@@ -125,7 +124,7 @@ class FaceEmbedder:
                 chunk = idx[k:k + self.batch]
                 dets = self.detector.detect([images[i] for i in chunk])
                 tensor = torch.from_numpy(np.stack([images[i] for i in chunk])).permute(0, 3, 1, 2)
-                tensor = tensor.to(self.device).float() / 127.5 - 1.0
+                tensor = to_signed(tensor.to(self.device))
                 kept = []
                 for det in dets:
                     _, valid = similarity_transforms(det.landmarks, image_hw=tuple(tensor.shape[2:]))
@@ -146,10 +145,6 @@ def index_collection(raw: str | Path, *, extensions: list[str], max_pixels: int,
     Each new image is decoded once (by the scan) and handed to the detector in batches; cached ones are neither
     decoded nor detected.
     """
-    from tqdm.auto import tqdm
-
-    from umo.data.ingest import scan_collection
-
     faces: dict[str, ImageFaces] = {}
     pending: list[tuple] = []
     counts = {"computed": 0, "cached": 0}

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import pdist, squareform
 
 CANNOT_LINK = 10.0  # distance given to two faces of one image: one person appears once per image
 
@@ -29,9 +30,6 @@ def cluster_faces(embeddings: np.ndarray, threshold: float, images: list | None 
     >>> cluster_faces(e / np.linalg.norm(e, axis=1, keepdims=True), 0.5, images=["a", "a", "b"]).tolist()
     [0, 1, 2]
     """
-    from scipy.cluster.hierarchy import fcluster, linkage
-    from scipy.spatial.distance import pdist, squareform
-
     n = len(embeddings)
     if n <= 1:
         return np.zeros(n, dtype=np.int64)

@@ -35,6 +35,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from umo.images import BadImage, decode_rgb
 from umo.io import sha256_file
 
 log = logging.getLogger(__name__)
@@ -68,79 +69,6 @@ class ScanResult:
         if len(self.skipped_files) < SKIP_LIST_LIMIT:
             self.skipped_files.append((reason, where))
         log.debug("skipped %s: %s", where, reason)
-
-
-class BadImage(Exception):
-    """An image that cannot be used; `reason` is a stats key."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-
-
-def decode_rgb(path: Path, *, max_pixels: int | None, min_side: int = 1) -> tuple[np.ndarray, list[str]]:
-    """Decode an image file fully to (H, W, 3) uint8 RGB, upright (EXIF applied).
-
-    max_pixels: None leaves only PIL's own decompression-bomb guard.
-
-    Returns the array and the conversions applied (cmyk, high_bit_depth, alpha, grayscale, palette,
-    exif_rotated). Raises BadImage with a stats reason otherwise.
-    """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if path.stat().st_size == 0:
-        raise BadImage("empty_file", str(path))
-    conversions: list[str] = []
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if max_pixels is not None and w * h > max_pixels:
-                raise BadImage("too_large", f"{path}: {w}x{h} pixels > {max_pixels}")
-            if min(w, h) < min_side:
-                raise BadImage("too_small", f"{path}: {w}x{h}")
-            if getattr(im, "is_animated", False):  # a GIF, APNG or animated WebP: its first frame, counted
-                conversions.append("animated_first_frame")
-                im.seek(0)
-            im.load()
-            if im.getexif().get(0x0112, 1) in range(2, 9):  # EXIF orientation 2-8 turns it; 0, 1, 9, 65535 do not
-                conversions.append("exif_rotated")
-                im = ImageOps.exif_transpose(im)
-            return _to_rgb(im, conversions), conversions
-    except BadImage:
-        raise
-    except Image.DecompressionBombError as err:
-        raise BadImage("too_large", f"{path}: {err}") from err
-    except UnidentifiedImageError as err:
-        raise BadImage("not_an_image", f"{path}: {err}") from err
-    except (OSError, SyntaxError, ValueError) as err:
-        reason = "truncated" if "truncated" in str(err).lower() else "unreadable"
-        raise BadImage(reason, f"{path}: {err}") from err
-
-
-def _to_rgb(im, conversions: list[str]) -> np.ndarray:
-    from PIL import Image
-
-    mode = im.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: keep the top 8 bits, not PIL's clipping
-        conversions += ["high_bit_depth", "grayscale"]
-        arr = np.asarray(im, dtype=np.uint32)
-        peak = 65535 if mode.startswith("I;16") or arr.max() > 255 else 255
-        grey = (arr.astype(np.float64) * 255.0 / peak).round().clip(0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
-    if mode == "CMYK":
-        conversions.append("cmyk")
-    elif mode in ("L", "1"):
-        conversions.append("grayscale")
-    elif mode == "P":
-        conversions.append("palette")
-        mode = "RGBA" if "transparency" in im.info else "RGB"
-        im = im.convert(mode)
-    if mode in ("RGBA", "LA", "PA"):
-        conversions.append("alpha")
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
-    return np.asarray(im.convert("RGB"))
 
 
 def _safe_name(name: str) -> bool:

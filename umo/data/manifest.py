@@ -19,11 +19,14 @@ One JSON file per split, beside the files it names:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from umo.io import atomic_write_json, save_safetensors
 
@@ -146,8 +149,6 @@ def parse_manifest(data: Any, *, root: Path, file: str = "<manifest>") -> Manife
 
 def read_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
     """Read and validate a manifest; with check_files, every file it names must exist."""
-    import json
-
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found (run `umo prepare`)")
@@ -202,9 +203,6 @@ def check_embeddings(manifest: Manifest, embeddings: dict[str, torch.Tensor], *,
 
 def load_embeddings(manifest: Manifest) -> dict[str, torch.Tensor]:
     """The manifest's reference embeddings {sample id: (M, D) float32}, validated."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     file = manifest.path(manifest.embeddings)
     try:
         embeddings = {k: v.float() for k, v in load_file(str(file)).items()}

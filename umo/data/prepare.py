@@ -27,6 +27,7 @@ passing validation.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import re
@@ -39,14 +40,29 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from umo.data.faces import FaceCache, FaceEmbedder, ImageFaces, face_sizes, index_collection, models_key
 from umo.data.identities import cluster_faces, match_truth, purity_completeness
-from umo.data.ingest import RawImage, decode_rgb
+from umo.data.ingest import RawImage
 from umo.data.manifest import Manifest, Reference, Sample, write_manifest
-from umo.data.samples import (Composed, FaceKey, compose_group, crop_box, linked_to, people_prompt, split_groups,
-                              usable)
+from umo.data.samples import (
+    Composed,
+    FaceKey,
+    compose_group,
+    crop_box,
+    linked_to,
+    people_prompt,
+    split_groups,
+    usable,
+)
+from umo.data.synthetic import generate, pick_identities, synthesize
+from umo.faces.detect import FaceDetector
+from umo.faces.embed import load_arcface
+from umo.images import decode_rgb, load_image
 from umo.io import atomic_dir, atomic_write_bytes, atomic_write_json, is_toy_world, sha256_file
+from umo.models import load_generator
+from umo.reward import CROP_FILL
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +101,6 @@ class PrepareResult:
 
 
 def _png(rgb: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
     return buf.getvalue()
@@ -231,18 +243,12 @@ class _Images:
 
 
 def _reference_crop(rgb: np.ndarray, box: np.ndarray, p) -> np.ndarray:
-    from PIL import Image
-
     x1, y1, x2, y2 = crop_box(box, rgb.shape[:2], policy=p.reference_crop, margin=p.crop_margin)
     crop = Image.fromarray(rgb[y1:y2, x1:x2])
     return np.asarray(crop.resize((p.reference_size, p.reference_size), Image.Resampling.BICUBIC))
 
 
 def _load_models(config, device: str):
-    from umo.faces.detect import FaceDetector
-    from umo.faces.embed import load_arcface
-    from umo.reward import CROP_FILL
-
     detector = FaceDetector.from_config(config.faces.detector)
     embedder = load_arcface(config.faces.embedder.path, config.faces.embedder.arch)
     face_embedder = FaceEmbedder(detector, embedder, batch=config.prepare.index_batch, device=device)
@@ -406,10 +412,6 @@ class _Writer:
 
     def synthetic(self, identities: list[Identity], by_name: dict[str, Group], stats: Counter):
         """Synthetic samples from train identities (see umo.data.synthetic)."""
-        from umo.data.synthetic import generate, pick_identities, synthesize
-        from umo.models import load_generator
-        from umo.train.data import load_image
-
         s = self.p.synthetic
         candidates = []  # (identity, its best reference face: the largest usable one)
         for ident in identities:
@@ -474,8 +476,6 @@ class _Writer:
 
 def contact_sheet(root: Path, manifests_data, n: int, *, seed: int, height: int = 128) -> np.ndarray:
     """n random samples (seeded), one row each: the references, a gap, then the target; all `height` px high."""
-    from PIL import Image
-
     samples = [s for split in ("train", "test") for s in manifests_data[split][0]]
     if not samples:
         return np.full((height, height, 3), 255, np.uint8)

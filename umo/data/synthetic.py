@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from umo.models import generate_images
 from umo.reward import hungarian
 
 
@@ -88,8 +90,6 @@ def pick_identities(means: np.ndarray, count: int, sizes: Sequence[int], *, link
 def generate(generator, prompt: str, references: Sequence[torch.Tensor], *, size: Sequence[int], steps: int,
              seed: int) -> np.ndarray:
     """One (H, W) = size image from the generator (plain Euler sampling): (H, W, 3) uint8 RGB."""
-    from umo.models import generate_images
-
     return generate_images(generator, prompt, references, seeds=[seed], steps=steps, height=int(size[0]),
                            width=int(size[1]))[0]
 
@@ -99,8 +99,6 @@ def synthesize(picks: Sequence[Pick], *, render: Callable[[Pick], np.ndarray],
                stats: Counter, progress: bool = True) -> list[tuple[Pick, np.ndarray, list[float]]]:
     """Render each pick, embed its faces, keep it per `check_generated`; returns (pick, image, assigned
     similarities) of the kept ones and counts `attempted`, `kept` and each rejection reason in `stats`."""
-    from tqdm.auto import tqdm
-
     kept = []
     for pick in tqdm(picks, desc="synthetic part", unit="img", disable=None if progress else True):
         image = render(pick)

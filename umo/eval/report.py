@@ -24,10 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from umo.config import Config
+from umo.data.manifest import read_manifest
 from umo.eval.score import PAIRED_KEYS, SCALES, ItemScore, aggregate, paired_interval
-from umo.eval.sets import EvalItem
+from umo.eval.sets import EvalItem, file_stem
+from umo.images import decode_rgb, from_grid
 from umo.io import atomic_dir, is_toy_world, sha256_file
 
 BASE, CANDIDATE, CHAMPION = "base", "candidate", "champion"
@@ -57,8 +60,6 @@ def delta(new: dict, old: dict) -> dict:
 def write_report(out: Path, config: Config, items: list[EvalItem], scores: dict[str, list[ItemScore]], *,
                  images: Path, models: dict[str, Path | None], left_out: dict[str, int] | None = None) -> dict[str, Any]:
     """Write the report folder (see the module docstring) and return metrics.json's content."""
-    from umo.eval.sets import file_stem
-
     cfg = config.eval
     scale = SCALES[cfg.benchmark]
     results = {name: aggregate(s, scale) for name, s in scores.items()}
@@ -109,8 +110,6 @@ def _toy_world(config: Config, items: list[EvalItem]) -> bool:
     if is_toy_world(Path(config.faces.judge.root) / config.faces.judge.pack):
         return True
     if config.eval.benchmark == "heldout":
-        from umo.data.manifest import read_manifest
-
         return bool(read_manifest(config.eval.path).toy_world)
     return False
 
@@ -188,12 +187,6 @@ def _markdown(metrics: dict, models: list[str], changes: list[tuple[str, float, 
 
 def _comparison(path: Path, item: EvalItem, models: list[str], images: Path, n: int) -> None:
     """One PNG: a row of the item's reference images, then one row of images per model, each labelled."""
-    from PIL import Image, ImageDraw
-
-    from umo.data.ingest import decode_rgb
-    from umo.eval.run import from_grid
-    from umo.eval.sets import file_stem
-
     rows = {name: from_grid(np.asarray(Image.open(images / name / f"{file_stem(item.id)}.png").convert("RGB")), n)
             for name in models}
     h, w = next(iter(rows.values()))[0].shape[:2]

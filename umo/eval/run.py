@@ -23,9 +23,9 @@ OmniContext, whose inputs may be non-human characters: there faceless inputs are
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import re
 import shutil
 import time
 from collections import Counter
@@ -35,11 +35,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from PIL import Image
 
 from umo.config import Config, to_dict
+from umo.eval.report import write_report
 from umo.eval.score import SCORING_VERSION, ItemScore, Judge, score_item
 from umo.eval.sets import EvalItem, file_stem, load_heldout, load_omnicontext, load_xverse
+from umo.images import decode_rgb, load_image, to_grid
 from umo.io import atomic_write_bytes, atomic_write_json, sha256_file
+from umo.models import generate_images, load_generator
+from umo.models.lora import attach_lora_file, lora_file
 
 log = logging.getLogger(__name__)
 
@@ -83,32 +89,6 @@ def image_seeds(seed: int, item_id: str, n: int) -> list[int]:
     return [int(np.random.SeedSequence([seed, key, k]).generate_state(1)[0]) for k in range(n)]
 
 
-def grid_shape(n: int) -> tuple[int, int]:
-    """(rows, cols) of the grid an item's n images are saved in: 4 -> 2x2 (XVerseBench).
-
-    >>> grid_shape(4), grid_shape(1), grid_shape(3)
-    ((2, 2), (1, 1), (2, 2))
-    """
-    cols = int(np.ceil(np.sqrt(n)))
-    return int(np.ceil(n / cols)), cols
-
-
-def to_grid(images: list[np.ndarray]) -> np.ndarray:
-    rows, cols = grid_shape(len(images))
-    h, w = images[0].shape[:2]
-    grid = np.zeros((rows * h, cols * w, 3), np.uint8)
-    for k, img in enumerate(images):
-        r, c = divmod(k, cols)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
-    return grid
-
-
-def from_grid(grid: np.ndarray, n: int) -> list[np.ndarray]:
-    rows, cols = grid_shape(n)
-    h, w = grid.shape[0] // rows, grid.shape[1] // cols
-    return [grid[(k // cols) * h:(k // cols + 1) * h, (k % cols) * w:(k % cols + 1) * w] for k in range(n)]
-
-
 def fingerprint(config: Config, items: list[EvalItem], models: dict[str, Path | None]) -> dict[str, Any]:
     """Everything a finished (model, item) result depends on; a work folder made under another is discarded."""
     cfg = to_dict(config)
@@ -124,11 +104,6 @@ def evaluate(config: Config, *, lora: str | Path, champion: str | Path | None = 
              out: str | Path | None = None) -> EvalResult:
     """Evaluate the base, the candidate LoRA (`lora`: a file or a folder holding one) and optionally the current
     champion's LoRA on config.eval's benchmark; returns the merged metrics (on every process)."""
-    from accelerate import PartialState
-
-    from umo.eval.report import write_report
-    from umo.models.lora import lora_file
-
     cfg = config.eval
     out = Path(out or cfg.out)
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo across CPU processes
@@ -155,8 +130,6 @@ def score_models(config: Config, items: list[EvalItem], models: dict[str, Path |
                  judge: Judge | None = None, state=None) -> None:
     """Generate and judge every (model, item) not yet in `work` (None = the base; else a LoRA file), this
     process's share of the items; returns after every process is done (see the module docstring)."""
-    from accelerate import PartialState
-
     state = state or PartialState(cpu=not torch.cuda.is_available())
     stamp = fingerprint(config, items, models)
     if state.is_main_process:
@@ -204,10 +177,6 @@ def _read_score(work: Path, model: str, item: EvalItem) -> ItemScore:
 
 def _run(config: Config, todo: list[tuple[EvalItem, list[str]]], models: dict[str, Path | None], work: Path,
          judge: Judge, device: torch.device) -> None:
-    from umo.models import generate_images, load_generator
-    from umo.models.lora import attach_lora_file
-    from umo.train.data import load_image
-
     cfg, gen = config.eval, config.generator
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.precision == "bf16" else torch.float32
     model = load_generator(gen, dtype=dtype, device=device)
@@ -253,8 +222,6 @@ def _use(transformer: torch.nn.Module, name: str) -> None:
 
 def _reference_faces(judge: Judge, item: EvalItem, *, drop_faceless: bool) -> tuple[np.ndarray, str | None]:
     """The identities' judge embeddings (M, D), and why the item cannot be scored (None when it can)."""
-    from umo.data.ingest import decode_rgb
-
     people = [decode_rgb(item.references[k], max_pixels=None)[0] for k in item.identities]
     emb, missing = judge.references(people)
     if missing and not drop_faceless:
@@ -267,10 +234,6 @@ def _reference_faces(judge: Judge, item: EvalItem, *, drop_faceless: bool) -> tu
 
 
 def _write_grid(path: Path, images: list[np.ndarray]) -> None:
-    import io
-
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(to_grid(images)).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())

@@ -1,7 +1,7 @@
 """Scoring generated images with the JUDGE (a face model independent of the reward), and aggregating.
 
 Per generated image, with M references and the N faces the judge detects and can align in it (umo.metrics,
-PAPER.md): ID-Sim per reference, ID-Conf per reference (only when N >= 2), ID-Match (mean Hungarian-assigned
+docs/method.md): ID-Sim per reference, ID-Conf per reference (only when N >= 2), ID-Match (mean Hungarian-assigned
 similarity) and whether N == M (face-count accuracy). A detected face whose landmarks are degenerate
 (`similarity_transforms` says invalid: coincident, collinear, non-finite) is not a face: it is dropped before
 embedding, so it counts neither toward N >= 2 nor in the face count. A face partly outside the image is kept
@@ -41,6 +41,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from umo.faces.align import similarity_transforms
+from umo.faces.detect import FaceDetector
+from umo.faces.embed import OnnxRecognizer
+from umo.faces.types import Detections
 from umo.metrics import id_conf, id_match, id_sim
 
 SCALES = {"xverse": 100.0, "heldout": 100.0, "omnicontext": 10.0}
@@ -228,8 +232,6 @@ def largest_face(boxes: np.ndarray) -> int | None:
 
 def largest_only(det):
     """The `Detections` holding only the largest face of `det` (empty when it has none)."""
-    from umo.faces.types import Detections
-
     k = largest_face(det.boxes)
     keep = slice(0, 0) if k is None else slice(k, k + 1)
     return Detections(det.boxes[keep], det.landmarks[keep], det.scores[keep])
@@ -238,9 +240,6 @@ def largest_only(det):
 def alignable_only(det):
     """The `Detections` holding only the faces of `det` whose landmarks can be aligned (not degenerate); a face
     partly outside the image stays (the reward keeps it too)."""
-    from umo.faces.align import similarity_transforms
-    from umo.faces.types import Detections
-
     _, ok = similarity_transforms(np.asarray(det.landmarks).reshape(-1, 5, 2))
     if ok.all():
         return det
@@ -255,9 +254,6 @@ class Judge:
 
     @classmethod
     def from_config(cls, faces) -> "Judge":
-        from umo.faces.detect import FaceDetector
-        from umo.faces.embed import OnnxRecognizer
-
         return cls(FaceDetector.from_config(faces.detector),
                    OnnxRecognizer.from_model_root(faces.judge.root, faces.judge.pack))
 

@@ -23,6 +23,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from umo.data.manifest import read_manifest
+from umo.io import atomic_write_bytes
+
 
 class EvalSetError(ValueError):
     """A benchmark file that does not follow its format; the message names the file and the item."""
@@ -63,8 +66,6 @@ def _confined(root: Path, rel: str, file: Path, where: str) -> Path:
 
 def load_heldout(manifest: str | Path) -> list[EvalItem]:
     """Our held-out manifest (validated by umo.data.manifest)."""
-    from umo.data.manifest import read_manifest
-
     m = read_manifest(manifest)
     return [EvalItem(s.id, s.prompt, tuple(m.path(r.path) for r in s.references), tuple(range(len(s.references))))
             for s in m.samples]
@@ -107,7 +108,7 @@ def load_xverse(file: str | Path, root: str | Path | None = None, *, left_out: C
 
 def load_omnicontext(root: str | Path, extract_to: str | Path, *, left_out: Counter | None = None) -> list[EvalItem]:
     """Every `*.parquet` under `root` (sorted), in the OmniContext columns; see the module docstring."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: only the OmniContext benchmark is parquet
 
     root, extract_to = Path(root), Path(extract_to)
     files = sorted(root.rglob("*.parquet"))
@@ -138,8 +139,6 @@ def load_omnicontext(root: str | Path, extract_to: str | Path, *, left_out: Coun
 
 def _omni_image(image, root: Path, stem: Path, file: Path, where: str) -> Path:
     """An image struct: its bytes written to `stem`.<format> (atomically, once), or its path under `root`."""
-    from umo.io import atomic_write_bytes
-
     if not isinstance(image, dict):
         raise EvalSetError(f"{file}: {where}: expected an image struct {{bytes, path}}, got {type(image).__name__}")
     data = image.get("bytes")

@@ -23,6 +23,7 @@ from insightface.model_zoo.scrfd import SCRFD, distance2bbox, distance2kps
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf, NoSuchFile
 
 from umo.faces.types import Detections
+from umo.images import signed_to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -312,8 +313,7 @@ class FaceDetector:
         if not images.is_floating_point():
             raise ValueError(f"images must be a float tensor in [-1, 1], got dtype {images.dtype}")
         with torch.no_grad():
-            pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-            array = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+            array = signed_to_rgb(images)
         return self.detect(array)
 
     def __repr__(self) -> str:

@@ -1,7 +1,7 @@
 """Face embedders: the reward's ArcFace IResNet (torch, frozen, differentiable w.r.t. its input) and the
 evaluation judge (an insightface ONNX recognizer, numpy in and out).
 
-The reward and the judge are deliberately different models (DESIGN.md, Faces): a policy optimized against
+The reward and the judge are deliberately different models (docs/architecture.md): a policy optimized against
 one embedder must not be scored by that same embedder.
 
 `IResNet` reproduces insightface's `recognition/arcface_torch/backbones/iresnet.py` module for module, so the
@@ -20,8 +20,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from umo.faces.align import similarity_transforms
@@ -298,9 +301,6 @@ def _read_state_dict(path: Path, map_location: str | torch.device) -> dict[str, 
     """Read a plain (possibly nested / DDP-prefixed) state dict of tensors from .pth/.pt/.safetensors."""
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             obj: object = load_file(str(path), device=str(map_location))
         except SafetensorError as e:
@@ -469,8 +469,6 @@ KNOWN_RECOGNIZERS = ("w600k_r50.onnx", "glintr100.onnx", "w600k_mbf.onnx")
 
 def _looks_like_recognizer(path: Path) -> bool:
     """insightface's routing rule for ArcFaceONNX, read from the graph without building a session."""
-    import onnx
-
     model = onnx.load(str(path), load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
@@ -490,6 +488,7 @@ class OnnxRecognizer:
     """
 
     def __init__(self, model_file: str | Path, providers: Sequence[str] | None = None) -> None:
+        # lazy: insightface (about 1 s to import) is needed only for ONNX packs, not for the reward's ArcFace
         from insightface.model_zoo import get_model
         from insightface.model_zoo.arcface_onnx import ArcFaceONNX
 

@@ -2,7 +2,7 @@
 
 A rectified-flow (flow-matching) model with x_t = (1 - sigma) * x0 + sigma * noise and velocity
 v = noise - x0, so that
-    x0_hat(x_t, v, sigma) = x_t - sigma * v                      (PAPER.md, ReReFL)
+    x0_hat(x_t, v, sigma) = x_t - sigma * v                      (docs/method.md)
     Euler step:  x_{next} = x_t + (sigma_next - sigma) * v
 Every family (FLUX.2 [klein] first; FLUX.1 + UNO-style tokens, OmniGen, Qwen-Image-Edit later) is one module
 implementing `Generator`; nothing outside umo/models knows about tokens, packing or VAEs.
@@ -16,6 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from umo.images import signed_to_rgb
 
 
 @dataclass
@@ -134,4 +136,4 @@ def generate_images(model: Generator, prompt: str, references: Sequence[torch.Te
     cond = model.condition([prompt] * len(seeds), [list(references)] * len(seeds), height=height, width=width)
     noise = torch.cat([model.initial_latents(cond, torch.Generator().manual_seed(int(s)))[:1] for s in seeds])
     pixels = model.decode(sample(model, cond, steps, latents=noise), cond).float().clamp(-1, 1)
-    return list(((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    return list(signed_to_rgb(pixels))

@@ -25,8 +25,10 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
+from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_latents
 
 from umo.models.base import Conditioning
 
@@ -43,8 +45,6 @@ PIPELINES = ("Flux2KleinPipeline", "Flux2KleinKVPipeline")
 
 
 def _pipeline_cls(name: str = "Flux2KleinPipeline"):
-    import diffusers
-
     if name not in PIPELINES:
         raise ValueError(f"generator folder: model_index.json names {name!r}; the flux2_klein family reads "
                          f"{' or '.join(PIPELINES)}")
@@ -131,8 +131,6 @@ class Flux2KleinGenerator:
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(K, 3, h, w) in [-1, 1] -> (K, 4C, h/16, w/16) normalized, patchified latents (posterior mode)."""
-        from diffusers.pipelines.flux2.pipeline_flux2_klein import retrieve_latents
-
         latents = retrieve_latents(self.vae.encode(images.to(self.device, self.vae.dtype)), sample_mode="argmax")
         latents = self.pipe._patchify_latents(latents)
         mean, std = self._bn_stats(latents)
@@ -195,8 +193,6 @@ class Flux2KleinGenerator:
     def sigmas(self, num_steps: int, cond: Conditioning) -> torch.Tensor:
         """The klein pipeline's schedule: linspace(1, 1/T, T) shifted (by its empirical mu, or the scheduler's
         static shift: see `shift`), then 0."""
-        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
-
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         mu = compute_empirical_mu(image_seq_len=cond.latent_ids.shape[1], num_steps=num_steps)
@@ -208,8 +204,6 @@ class Flux2KleinGenerator:
         (the base model's timestep shift, used to draw training times for L_diff). The scheduler's rule, as
         its `set_timesteps` applies it: klein's resolution-dependent mu (use_dynamic_shifting, the released
         models), else the scheduler's static `shift`."""
-        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
-
         u = u.clamp(1e-4, 1 - 1e-4)
         if not self.scheduler.config.use_dynamic_shifting:
             shift = float(self.scheduler.config.shift)

@@ -9,12 +9,19 @@ Only LoRA tensors are ever written; the base model is never saved.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from diffusers import Flux2KleinPipeline
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from umo.io import canonical_safetensors
@@ -47,8 +54,6 @@ def add_lora(model: nn.Module, *, rank: int, alpha: float, target_modules: Seque
 
     Only the LoRA parameters require grad afterwards. `seed` fixes the random init of the A matrices.
     """
-    from peft import LoraConfig
-
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     targets = lora_targets(model, target_modules)
@@ -73,8 +78,6 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def lora_state_dict(model: nn.Module, *, adapter_name: str = ADAPTER) -> dict[str, torch.Tensor]:
     """The adapter's tensors in peft naming (`<module>.lora_A.weight`), detached copies on the CPU."""
-    from peft.utils import get_peft_model_state_dict
-
     return {k: v.detach().to("cpu").clone().contiguous() for k, v in
             get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
 
@@ -85,9 +88,7 @@ def save_lora(model: nn.Module, out_dir: str | Path, *, pipeline_cls=None) -> Pa
     Written into a temporary folder and moved into place, so readers never see a partial file.
     pipeline_cls: the diffusers pipeline class whose `save_lora_weights` to use (default Flux2KleinPipeline).
     """
-    if pipeline_cls is None:
-        from diffusers import Flux2KleinPipeline as pipeline_cls
-
+    pipeline_cls = pipeline_cls or Flux2KleinPipeline
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -109,9 +110,6 @@ def load_lora(model: nn.Module, path: str | Path, *, adapter_name: str = ADAPTER
 
     Raises ValueError naming the file when its tensors do not fit the adapter (missing or unexpected keys).
     """
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     path = Path(path)
     prefix = "transformer."
     state = {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
@@ -139,12 +137,6 @@ def attach_lora_file(model: nn.Module, path: str | Path, adapter_name: str) -> N
     """Add the adapter a LoRA file describes (rank, alpha, targets from the metadata `save_lora` writes) to
     `model` under `adapter_name`, and load its weights exactly. Several such adapters may sit side by side;
     choose one with `model.set_adapter(name)`, none with `model.disable_adapters()`."""
-    import json
-    import warnings
-
-    from peft import LoraConfig
-    from safetensors import safe_open
-
     path = lora_file(path)
     with safe_open(str(path), framework="pt") as f:
         raw = (f.metadata() or {}).get("lora_adapter_metadata")

@@ -1,4 +1,4 @@
-"""The toy-world ablation (issues 9 and 19): SFT vs SIR vs MIMR fine-tuning of ONE base, paired by seed.
+"""The toy-world ablation: SFT vs SIR vs MIMR fine-tuning of ONE base, paired by seed.
 
 The base is the toy base (`umo toybase build`, main dvc.yaml stage `toybase`): it draws the people of its
 references with identity and confuses them measurably, and it passed its gate. The stages of
@@ -12,12 +12,12 @@ references with identity and confuses them measurably, and it passed its gate. T
 
 The arms differ in ONE setting each; data, steps, learning rate, LoRA, sampler and seeds are shared:
     sft   train.reward_weight = 0: L_diff alone (the reward is still measured on the same draws, and logged)
-    sir   reward.kind = sir: lambda * L_diff - R_SIR (each reference's best face, PAPER.md's baseline)
+    sir   reward.kind = sir: lambda * L_diff - R_SIR (each reference's best face, the paper's baseline)
     mimr  reward.kind = mimr: lambda * L_diff - R_MIMR (the Hungarian matching reward)
 A seed fixes a run's data order, noise, t draws and LoRA init, the same in every arm: runs of one seed are a
 matched set.
 
-Pre-registered hypotheses (issue 19; fixed before any run, never changed after):
+Pre-registered hypotheses (fixed before any run, never changed after):
     H1  MIMR - base > 0 on ID-Sim
     H2  MIMR - SIR > 0 on ID-Conf
 Each contrast is computed per seed, pooled over the test entries as the public evaluators pool them
@@ -30,14 +30,24 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw
+from scipy import stats
 
 from umo.config import Config, load_config
-from umo.eval.score import entry_sums
+from umo.eval.run import load_items, read_scores, score_models
+from umo.eval.score import ItemScore, aggregate, entry_sums
+from umo.eval.sets import file_stem, load_heldout
+from umo.images import from_grid
+from umo.io import atomic_dir, atomic_write_bytes, atomic_write_json, sha256_file
+from umo.models.lora import LORA_FILE
+from umo.train.loop import train
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +91,6 @@ def arm_config(params: str | Path, arm: str, seed: int, overrides: list[str] | t
 
 
 def _timed(config: Config, stage: str, started: float) -> None:
-    from umo.io import atomic_write_json
-
     folder = paths(config)["timings"]
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / f"{stage}.json", {"stage": stage, "seconds": round(time.perf_counter() - started, 1)})
@@ -105,10 +113,6 @@ def base_gate(config: Config) -> dict[str, Any]:
 
 def run_arm(params: str | Path, arm: str, seed: int, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """One fine-tuning run into <out>/runs/<arm>-s<seed>/ (a fresh folder each time: DVC owns it)."""
-    import shutil
-
-    from umo.train.loop import train
-
     config = arm_config(params, arm, seed, overrides)
     base_gate(config)
     started = time.perf_counter()
@@ -121,8 +125,6 @@ def run_arm(params: str | Path, arm: str, seed: int, overrides: list[str] | tupl
 
 def eval_models(config: Config) -> dict[str, Path | None]:
     """The base, then every run's final LoRA (in arm, seed order)."""
-    from umo.models.lora import LORA_FILE
-
     models: dict[str, Path | None] = {BASE: None}
     for arm in config.section("ablation").arms:
         for seed in config.section("ablation").seeds:
@@ -136,13 +138,6 @@ def eval_models(config: Config) -> dict[str, Path | None]:
 def evaluate_all(config: Config) -> dict[str, Any]:
     """Every model of `eval_models` on the test items with the judge -> <out>/eval/metrics.json, scores.jsonl,
     images/ (resumable: a stopped run continues where it was)."""
-    import shutil
-    from dataclasses import asdict
-
-    from umo.eval.run import load_items, read_scores, score_models
-    from umo.eval.score import aggregate
-    from umo.io import atomic_dir, sha256_file
-
     started = time.perf_counter()
     p = paths(config)
     models = eval_models(config)
@@ -167,8 +162,6 @@ def evaluate_all(config: Config) -> dict[str, Any]:
 
 def read_item_scores(eval_dir: Path) -> dict[str, list]:
     """scores.jsonl -> per model its `ItemScore`s in item-id order (the same order for every model)."""
-    from umo.eval.score import ItemScore
-
     out: dict[str, list] = {}
     with open(eval_dir / "scores.jsonl") as f:
         for line in f:
@@ -188,8 +181,6 @@ def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
     >>> m, h = t_interval([1.0, 2.0, 3.0]); round(m, 3), round(h, 3)   # t(0.975, 2) = 4.303, s / sqrt(3) = 0.577
     (2.0, 2.484)
     """
-    from scipy import stats
-
     x = np.asarray(values, dtype=float)
     if len(x) < 2:
         return float(x.mean()) if len(x) else math.nan, math.nan
@@ -239,8 +230,6 @@ def power(per_seed: list[float], level: float = 0.95) -> dict[str, Any]:
     """What the paired t test over these seeds could see: the spread of the per-seed differences, the smallest
     mean difference its interval would put above 0 (with this spread), the power to detect the observed mean
     (noncentral t), and the seeds that 80% power would need at that mean and spread."""
-    from scipy import stats
-
     d = np.asarray(per_seed, float)
     n = len(d)
     if n < 2 or d.std(ddof=1) == 0:
@@ -356,10 +345,10 @@ def _histories(config: Config) -> dict[str, list[dict]]:
 def _curves(config: Config, histories: dict[str, list[dict]], figure: Path) -> None:
     """Training curves per arm (mean over seeds, smoothed): the logged reward (the arm's own kind; SFT: MIMR,
     measured), its matched and unmatched parts, L_diff and faces found per sample."""
-    import matplotlib
+    import matplotlib  # lazy: pyplot must load after the Agg backend is chosen, and only the report draws
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: as above
 
     keys = [("reward", "reward (SFT: MIMR, measured)"), ("reward_matched", "matched part"),
             ("reward_unmatched", "unmatched part"), ("diff_loss", "L_diff"), ("faces_per_sample", "faces per sample")]
@@ -385,10 +374,10 @@ def _curves(config: Config, histories: dict[str, list[dict]], figure: Path) -> N
 
 def _contrast_plot(summary: dict[str, Any], figure: Path) -> None:
     """Each hypothesis: its per-seed differences (dots), the mean, the t and bootstrap intervals."""
-    import matplotlib
+    import matplotlib  # lazy: pyplot must load after the Agg backend is chosen, and only the report draws
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: as above
 
     hyps = summary["hypotheses"]
     fig, axes = plt.subplots(1, max(1, len(hyps)), figsize=(4.5 * max(1, len(hyps)), 3.2), squeeze=False)
@@ -415,11 +404,6 @@ def _contrast_plot(summary: dict[str, Any], figure: Path) -> None:
 def _sample_grid(config: Config, eval_dir: Path, figure: Path, n_items: int = 6) -> None:
     """Rows: test items; columns: the two references, the base, then each arm's first-seed run (each model's
     first image of the item: the same noise for every model)."""
-    from PIL import Image, ImageDraw
-
-    from umo.eval.run import from_grid
-    from umo.eval.sets import load_heldout, file_stem
-
     items = sorted(load_heldout(config.eval.path), key=lambda i: i.id)[:n_items]
     h, w = config.generator.resolution
     models = [BASE] + [run_name(arm, config.section("ablation").seeds[0]) for arm in config.section("ablation").arms]
@@ -444,8 +428,6 @@ def _sample_grid(config: Config, eval_dir: Path, figure: Path, n_items: int = 6)
 def write_report(config: Config, doc: str | Path) -> Path:
     """docs/ablation.md's results block, and docs/ablation/ (summary.json, figures), from <out>/eval and the
     runs' histories."""
-    from umo.io import atomic_write_bytes
-
     p = paths(config)
     metrics = json.loads((p["eval"] / "metrics.json").read_text())
     histories = _histories(config)

@@ -22,11 +22,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
+from umo.data.manifest import read_manifest
+from umo.images import load_image, read_rgb, rgb_to_signed
+from umo.io import atomic_dir
+from umo.models.base import Conditioning
+from umo.models.flux2 import TINY_MARKER
 from umo.toy.config import ToyTransformerConfig, ToyVaeConfig
+from umo.toy.tiny.flux2 import TINY_TEXT_LAYERS, TinyFlux2Config, tiny_components
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +42,6 @@ BASE_MARKER = "umo_toy_base.json"  # beside model_index.json: what this model is
 
 
 def _reference_crop(image: np.ndarray, box: np.ndarray, scale: float, size: int) -> np.ndarray:
-    import cv2
-
     x1, y1, x2, y2 = (float(c) for c in box)
     side = scale * max(x2 - x1, y2 - y1)
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
@@ -53,10 +59,6 @@ def _reference_crop(image: np.ndarray, box: np.ndarray, scale: float, size: int)
 def new_components(vae: ToyVaeConfig, base: ToyTransformerConfig) -> dict:
     """Untrained base components: `umo.toy.tiny.flux2`'s text encoder and tokenizer; its scheduler, or one with
     the base's static shift; a VAE and a transformer of the configured sizes (seeded)."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
-
-    from umo.toy.tiny.flux2 import TINY_TEXT_LAYERS, TinyFlux2Config, tiny_components
-
     tiny = TinyFlux2Config(latent_channels=vae.latent_channels, seed=base.seed)
     parts = tiny_components(tiny)
     if base.shift is not None:
@@ -76,20 +78,17 @@ def new_components(vae: ToyVaeConfig, base: ToyTransformerConfig) -> dict:
     return parts
 
 
-def _load_rgb(path: Path) -> torch.Tensor:
-    from PIL import Image
-
-    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), np.float32)).permute(2, 0, 1) / 127.5 - 1
+def _load_signed(path: Path) -> torch.Tensor:
+    """A PNG the toy base wrote -> (3, H, W) in [-1, 1], at its own size."""
+    return rgb_to_signed(read_rgb(path))
 
 
 def train_vae(vae, manifest_path: str | Path, cfg: ToyVaeConfig, *, log_every: int = 100) -> dict[str, float]:
     """Train `vae` in place as an autoencoder (see the module docstring); returns the final losses."""
-    from umo.data.manifest import read_manifest
-
     man = read_manifest(manifest_path)
-    targets = [_load_rgb(man.path(s.target)) for s in man.samples]
+    targets = [_load_signed(man.path(s.target)) for s in man.samples]
     # faces are what the judge and the reward look at: half the crops are reference crops (a face each)
-    faces = [_load_rgb(man.path(r.path)) for s in man.samples[:1000] for r in s.references[:1]]
+    faces = [_load_signed(man.path(r.path)) for s in man.samples[:1000] for r in s.references[:1]]
     g = torch.Generator().manual_seed(cfg.seed)
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -147,9 +146,6 @@ class _Encoded:
 
     def __init__(self, gen, manifest_path: Path, resolution: tuple[int, int],
                  reference_resolution: tuple[int, int]) -> None:
-        from umo.data.manifest import read_manifest
-        from umo.train.data import load_image
-
         man = read_manifest(manifest_path)
         self.buckets: dict[int, dict[str, Any]] = {}
         prompts = sorted({s.prompt for s in man.samples})
@@ -188,8 +184,6 @@ def train_base(gen, manifest_path: str | Path, cfg: ToyTransformerConfig, *, res
                reference_resolution: tuple[int, int], sampler_steps: int, log_every: int = 50) -> dict[str, float]:
     """Train `gen.transformer` in place with supervised flow matching (see the module docstring).
     resolution, reference_resolution: [height, width] px of the targets and of the references."""
-    from umo.models.base import Conditioning
-
     started = time.perf_counter()
     data = _Encoded(gen, Path(manifest_path), resolution, reference_resolution)
     log.info("base: %d samples encoded in %.0f s (%s)", data.n, time.perf_counter() - started,
@@ -249,9 +243,6 @@ def train_base(gen, manifest_path: str | Path, cfg: ToyTransformerConfig, *, res
 
 def save_base(gen, out: str | Path, info: dict[str, Any]) -> Path:
     """The trained pipeline as a Flux2KleinKVPipeline folder (safetensors), with its marker; atomic."""
-    from umo.io import atomic_dir
-    from umo.toy.tiny.flux2 import TINY_MARKER, TINY_TEXT_LAYERS
-
     out = Path(out)
     with atomic_dir(out) as tmp:
         gen.pipe.save_pretrained(tmp, safe_serialization=True)

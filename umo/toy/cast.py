@@ -1,8 +1,8 @@
-"""The toy world's BASE generator: the stand-in for a pretrained customization model (issue 19).
+"""The toy world's BASE generator: the stand-in for a pretrained customization model.
 
 `umo toybase build --out artifacts/toybase` makes a FLUX.2 [klein] diffusers folder that draws the people of
 its references with identity, and confuses them measurably, so that the chain's fine-tuning and evaluation have
-something to move. The design follows the measured probe (shared/notes/toy-base-probe.md):
+something to move. The design follows a measured probe (docs/ablation.md, Design):
 
 - a CAST of 16 identities that the face models never saw (`toybase.photos.cast`, held out of the toy world's
   training identities);
@@ -35,15 +35,42 @@ import hashlib
 import inspect
 import json
 import logging
+import multiprocessing
+import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from diffusers import AutoencoderKLFlux2, Flux2KleinKVPipeline
+from PIL import Image
 
 from umo.config import Config, apply_override, config_from_dict, to_dict
+from umo.data.manifest import Manifest, Reference, Sample, write_manifest
+from umo.eval.run import load_items, read_scores, score_models
+from umo.eval.score import Judge, aggregate, score_item
+from umo.images import load_image, read_rgb, rgb_to_signed, signed_to_rgb
+from umo.io import atomic_dir, atomic_write_json, sha256_file
+from umo.models import TRAINED_WITH
+from umo.models.flux2 import Flux2KleinGenerator
+from umo.reward import MatchingReward
+from umo.toy.base import (
+    _load_signed,
+    _reference_crop,
+    new_components,
+    save_base,
+    set_latent_statistics,
+    train_base,
+    train_vae,
+)
 from umo.toy.config import ToyBaseConfig, ToyCastPhotosConfig
+from umo.toy.tiny.flux2 import TINY_TEXT_LAYERS
+from umo.toy.world.build import load_toyworld
+from umo.toy.world.identity import make_identity
+from umo.toy.world.render import head_strip, render_group, render_portrait
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +95,6 @@ def render_cast_photo(world_seed: int, pair: tuple[int, int], seed: int, cfg: To
     render cut to the head strip). duplicate: None, or the index (0/1) of the person drawn in BOTH slots (the
     other one is missing from the photo, not from the references).
     """
-    from umo.toy.base import _reference_crop
-    from umo.toy.world.identity import make_identity
-    from umo.toy.world.render import head_strip, render_group, render_portrait
-
     rng = np.random.default_rng([cfg.seed, seed])
     people = [make_identity(world_seed, int(i)) for i in pair]
     drawn = people if duplicate is None else [people[duplicate]] * 2
@@ -87,8 +110,6 @@ def render_cast_photo(world_seed: int, pair: tuple[int, int], seed: int, cfg: To
 def _render_chunk(args: tuple[int, list[tuple[str, tuple[int, int], int, int | None]], dict[str, Any], str,
                             tuple[int, int]]) -> int:
     world_seed, jobs, cfg_data, out, image_size = args
-    import torch
-    from PIL import Image
 
     torch.set_num_threads(1)
     cfg = ToyCastPhotosConfig(**cfg_data)
@@ -123,15 +144,6 @@ def write_photos(out: Path, cfg: ToyCastPhotosConfig, *, world_seed: int, cast: 
     """train.json and test.json (the `umo.samples` manifest format, reference embeddings by the REWARD
     embedder) of the cast's photos into `out`, atomically; returns stats. A reference in which the reward's
     detector finds no face drops its photo (counted)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    import torch
-
-    from umo.data.manifest import Manifest, Reference, Sample, write_manifest
-    from umo.io import atomic_dir, atomic_write_json, sha256_file
-    from umo.toy.base import _load_rgb
-
     started = time.perf_counter()
     plan = photo_plan(cfg, cast)
     stats: dict[str, Any] = {"dropped_no_reference_face": 0}
@@ -150,7 +162,7 @@ def write_photos(out: Path, cfg: ToyCastPhotosConfig, *, world_seed: int, cast: 
             paths = [f"references/{row[0]}-r{k}.png" for row in rows for k in range(2)]
             found = []
             for i in range(0, len(paths), 128):  # one detector and embedder call per 128 references
-                found += reward.embed_references(torch.stack([_load_rgb(tmp / p) for p in paths[i:i + 128]]),
+                found += reward.embed_references(torch.stack([_load_signed(tmp / p) for p in paths[i:i + 128]]),
                                                  largest_only=True)
             for n, (sample_id, pair, _seed, dup) in enumerate(rows):
                 emb = found[2 * n:2 * n + 2]
@@ -181,8 +193,6 @@ def write_photos(out: Path, cfg: ToyCastPhotosConfig, *, world_seed: int, cast: 
 
 def base_config(cfg: ToyBaseConfig, root: Path) -> Config:
     """A complete umo Config that reads the built base: generator, eval and faces (the toy world's) settings."""
-    from umo.toy.world.build import load_toyworld
-
     world = load_toyworld(cfg.toyworld)
     data = to_dict(Config())
     data["generator"] |= {"family": "flux2_klein", "path": str(root / "generator"), "text_layers": None,
@@ -218,13 +228,6 @@ def check_gate(metrics: dict[str, Any], cfg: ToyBaseConfig) -> dict[str, Any]:
 def judge_photos(config: Config, root: Path, *, vae=None, judge=None) -> dict[str, Any]:
     """The judge on the held-out photos themselves (vae None: the ceiling the base aims at), or on their VAE
     round trip (what the decoder can still show): the gate's metrics, one image per item."""
-    import torch
-    from PIL import Image
-
-    from umo.eval.run import load_items
-    from umo.eval.score import Judge, aggregate, score_item
-    from umo.train.data import load_image
-
     judge = judge or Judge.from_config(config.faces)
     items = load_items(config, root / ".judge-photos")
     man_dir = Path(config.eval.path).parent
@@ -234,19 +237,14 @@ def judge_photos(config: Config, root: Path, *, vae=None, judge=None) -> dict[st
         if vae is not None:
             with torch.no_grad():
                 target = vae.decode(vae.encode(target[None]).latent_dist.mode()).sample[0]
-        image = ((target.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-        refs = judge.references([np.asarray(Image.open(p).convert("RGB")) for p in item.references])[0]
+        image = signed_to_rgb(target)
+        refs = judge.references([read_rgb(p) for p in item.references])[0]
         scores.append(score_item(item.id, refs, [judge.faces([image])[0][1]]))
     return aggregate(scores, 100.0)
 
 
 def run_gate(cfg: ToyBaseConfig, root: Path, *, models: dict[str, Path | None] | None = None) -> dict[str, Any]:
     """Generate the held-out photos' items with the base (and any LoRA in `models`), judge them, and decide."""
-    import shutil
-
-    from umo.eval.run import load_items, read_scores, score_models
-    from umo.eval.score import aggregate
-
     config = base_config(cfg, root)
     work = root / ".gate.work"
     items = load_items(config, work)
@@ -298,10 +296,7 @@ def cast_of(cfg: ToyBaseConfig, world) -> tuple[tuple[int, int], tuple[int, int]
 
 def step_keys(cfg: ToyBaseConfig, world) -> dict[str, str]:
     """Each step's cache key: what its bytes depend on, chained (a changed photo setting changes every key)."""
-    import torch
-
     faces = {"reward": world.reward_path, "judge": world.judge_path, "detector": world.detector_path}
-    from umo.io import sha256_file
 
     c = to_dict(cfg)
     cast, size = cast_of(cfg, world)
@@ -310,10 +305,9 @@ def step_keys(cfg: ToyBaseConfig, world) -> dict[str, str]:
               "faces": {k: sha256_file(v) for k, v in faces.items()}}
     # The code each step runs, not all of umo/models: a LoRA or loader change must not retrain the base.
     trainer = _sources_hash("toy/base.py", *MODEL_CODE)
-    from umo.toy import base as toybase  # the VAE's key: only the code that trains it (a transformer change keeps the VAE)
-
+    # The VAE's key: only the code that trains it (a transformer change keeps the VAE).
     vae_code = hashlib.sha256("".join(inspect.getsource(f) for f in (
-        toybase.new_components, toybase._load_rgb, toybase.train_vae, toybase.set_latent_statistics)).encode())
+        new_components, _load_signed, rgb_to_signed, read_rgb, train_vae, set_latent_statistics)).encode())
 
     def key(*parts: Any) -> str:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -341,17 +335,6 @@ def build_toybase(cfg: ToyBaseConfig, *, out: str | Path | None = None, force: b
     """Build (or reuse) the toy base in `out` (default cfg.out); see the module docstring. Returns the build
     manifest. Raises UninformativeBase (after recording it) when the base fails its gate. device: where the VAE
     and the transformer train (a GPU: `--device cuda`); the gate's evaluation picks the GPU when there is one."""
-    import torch
-    from diffusers import AutoencoderKLFlux2, Flux2KleinKVPipeline
-
-    from umo.io import atomic_dir, atomic_write_json
-    from umo.models import TRAINED_WITH
-    from umo.models.flux2 import Flux2KleinGenerator
-    from umo.toy.tiny.flux2 import TINY_TEXT_LAYERS
-    from umo.reward import MatchingReward
-    from umo.toy.base import new_components, save_base, train_base, train_vae
-    from umo.toy.world.build import load_toyworld
-
     started = time.perf_counter()
     root = Path(out or cfg.out).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)

@@ -143,7 +143,7 @@ class ToyVaeConfig:
     channels: list[int] = field(default_factory=lambda: [16, 32, 64])
     """Block widths: 3 levels = 4x downsampling (8 px per image token after klein's 2x2 patches), 4 levels = 8x
     as the real VAE. Trained on varied people, a tiny 8x one blurred faces past the detector; trained on the toy
-    base's 16-person cast alone, it keeps every face (issue 19, measured; docs/ablation.md)."""
+    base's 16-person cast alone, it keeps every face (measured; docs/ablation.md)."""
     latent_channels: int = 4
     """Latent channels (4 at 4x; 16 at 8x: both 12x fewer numbers than pixels)."""
     steps: int = 800

@@ -13,6 +13,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 
@@ -56,8 +57,6 @@ def _export(model: nn.Module, dummy: torch.Tensor, path: str | Path, *, output_n
                 dynamic_axes=dynamic_axes, **_EXPORT_KW,
             )
         if metadata:
-            import onnx
-
             proto = onnx.load(str(tmp))
             onnx.helper.set_model_props(proto, dict(sorted(metadata.items())))
             onnx.save(proto, str(tmp))

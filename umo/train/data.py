@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from umo import images
 from umo.data.manifest import Manifest, ManifestError
+from umo.images import BadImage
 from umo.train.rerefl import Batch
 
 
@@ -41,22 +43,12 @@ def shard(batches: list[list[int]], rank: int, world_size: int) -> list[list[int
 
 
 def load_image(path: Path, size: Sequence[int]) -> torch.Tensor:
-    """An image file -> (3, H, W) float in [-1, 1], center-cropped to the aspect of size = [H, W] and resized.
-
-    Decoded by data prep's own decoder (`umo.data.ingest.decode_rgb`). Data prep validated every file; a file
-    that still fails here stops training with its name (never trained on).
-    """
-    from PIL import Image, ImageOps
-
-    from umo.data.ingest import BadImage, decode_rgb
-
-    h, w = int(size[0]), int(size[1])
+    """`umo.images.load_image`, for training: data prep validated every file, so one that still fails here stops
+    training with its name (never trained on)."""
     try:
-        rgb, _ = decode_rgb(path, max_pixels=None)
+        return images.load_image(path, size)
     except BadImage as err:
         raise ManifestError(f"{path}: cannot read this image: {err}") from err
-    fitted = ImageOps.fit(Image.fromarray(rgb), (w, h), method=Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(fitted, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
 
 
 class TrainData:

@@ -1,4 +1,13 @@
-"""The ReReFL training recipe on accelerate: setup, train, save_checkpoint, resume.
+"""The ReReFL training recipe on accelerate, as named steps that `train` runs in this order:
+
+    setup           `setup_accelerator`, `setup_data`, `setup_reward`, `setup_model` (the generator, its LoRA,
+                    AdamW, the LR schedule) and the EMA, gathered in a `Run`;
+    resume          `resume_run`: a checkpoint's LoRA, optimizer, schedule, RNG states, EMA, data position and
+                    history (its docstring holds the resume rules);
+    tracking        `start_tracking`: the MLflow run (new, or the checkpoint's) and its params (main process);
+    the step loop   `train_loop`: `optimizer_step` until max_steps; `log_step`, sample images and
+                    `save_checkpoint` on their cadences;
+    export          `export`: the final LoRA, history.json and train_metrics.json.
 
 One process per device (`accelerate launch` or `torchrun`; a plain `python` call is one process). Each process
 holds the whole generator, trains the same LoRA, and takes its own shard of every epoch's batches
@@ -11,24 +20,8 @@ Non-finite values: every process checks its loss, and the processes agree (an al
 backward. A non-finite loss or gradient norm on ANY process skips the optimizer step everywhere (counted in
 `skipped_nonfinite`); `max_nonfinite_steps` of them in a row raise `NonFiniteLossError`.
 
-Checkpoints and resume. Every `checkpoint_every` steps (and at the last) `out/checkpoints/checkpoint-<step>/`
-is written by `accelerator.save_state` into a temporary folder, renamed when complete, and only then is the
-pointer `out/checkpoints/latest` rewritten; older checkpoints beyond `checkpoints_total_limit` are deleted.
-A checkpoint holds ONLY:
-  - the LoRA (pytorch_lora_weights.safetensors, diffusers format; the base model is never saved),
-  - optimizer and LR-scheduler states, every process's RNG states (accelerate's files),
-  - train_state.json: step, data position (epoch, global batches consumed), non-finite counters, the MLflow
-    run id and the settings that must not change on resume,
-  - ema.safetensors when the EMA is on.
-Resuming (`resume="latest"` or a checkpoint folder) restores all of it. Every random draw of a step comes from
-a generator seeded by (seed, step, micro-batch, process), and the data order is a function of (seed, epoch),
-so a run that stops (or crashes) after step N and is resumed gives the LoRA of the uninterrupted run. A resumed
-run may raise `max_steps` (and change checkpoint/logging cadence); the LR schedule, defined over max_steps,
-then bends from the resume point on. Resuming on a different number of processes continues from the same data
-position, but it is then no longer bit-exact (different shards).
-
-Outputs besides the checkpoints: `out/lora/` (the final LoRA), `out/train_metrics.json` (a summary) and
-`out/history.json` (every logged step's metrics, those before a resume point kept).
+Outputs: `out/checkpoints/` (`save_checkpoint`), `out/lora/` (the final LoRA), `out/train_metrics.json` (a
+summary) and `out/history.json` (every logged step's metrics, those before a resume point kept).
 """
 
 from __future__ import annotations
@@ -40,19 +33,28 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from umo.config import Config, to_dict
-from umo.data.manifest import load_embeddings, read_manifest
+from umo.data.manifest import Manifest, load_embeddings, read_manifest
 from umo.io import atomic_write_bytes, atomic_write_json, save_safetensors, sha256_file
 from umo.models import load_generator
+from umo.models.base import Generator
 from umo.models.lora import LORA_FILE, add_lora, load_lora, lora_parameters, save_lora
+from umo.reward import MatchingReward
+from umo.tracking import Tracker, flatten, tracking_uri
 from umo.train.data import TrainData, epoch_batches, shard
-from umo.train.rerefl import Batch, rerefl_step
+from umo.train.rerefl import METRICS, SUMMARY_METRICS, Batch, StepOutput, rerefl_step
+
+if TYPE_CHECKING:  # type hints only: accelerate is imported lazily, by setup_accelerator
+    from accelerate import Accelerator
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,7 @@ class ResumeError(ValueError):
 
 @dataclass
 class TrainState:
-    """What train_state.json holds (see the module docstring)."""
+    """What train_state.json holds (see `resume_run`)."""
 
     step: int = 0
     epoch: int = 0
@@ -119,6 +121,41 @@ class LoraEMA:
             self.shadow[n] = live.float()
 
 
+@dataclass
+class Run:
+    """One training run, passed explicitly from step to step: what `setup` built, and what the steps advance
+    (`state`, `history`, the data-order cache)."""
+
+    config: Config
+    out: Path
+    accelerator: Accelerator
+    data: TrainData
+    reward: MatchingReward  # or anything with its `compute` and `to` (tests inject one); on the device
+    gen: Generator  # its denoiser is `model`
+    model: torch.nn.Module  # the transformer as accelerate prepared it (DDP-wrapped on several processes)
+    params: dict[str, torch.nn.Parameter]  # the trainable (LoRA) parameters by name, fp32
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # a torch LR scheduler, wrapped by accelerate
+    ema: LoraEMA | None
+    state: TrainState
+    history: list[dict[str, float]] = field(default_factory=list)  # every logged step's metrics
+    tracker: Tracker | None = None  # main process, when tracking
+    logged: int = 0  # the last step MLflow already has (see `resume_run`)
+    order: tuple[int, list[list[int]]] | None = None  # (epoch, this process's batches of it)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+
 def draw_seed(seed: int, step: int, micro: int, rank: int) -> int:
     """The seed of one micro-batch's random draws: independent of everything that happened before it."""
     return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
@@ -126,8 +163,6 @@ def draw_seed(seed: int, step: int, micro: int, rank: int) -> int:
 
 def resume_settings(config: Config) -> dict[str, Any]:
     """The settings a checkpoint is tied to (flattened)."""
-    from umo.tracking import flatten
-
     d = to_dict(config)
     return flatten({k: d[k] for k in ("seed", "generator", "lora", "reward", "train")})
 
@@ -162,240 +197,361 @@ def sample_grid(batch: Batch, images: torch.Tensor) -> np.ndarray:
 
 def train(config: Config, *, manifest: str | Path, out: str | Path, resume: str | None = None, reward=None,
           tracking: bool = True) -> TrainResult:
-    """Train the LoRA on `manifest`'s samples into `out` (see the module docstring).
+    """Train the LoRA on `manifest`'s samples into `out`: setup, resume, tracking, the step loop, export (the
+    module docstring lists the steps; `resume_run` states the resume rules).
 
+    resume: "latest" or a checkpoint folder (see `resume_run`); None starts a new run.
     reward: a ready `MatchingReward` (tests inject one); None builds it from config.faces / config.reward.
     tracking: log to MLflow (main process only).
     """
+    run = setup(config, manifest=manifest, out=Path(out), reward=reward)
+    checkpoint = resume_run(run, resume)
+    if tracking and run.main:
+        start_tracking(run, manifest, resumed=checkpoint is not None)
+    started = time.perf_counter()
+    train_loop(run)
+    return export(run, started)
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+
+def setup(config: Config, *, manifest: str | Path, out: Path, reward=None) -> Run:
+    """Everything a run needs, in this order: the accelerator (and the global seed, which LoRA dropout draws
+    from), the data, the reward (built from the config when None), the model + LoRA, AdamW and the LR schedule,
+    the EMA (when train.ema_decay > 0) and a fresh `TrainState`."""
+    accelerator, precision = setup_accelerator(config)
+    data = setup_data(config, manifest, accelerator.num_processes)
+    if reward is None:
+        reward = setup_reward(config, manifest, data.manifest)
+    reward = reward.to(accelerator.device)
+    gen, model, params, optimizer, scheduler = setup_model(config, accelerator, precision)
+    ema = LoraEMA(params, config.train.ema_decay) if config.train.ema_decay else None
+    state = TrainState(world_size=accelerator.num_processes, settings=resume_settings(config))
+    return Run(config, out, accelerator, data, reward, gen, model, params, optimizer, scheduler, ema, state)
+
+
+def setup_accelerator(config: Config) -> tuple[Accelerator, str]:
+    """This process's accelerator (CPU in fp32 without a GPU), its log level and the global seed.
+
+    Returns the accelerator and the mixed precision in effect ("no" on the CPU).
+    """
+    # lazy: accelerate is heavy (the distributed stack) and only the trainer needs it
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
-    from diffusers.optimization import get_scheduler
 
     tc = config.train
-    out = Path(out)
     use_cuda = torch.cuda.is_available()
     precision = tc.mixed_precision if use_cuda else "no"
     accelerator = Accelerator(cpu=not use_cuda, mixed_precision=precision, step_scheduler_with_optimizer=False,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
-    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         # Their save_state writes the whole sharded model before any hook can keep it to the LoRA.
         raise NotImplementedError(f"{accelerator.distributed_type.name}: LoRA-only checkpoints are implemented for "
                                   "one process and DDP; klein-4B with a LoRA fits one GPU per process, so use "
                                   "infra/accelerate/ddp_8gpu.yaml")
-    if not main:
+    if not accelerator.is_main_process:
         logging.getLogger("umo").setLevel(logging.WARNING)
     set_seed(config.seed, device_specific=True)  # only LoRA dropout draws from the global RNG
     if precision != tc.mixed_precision:
         log.info("mixed_precision %s needs a GPU: training in fp32 on the CPU", tc.mixed_precision)
+    return accelerator, precision
 
-    # ---------------------------------------------------------------- setup: data, model, reward, optimizer
+
+def setup_data(config: Config, manifest: str | Path, world: int) -> TrainData:
+    """The manifest's samples; an error when they give no full batch per process."""
     man = read_manifest(manifest)
-    embeddings = load_embeddings(man)
-    data = TrainData(man, embeddings, resolution=config.generator.resolution,
+    data = TrainData(man, load_embeddings(man), resolution=config.generator.resolution,
                      reference_resolution=config.generator.reference_resolution)
-    if data.batches_per_epoch(tc.batch_size, world) == 0:
-        raise ValueError(f"{manifest}: {len(data)} samples give no full batch of {tc.batch_size} per process on "
-                         f"{world} processes (samples of a batch share their number of references)")
-    if reward is None:
-        from umo.reward import MatchingReward
+    if data.batches_per_epoch(config.train.batch_size, world) == 0:
+        raise ValueError(f"{manifest}: {len(data)} samples give no full batch of {config.train.batch_size} per "
+                         f"process on {world} processes (samples of a batch share their number of references)")
+    return data
 
-        recorded = man.embedder.get("sha256")
-        if recorded and recorded != sha256_file(config.faces.embedder.path):
-            raise ValueError(f"{manifest}: its reference embeddings were made by another embedder than "
-                             f"{config.faces.embedder.path} (sha256 differs): re-run `umo prepare`")
-        reward = MatchingReward.from_config(config.faces, config.reward)
-    reward = reward.to(accelerator.device)
 
+def setup_reward(config: Config, manifest: str | Path, man: Manifest) -> MatchingReward:
+    """The configured reward, once the manifest's reference embeddings are known to come from its embedder."""
+    recorded = man.embedder.get("sha256")
+    if recorded and recorded != sha256_file(config.faces.embedder.path):
+        raise ValueError(f"{manifest}: its reference embeddings were made by another embedder than "
+                         f"{config.faces.embedder.path} (sha256 differs): re-run `umo prepare`")
+    return MatchingReward.from_config(config.faces, config.reward)
+
+
+def setup_model(config: Config, accelerator: Accelerator, precision: str):
+    """The generator with a fresh LoRA (trained in fp32 whatever the frozen weights are), AdamW and the LR
+    schedule, prepared by accelerate, whose checkpoints then hold only the LoRA.
+
+    Returns (generator, prepared transformer, trainable parameters by name, optimizer, scheduler).
+    """
+    # lazy: diffusers is heavy; only its LR schedules are used here
+    from diffusers.optimization import get_scheduler
+
+    tc = config.train
     weight_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     gen = load_generator(config.generator, dtype=weight_dtype, device=accelerator.device)
     transformer = gen.transformer
     add_lora(transformer, rank=config.lora.rank, alpha=config.lora.alpha, target_modules=config.lora.target_modules,
              dropout=config.lora.dropout, seed=config.seed)
-    for p in lora_parameters(transformer):  # trained in fp32 whatever the frozen weights are
+    for p in lora_parameters(transformer):
         p.data = p.data.float()
     if tc.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    named = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(list(named.values()), lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(list(params.values()), lr=tc.learning_rate, weight_decay=tc.weight_decay)
     scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
                               num_training_steps=tc.max_steps)
     model, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
     gen.denoiser = model
-    ema = LoraEMA(named, tc.ema_decay) if tc.ema_decay else None
+    accelerator.register_save_state_pre_hook(partial(_save_lora_only, accelerator))
+    accelerator.register_load_state_pre_hook(partial(_load_lora_only, accelerator))
+    return gen, model, params, optimizer, scheduler
 
-    def save_hook(models, weights, output_dir):  # only the LoRA, never the base weights
-        if main:
-            save_lora(accelerator.unwrap_model(models[0]), output_dir)
-        weights.clear()
 
-    def load_hook(models, input_dir):
-        load_lora(accelerator.unwrap_model(models[0]), Path(input_dir) / LORA_FILE)
-        models.clear()
+def _save_lora_only(accelerator: Accelerator, models: list, weights: list, output_dir: str) -> None:
+    """accelerate's save_state hook: the LoRA (main process), never the base weights."""
+    if accelerator.is_main_process:
+        save_lora(accelerator.unwrap_model(models[0]), output_dir)
+    weights.clear()
 
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
 
-    # ---------------------------------------------------------------- resume
-    state = TrainState(world_size=world, settings=resume_settings(config))
+def _load_lora_only(accelerator: Accelerator, models: list, input_dir: str) -> None:
+    """accelerate's load_state hook: the LoRA of `_save_lora_only`."""
+    load_lora(accelerator.unwrap_model(models[0]), Path(input_dir) / LORA_FILE)
+    models.clear()
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+def resume_run(run: Run, resume: str | None) -> Path | None:
+    """Continue from a checkpoint; returns it (None: the run starts at step 0). The resume rules:
+
+    - Which: `resume` = "latest" (out/checkpoints/latest; none there: start at step 0) or a checkpoint folder
+      (`find_checkpoint`; one without train_state.json is a ResumeError). resume=None into a folder that has
+      checkpoints is a ResumeError too: runs never mix.
+    - What must match: every setting of `resume_settings` (seed, generator, lora, reward, train) except those
+      in RESUMABLE_CHANGES (max_steps, the checkpoint / log / sample cadences, max_nonfinite_steps); any
+      other difference is a ResumeError. With a larger max_steps the LR schedule, defined over max_steps,
+      bends from the resume point on.
+    - What is restored: the LoRA, the optimizer and LR-scheduler states and every process's RNG states
+      (accelerate's load_state; the base model is never saved, it comes from config.generator), the EMA's
+      averages (ema.safetensors), and from train_state.json the step, the data position (epoch, global batches
+      consumed), the non-finite counters and the MLflow run id (world_size and settings are this run's).
+    - Data order and random draws: the batch order is a function of (seed, epoch) (`umo.train.data`) and every
+      draw of a micro-batch comes from a generator seeded by `draw_seed`(seed, step, micro-batch, process); LoRA
+      dropout, the only user of the global RNG, continues from the restored RNG states. So a run stopped or
+      crashed after the checkpoint of step N and resumed ends with the LoRA (and EMA) of the uninterrupted run,
+      bit for bit. On another number of processes it continues from the same data position, but with other
+      shards it is no longer bit-exact (a warning says so).
+    - history.json: the checkpoint's copy (a crashed run wrote no out/history.json; a checkpoint of an older umo
+      has none, then out/history.json is read), cut to the steps up to the checkpoint; steps run again are
+      appended once, so the final file lists every logged step once.
+    - MLflow: the checkpoint's run is continued (`start_tracking`); steps past the checkpoint that a crashed run
+      had already logged run again but are not logged again (`Tracker.last_step("loss")` → `Run.logged`);
+      their sample images are written again under the same names.
+    """
+    out = run.out
     checkpoint = find_checkpoint(out, resume) if resume else None
     if resume and checkpoint is None:
         log.info("resume=%s: no checkpoint in %s, starting from step 0", resume, out / "checkpoints")
-    if checkpoint is None and (out / "checkpoints" / LATEST).exists():
-        raise ResumeError(f"{out}: holds checkpoints of an earlier run; pass resume='latest' (--resume latest) "
-                          "to continue it, or choose another output folder")
-    if checkpoint is not None:
-        saved = TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))
-        changed = sorted(k for k in set(saved.settings) | set(state.settings)
-                         if saved.settings.get(k) != state.settings.get(k) and k not in RESUMABLE_CHANGES)
-        if changed:
-            raise ResumeError(f"{checkpoint}: made with other settings for {changed[:5]}; these may not change "
-                              "on resume (start a new output folder instead)")
-        if saved.world_size != world:
-            log.warning("resuming on %d processes, the checkpoint ran on %d: same data position, not bit-exact",
-                        world, saved.world_size)
-        accelerator.load_state(str(checkpoint))
-        if ema is not None:
-            from safetensors.torch import load_file
+    if checkpoint is None:
+        if (out / "checkpoints" / LATEST).exists():
+            raise ResumeError(f"{out}: holds checkpoints of an earlier run; pass resume='latest' (--resume "
+                              "latest) to continue it, or choose another output folder")
+        return None
+    saved = read_train_state(checkpoint, run.state.settings, run.world)
+    run.accelerator.load_state(str(checkpoint))
+    if run.ema is not None:
+        run.ema.shadow = load_file(str(checkpoint / EMA_FILE))
+    run.state = TrainState(**{**asdict(saved), "world_size": run.world, "settings": run.state.settings})
+    run.history = read_history(checkpoint, out, run.state.step)
+    log.info("resumed from %s at step %d (epoch %d, %d batches in)", checkpoint, run.state.step,
+             run.state.epoch, run.state.consumed)
+    return checkpoint
 
-            ema.shadow = load_file(str(checkpoint / EMA_FILE))
-        state = TrainState(**{**asdict(saved), "world_size": world, "settings": state.settings})
-        log.info("resumed from %s at step %d (epoch %d, %d batches in)", checkpoint, state.step, state.epoch,
-                 state.consumed)
 
-    tracker = None
-    if tracking and main:
-        from umo.tracking import Tracker, flatten, tracking_uri
+def read_train_state(checkpoint: Path, settings: dict[str, Any], world: int) -> TrainState:
+    """The checkpoint's train_state.json, once its settings are found compatible with `settings`."""
+    saved = TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))
+    changed = sorted(k for k in set(saved.settings) | set(settings)
+                     if saved.settings.get(k) != settings.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise ResumeError(f"{checkpoint}: made with other settings for {changed[:5]}; these may not change "
+                          "on resume (start a new output folder instead)")
+    if saved.world_size != world:
+        log.warning("resuming on %d processes, the checkpoint ran on %d: same data position, not bit-exact",
+                    world, saved.world_size)
+    return saved
 
-        tracker = Tracker(uri=tracking_uri(config.tracking.tracking_uri), experiment=config.tracking.experiment,
-                          run_name=f"train-{out.name}", run_id=state.mlflow_run_id,
-                          tags={"umo.stage": "train", "umo.toy_world": str(man.toy_world).lower()})
-        state.mlflow_run_id = tracker.run_id
-        tracker.log_params(flatten(to_dict(config)) | {
-            "data.manifest": str(manifest), "data.manifest_sha256": sha256_file(manifest),
-            "data.samples": len(data), "data.toy_world": man.toy_world, "dist.processes": world,
-            "dist.total_batch": tc.batch_size * world * tc.gradient_accumulation_steps,
-            "lora.trainable_parameters": sum(p.numel() for p in named.values())})
 
-    # ---------------------------------------------------------------- train
-    epochs: dict[int, list[list[int]]] = {}
+def read_history(checkpoint: Path, out: Path, step: int) -> list[dict[str, float]]:
+    """The logged steps up to `step`: the checkpoint's history.json, else out/history.json, else none."""
+    path = checkpoint / HISTORY_FILE
+    if not path.is_file():
+        path = out / HISTORY_FILE  # a checkpoint of an older umo
+    if not path.is_file():
+        return []
+    return [h for h in json.loads(path.read_text()) if h["step"] <= step]
 
-    def next_batch() -> list[int]:
-        while True:
-            if state.epoch not in epochs:
-                epochs.clear()
-                epochs[state.epoch] = shard(epoch_batches(data.reference_counts, batch_size=tc.batch_size,
-                                                          seed=config.seed, epoch=state.epoch), rank, world)
-            mine = epochs[state.epoch]
-            k = state.consumed // world
-            if k < len(mine):
-                state.consumed += world
-                return mine[k]
-            state.epoch, state.consumed = state.epoch + 1, 0
 
-    height, width = config.generator.resolution
-    accum = tc.gradient_accumulation_steps
-    history: list[dict[str, float]] = []
-    if checkpoint is not None:  # the steps up to the checkpoint: saved in it (a crashed run wrote no history.json)
-        saved_history = checkpoint / HISTORY_FILE
-        if not saved_history.is_file():
-            saved_history = out / HISTORY_FILE  # a checkpoint of an older umo
-        if saved_history.is_file():
-            history = [h for h in json.loads(saved_history.read_text()) if h["step"] <= state.step]
-    started = time.perf_counter()
-    logged = tracker.last_step("loss") if tracker and checkpoint is not None else 0
-    progress = _progress(tc.max_steps, state.step, enabled=main)
+def start_tracking(run: Run, manifest: str | Path, *, resumed: bool) -> None:
+    """Open the MLflow run (the checkpoint's when there is one) and log the params; main process only."""
+    config, tc = run.config, run.config.train
+    run.tracker = Tracker(uri=tracking_uri(config.tracking.tracking_uri), experiment=config.tracking.experiment,
+                          run_name=f"train-{run.out.name}", run_id=run.state.mlflow_run_id,
+                          tags={"umo.stage": "train", "umo.toy_world": str(run.data.manifest.toy_world).lower()})
+    run.state.mlflow_run_id = run.tracker.run_id
+    run.tracker.log_params(flatten(to_dict(config)) | {
+        "data.manifest": str(manifest), "data.manifest_sha256": sha256_file(manifest),
+        "data.samples": len(run.data), "data.toy_world": run.data.manifest.toy_world, "dist.processes": run.world,
+        "dist.total_batch": tc.batch_size * run.world * tc.gradient_accumulation_steps,
+        "lora.trainable_parameters": sum(p.numel() for p in run.params.values())})
+    if resumed:
+        run.logged = run.tracker.last_step("loss")
+
+
+# ------------------------------------------------------------------------------------------------ the step loop
+
+
+def train_loop(run: Run) -> None:
+    """Optimizer steps from state.step to train.max_steps. After a step, by its number: metrics every log_every
+    steps and at the last, sample images every sample_every, a checkpoint every checkpoint_every and at the last.
+    Ends the MLflow run: FINISHED, or FAILED when an exception leaves the loop."""
+    tc, state, tracker = run.config.train, run.state, run.tracker
+    progress = tqdm(total=tc.max_steps, initial=state.step, desc="train", unit="step", disable=not run.main,
+                    dynamic_ncols=True)
     status = "FAILED"
     try:
         while state.step < tc.max_steps:
-            parts, last, ok = [], None, True
-            for micro in range(accum):
-                batch = data.batch(next_batch()).to(accelerator.device)
-                rng = torch.Generator().manual_seed(draw_seed(config.seed, state.step, micro, rank))
-                sync = micro == accum - 1
-                with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                    out_step = rerefl_step(gen, reward, batch, sampler_steps=tc.sampler_steps,
-                                           grad_step_range=tc.grad_step_range, diff_weight=tc.diff_weight,
-                                           reward_weight=tc.reward_weight, height=height, width=width,
-                                           generator=rng)
-                    finite = torch.isfinite(out_step.loss.detach()).float().reshape(1)
-                    if accelerator.reduce(finite, reduction="sum").item() < world:
-                        ok = False
-                        break
-                    accelerator.backward(out_step.loss / accum)
-                parts.append(out_step.scalars())
-                last = (batch, out_step)
-            grad_norm = math.nan
-            if ok:
-                grad_norm = float(accelerator.clip_grad_norm_(list(named.values()), tc.max_grad_norm or math.inf))
-                ok = math.isfinite(grad_norm)
-            if ok:
-                optimizer.step()
-                scheduler.step()
-                if ema is not None:
-                    ema.update()
-                state.consecutive_nonfinite = 0
-            else:
-                state.skipped_nonfinite += 1
-                state.consecutive_nonfinite += 1
-                log.warning("step %d: non-finite loss or gradient on some process: step skipped (%d in a row)",
-                            state.step, state.consecutive_nonfinite)
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
+            parts, last, grad_norm = optimizer_step(run)
             progress.update(1)
-
             if state.consecutive_nonfinite >= tc.max_nonfinite_steps:
                 raise NonFiniteLossError(
                     f"the loss or gradient was non-finite for {state.consecutive_nonfinite} steps in a row (up to "
                     f"step {state.step}): training diverged; lower train.learning_rate or check the data. The "
-                    f"last good checkpoint is in {out / 'checkpoints'}")
+                    f"last good checkpoint is in {run.out / 'checkpoints'}")
             if state.step % tc.log_every == 0 or state.step == tc.max_steps:
-                metrics = _reduce_metrics(accelerator, parts) | {
-                    "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                    "skipped_nonfinite": float(state.skipped_nonfinite)}
-                history.append({"step": state.step, **metrics})
-                if main:
-                    progress.set_postfix(reward=f"{metrics.get('reward', math.nan):.4f}", refresh=False)
-                    if tracker and state.step > logged:  # a resumed run re-runs steps MLflow already has
-                        tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, state.step)
+                log_step(run, parts, grad_norm, progress)
             if tracker and last and tc.sample_every and state.step % tc.sample_every == 0:
                 tracker.log_image(sample_grid(last[0], last[1].images), f"samples/step_{state.step:06d}.png")
             if state.step % tc.checkpoint_every == 0 or state.step == tc.max_steps:
-                save_checkpoint(accelerator, out, state, ema, keep=tc.checkpoints_total_limit, history=history)
+                save_checkpoint(run.accelerator, run.out, state, run.ema, keep=tc.checkpoints_total_limit,
+                                history=run.history)
         status = "FINISHED"
     finally:
         progress.close()
         if tracker:
             tracker.end(status)
 
-    # ---------------------------------------------------------------- export the final LoRA
-    if ema is not None:
-        ema.swap()
-    lora_dir = out / "lora"
-    if main:
-        lora = save_lora(accelerator.unwrap_model(model), lora_dir)
-    if ema is not None:
-        ema.swap()
-    tail = history[-10:]
-    summary = {"step": state.step, "skipped_nonfinite": state.skipped_nonfinite, "processes": world,
-               "ema": ema is not None, "seconds": round(time.perf_counter() - started, 2),
-               **{f"final_{k}": float(np.mean([h[k] for h in tail])) for k in
-                  ("reward", "reward_matched", "reward_unmatched", "diff_loss", "faces_per_sample")
-                  if tail and k in tail[0]}}
-    if main:
-        atomic_write_json(out / HISTORY_FILE, history)
-        atomic_write_json(out / "train_metrics.json", summary)
-        if tracker:
-            tracker.log_artifact(out / "train_metrics.json")
-    accelerator.wait_for_everyone()
-    return TrainResult(state.step, lora_dir / LORA_FILE, summary, state.mlflow_run_id,
-                       accelerator.unwrap_model(model))
+
+def optimizer_step(run: Run) -> tuple[list[dict[str, float]], tuple[Batch, StepOutput] | None, float]:
+    """One optimizer step (`accumulate`, then clipping, AdamW, the LR schedule and the EMA) or, when a loss or
+    the gradient norm is non-finite on any process, a skip, counted in the state. Advances state.step.
+
+    Returns the micro-batches' scalars, the last micro-batch with its output (None when the first was
+    non-finite) and the gradient norm (nan when the step was skipped before clipping).
+    """
+    tc, state = run.config.train, run.state
+    parts, last, ok = accumulate(run)
+    grad_norm = math.nan
+    if ok:
+        grad_norm = float(run.accelerator.clip_grad_norm_(list(run.params.values()), tc.max_grad_norm or math.inf))
+        ok = math.isfinite(grad_norm)
+    if ok:
+        run.optimizer.step()
+        run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update()
+        state.consecutive_nonfinite = 0
+    else:
+        state.skipped_nonfinite += 1
+        state.consecutive_nonfinite += 1
+        log.warning("step %d: non-finite loss or gradient on some process: step skipped (%d in a row)",
+                    state.step, state.consecutive_nonfinite)
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return parts, last, grad_norm
+
+
+def accumulate(run: Run) -> tuple[list[dict[str, float]], tuple[Batch, StepOutput] | None, bool]:
+    """Forward and backward of the step's micro-batches (DDP syncs the gradients at the last). Stops, returning
+    False, at the first micro-batch whose loss is non-finite on any process: all processes agree on it before
+    anyone runs backward."""
+    acc, tc, config = run.accelerator, run.config.train, run.config
+    height, width = config.generator.resolution
+    accum = tc.gradient_accumulation_steps
+    parts, last = [], None
+    for micro in range(accum):
+        batch = run.data.batch(next_batch(run)).to(acc.device)
+        rng = torch.Generator().manual_seed(draw_seed(config.seed, run.state.step, micro, run.rank))
+        sync = micro == accum - 1
+        with (nullcontext() if sync else acc.no_sync(run.model)), acc.autocast():
+            output = rerefl_step(run.gen, run.reward, batch, sampler_steps=tc.sampler_steps,
+                                 grad_step_range=tc.grad_step_range, diff_weight=tc.diff_weight,
+                                 reward_weight=tc.reward_weight, height=height, width=width, generator=rng)
+            finite = torch.isfinite(output.loss.detach()).float().reshape(1)
+            if acc.reduce(finite, reduction="sum").item() < run.world:
+                return parts, last, False
+            acc.backward(output.loss / accum)
+        parts.append(output.scalars())
+        last = (batch, output)
+    return parts, last, True
+
+
+def next_batch(run: Run) -> list[int]:
+    """This process's next batch (sample indices); advances the data position (state.epoch, state.consumed)."""
+    state, tc = run.state, run.config.train
+    while True:
+        if run.order is None or run.order[0] != state.epoch:
+            batches = epoch_batches(run.data.reference_counts, batch_size=tc.batch_size, seed=run.config.seed,
+                                    epoch=state.epoch)
+            run.order = (state.epoch, shard(batches, run.rank, run.world))
+        mine = run.order[1]
+        k = state.consumed // run.world
+        if k < len(mine):
+            state.consumed += run.world
+            return mine[k]
+        state.epoch, state.consumed = state.epoch + 1, 0
+
+
+def log_step(run: Run, parts: list[dict[str, float]], grad_norm: float, progress: tqdm) -> None:
+    """Reduce this step's metrics (a collective: every process calls it) into the history; the main process
+    shows METRICS[0] on the progress bar and logs the finite ones to MLflow (unless it has the step already)."""
+    state = run.state
+    metrics = reduce_metrics(run.accelerator, parts) | {
+        "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+        "skipped_nonfinite": float(state.skipped_nonfinite)}
+    run.history.append({"step": state.step, **metrics})
+    if run.main:
+        headline = METRICS[0]
+        progress.set_postfix({headline: f"{metrics[headline]:.4f}"}, refresh=False)
+        if run.tracker and state.step > run.logged:
+            run.tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, state.step)
+
+
+def reduce_metrics(accelerator: Accelerator, parts: list[dict[str, float]]) -> dict[str, float]:
+    """METRICS: mean over micro-batches, then over processes (a collective: every process calls it); nan when
+    the step has no finite micro-batch."""
+    local = torch.tensor([np.mean([p[k] for p in parts]) if parts else math.nan for k in METRICS],
+                         dtype=torch.float64, device=accelerator.device)
+    mean = accelerator.reduce(local, reduction="mean")
+    return dict(zip(METRICS, mean.tolist()))
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint
 
 
 def save_checkpoint(accelerator, out: Path, state: TrainState, ema: LoraEMA | None, *, keep: int,
                     history: list[dict[str, float]] | None = None) -> Path:
-    """Write out/checkpoints/checkpoint-<step> atomically (with the metric history up to it), then the `latest`
-    pointer, then prune old ones."""
+    """Write out/checkpoints/checkpoint-<step> atomically, then the `latest` pointer, then prune all but the
+    newest `keep` checkpoints. accelerate's save_state writes into a temporary folder, renamed when complete.
+
+    A checkpoint holds ONLY: the LoRA (pytorch_lora_weights.safetensors, diffusers format; the base model is
+    never saved), the optimizer and LR-scheduler states and every process's RNG states (accelerate's files),
+    train_state.json (`TrainState`), history.json (the metric history up to the step) and, when the EMA is on,
+    ema.safetensors. `resume_run` restores it.
+    """
     root = out / "checkpoints"
     name = f"checkpoint-{state.step:06d}"
     final, tmp = root / name, root / f".{name}.tmp"
@@ -422,16 +578,31 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, ema: LoraEMA | No
     return final
 
 
-def _reduce_metrics(accelerator, parts: list[dict[str, float]]) -> dict[str, float]:
-    """Mean over micro-batches, then over processes (a collective: every process calls it)."""
-    keys = ["loss", "diff_loss", "reward", "reward_matched", "reward_unmatched", "faces_per_sample", "grad_step"]
-    local = torch.tensor([np.mean([p[k] for p in parts]) if parts else math.nan for k in keys],
-                         dtype=torch.float64, device=accelerator.device)
-    mean = accelerator.reduce(local, reduction="mean")
-    return dict(zip(keys, mean.tolist()))
+# ------------------------------------------------------------------------------------------------ export
 
 
-def _progress(total: int, initial: int, *, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+def export(run: Run, started: float) -> TrainResult:
+    """The final outputs: out/lora/ (the EMA's weights when the EMA is on; the live weights stay in the
+    returned transformer), out/history.json and out/train_metrics.json (main process; the latter is also an
+    MLflow artifact). train_metrics.json: step, skipped_nonfinite, processes, ema, seconds (since `started`)
+    and final_<name> for SUMMARY_METRICS, the mean of the last 10 logged steps."""
+    acc, ema, state = run.accelerator, run.ema, run.state
+    if ema is not None:
+        ema.swap()
+    lora_dir = run.out / "lora"
+    if run.main:
+        save_lora(acc.unwrap_model(run.model), lora_dir)
+    if ema is not None:
+        ema.swap()
+    tail = run.history[-10:]
+    summary = {"step": state.step, "skipped_nonfinite": state.skipped_nonfinite, "processes": run.world,
+               "ema": ema is not None, "seconds": round(time.perf_counter() - started, 2),
+               **{f"final_{k}": float(np.mean([h[k] for h in tail]))
+                  for k in SUMMARY_METRICS if tail and k in tail[0]}}
+    if run.main:
+        atomic_write_json(run.out / HISTORY_FILE, run.history)
+        atomic_write_json(run.out / "train_metrics.json", summary)
+        if run.tracker:
+            run.tracker.log_artifact(run.out / "train_metrics.json")
+    acc.wait_for_everyone()
+    return TrainResult(state.step, lora_dir / LORA_FILE, summary, state.mlflow_run_id, acc.unwrap_model(run.model))

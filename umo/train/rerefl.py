@@ -25,6 +25,13 @@ import torch.nn.functional as F
 
 from umo.models.base import Generator, euler_step, predict_x0
 
+METRICS = ("reward", "reward_matched", "reward_unmatched", "diff_loss", "faces_per_sample", "loss", "grad_step")
+"""The scalars of a step that the trainer logs (`StepOutput.scalars`, in this order): means over micro-batches,
+then processes. The first, the reward, is the one the progress bar shows."""
+SUMMARY_METRICS = tuple(k for k in METRICS if k not in ("loss", "grad_step"))
+"""Those train_metrics.json reports as final_<name> (the loss's scale depends on the weights; grad_step is a
+random draw)."""
+
 
 @dataclass
 class Batch:
@@ -66,10 +73,10 @@ class StepOutput:
     images: torch.Tensor = field(repr=False)  # (B, 3, H, W) decoded x0_hat, detached
 
     def scalars(self) -> dict[str, float]:
-        return {"loss": float(self.loss.detach()), "diff_loss": float(self.diff_loss),
-                "reward": float(self.reward), "reward_matched": float(self.matched),
-                "reward_unmatched": float(self.unmatched), "faces_per_sample": float(self.faces.float().mean()),
-                "grad_step": float(self.grad_step), "sigma": self.sigma}
+        """METRICS by name, then sigma (a diagnostic the trainer does not log)."""
+        values = (self.reward, self.matched, self.unmatched, self.diff_loss, self.faces.float().mean(),
+                  self.loss.detach(), self.grad_step)
+        return dict(zip(METRICS, map(float, values), strict=True)) | {"sigma": self.sigma}
 
 
 def draw_grad_step(grad_step_range: Sequence[int], generator: torch.Generator) -> int:

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from umo.faces.align import ARCFACE_TEMPLATE
-from umo.toy.onnx_export import SCRFD_INPUT_MEAN, SCRFD_INPUT_STD
 from umo.faces.types import Detections
+from umo.toy.onnx_export import SCRFD_INPUT_MEAN, SCRFD_INPUT_STD
 
 NOSE = 2  # index of the nose tip in ARCFACE_TEMPLATE
 

@@ -18,7 +18,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from diffusers import (
+    AutoencoderKLFlux2,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2KleinKVPipeline,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
+)
+from tokenizers import pre_tokenizers
+from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM
 
+from umo.io import atomic_dir
 from umo.models.flux2 import TINY_MARKER
 
 TINY_TEXT_LAYERS = (1, 2, 3)  # hidden-state indices stacked as the prompt embedding (real klein: 9, 18, 27)
@@ -50,9 +60,6 @@ class TinyFlux2Config:
 
 def tiny_tokenizer():
     """A Qwen2Tokenizer over the 256 byte-level symbols plus Qwen's special tokens, built in memory."""
-    from tokenizers import pre_tokenizers
-    from transformers import Qwen2Tokenizer
-
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *alphabet])}
     tok = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=512)
@@ -62,9 +69,6 @@ def tiny_tokenizer():
 
 def tiny_components(config: TinyFlux2Config = TinyFlux2Config()) -> dict:
     """Seeded tiny transformer, VAE, text encoder, tokenizer and scheduler (the klein pipeline's modules)."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     tokenizer = tiny_tokenizer()
     c = config
     torch.manual_seed(c.seed)
@@ -99,10 +103,6 @@ def write_tiny_flux2(out_dir: str | Path, config: TinyFlux2Config = TinyFlux2Con
     kv: save it as a Flux2KleinKVPipeline instead (same modules; reference tokens first, cacheable).
     Written to a temporary sibling and renamed, so a reader never sees half a model.
     """
-    from diffusers import Flux2KleinKVPipeline, Flux2KleinPipeline
-
-    from umo.io import atomic_dir
-
     out_dir = Path(out_dir)
     pipe = (Flux2KleinKVPipeline if kv else Flux2KleinPipeline)(**tiny_components(config), is_distilled=False)
     marker = {**asdict(config), "text_layers_used": list(TINY_TEXT_LAYERS),

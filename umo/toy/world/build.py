@@ -41,11 +41,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import cv2
+import numpy
+import onnx
+import safetensors
+import torch
+
 from umo import __version__
 from umo.config import to_dict
-from umo.toy.config import ToyWorldConfig
-from umo.typed import from_dict
+from umo.faces.detect import FaceDetector
 from umo.io import TOY_WORLD_FILE, atomic_write_bytes, sha256_file
+from umo.toy.config import ToyWorldConfig
+from umo.toy.world.collection import write_raw_collection
+from umo.toy.world.detector import DETECTOR_FILE, build_detector, evaluate_detector
+from umo.toy.world.embedders import build_embedders, judge_file, reward_file
+from umo.typed import from_dict
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +91,9 @@ def portable_numerics_env() -> dict[str, str]:
     if platform.machine().lower() in ("x86_64", "amd64"):
         env |= {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
         try:
-            from numpy._core._multiarray_umath import __cpu_dispatch__
-        except ImportError:  # numpy < 2
-            from numpy.core._multiarray_umath import __cpu_dispatch__
+            from numpy._core._multiarray_umath import __cpu_dispatch__  # private, moved in numpy 2: here on use
+        except ImportError:
+            from numpy.core._multiarray_umath import __cpu_dispatch__  # numpy < 2
         wide = [f for f in __cpu_dispatch__ if "512" in f or f == "X86_V4"]
         if wide:
             env["NPY_DISABLE_CPU_FEATURES"] = " ".join(wide)
@@ -115,12 +125,6 @@ def sources_hash() -> str:
 
 
 def _versions() -> dict[str, str]:
-    import cv2
-    import numpy
-    import onnx
-    import safetensors
-    import torch
-
     return {"torch": torch.__version__, "numpy": numpy.__version__, "onnx": onnx.__version__,
             "opencv": cv2.__version__, "safetensors": safetensors.__version__}
 
@@ -175,20 +179,14 @@ class ToyWorld:
 
     @property
     def detector_path(self) -> Path:
-        from umo.toy.world.detector import DETECTOR_FILE
-
         return self.models / DETECTOR_PACK / DETECTOR_FILE
 
     @property
     def reward_path(self) -> Path:
-        from umo.toy.world.embedders import reward_file
-
         return self.models / reward_file(self.config.reward)
 
     @property
     def judge_path(self) -> Path:
-        from umo.toy.world.embedders import judge_file
-
         return self.models / JUDGE_PACK / judge_file(self.config.judge)
 
     def part_files(self, name: str) -> list[Path]:
@@ -223,8 +221,6 @@ def _init_process(level: int) -> None:
 
 def _run_part(name: str, root: str, cfg_data: dict[str, Any]) -> dict[str, Any]:
     """Build one part into `root`; returns {"metrics": {...}, "seconds": float}."""
-    import torch
-
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     cfg = from_dict(ToyWorldConfig, cfg_data, source="toyworld build")
@@ -239,17 +235,12 @@ def _run_part(name: str, root: str, cfg_data: dict[str, Any]) -> dict[str, Any]:
         meta = _write_collection(cfg, world.raw, world.truth)
         metrics = {k: meta[k] for k in ("n_groups", "n_images", "n_faces", "n_identities")}
     elif name == "detector":
-        from umo.faces.detect import FaceDetector
-        from umo.toy.world.detector import build_detector, evaluate_detector
-
         build_detector(world.detector_path.parent, cfg.world_seed, train_ids=train_ids, config=cfg.detector,
                        metadata=TOY_METADATA)
         # Measured through the real loading path: the pack folder, insightface's router, our batched SCRFD.
         detector = FaceDetector.from_model_root(world.models, DETECTOR_PACK)
         metrics = evaluate_detector(detector, cfg.world_seed, test_ids, n_scenes=cfg.quality.eval_scenes)
     elif name == "embedders":
-        from umo.toy.world.embedders import build_embedders
-
         result = build_embedders(cfg.world_seed, reward=cfg.reward, reward_path=world.reward_path,
                                  judge=cfg.judge, judge_path=world.judge_path, train_ids=train_ids,
                                  test_ids=test_ids, per_id=cfg.faces_per_identity,
@@ -408,8 +399,6 @@ def build_toyworld(out: str | Path, cfg: ToyWorldConfig, *, workers: int = 2, fo
 
 def _write_collection(cfg: ToyWorldConfig, out: Path, truth: Path) -> dict[str, Any]:
     """The raw collection of `cfg` into `out`, its ground truth at `truth` (the build's part and `write_raw`)."""
-    from umo.toy.world.collection import write_raw_collection
-
     c = cfg.collection
     return write_raw_collection(out, world_seed=cfg.world_seed, n_groups=c.n_groups,
                                 images_per_group=tuple(c.images_per_group), cast_size=tuple(c.cast_size),

@@ -38,9 +38,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from umo.io import TOY_WORLD_FILE, atomic_write_bytes
 from umo.toy.world.background import SCENE_SETTINGS
 from umo.toy.world.identity import MAX_IDENTITIES, make_identity
-from umo.io import TOY_WORLD_FILE, atomic_write_bytes
 from umo.toy.world.render import MAX_FACES, Scene, head_strip, render_group, render_scene
 
 log = logging.getLogger(__name__)

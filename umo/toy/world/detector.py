@@ -25,9 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from umo.toy.config import ToyDetectorConfig
 from umo.faces.detect import FaceDetector
-from umo.toy.onnx_export import SCRFD_ANCHORS, SCRFD_INPUT_MEAN, SCRFD_INPUT_STD, SCRFD_STRIDES, export_detector_onnx
+from umo.toy.config import ToyDetectorConfig
+from umo.toy.onnx_export import (
+    SCRFD_ANCHORS,
+    SCRFD_INPUT_MEAN,
+    SCRFD_INPUT_STD,
+    SCRFD_STRIDES,
+    export_detector_onnx,
+)
 from umo.toy.world.identity import Identity, make_identity
 from umo.toy.world.render import MAX_FACES, Scene, render_scene
 

@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from umo.toy.config import ToyEmbedderConfig
 from umo.faces.align import similarity_transforms
-from umo.faces.embed import IResNet, iresnet
-from umo.toy.onnx_export import export_recognizer_onnx
+from umo.faces.embed import IResNet, OnnxRecognizer, iresnet, load_arcface
+from umo.images import rgb_to_signed
 from umo.io import save_safetensors
+from umo.toy.config import ToyEmbedderConfig
+from umo.toy.onnx_export import export_recognizer_onnx
 from umo.toy.world.identity import make_identity
 from umo.toy.world.render import render_scene
 
@@ -77,8 +78,7 @@ def aligned_faces(
 
 def to_input(crops: np.ndarray) -> torch.Tensor:
     """(N, 112, 112, 3) uint8 RGB -> (N, 3, 112, 112) float32 in [-1, 1], arcface_torch's normalization."""
-    x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float()
-    return x.div_(127.5).sub_(1.0)
+    return rgb_to_signed(crops)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -270,8 +270,6 @@ def build_embedders(
     written, through the real loaders (`load_arcface` + `ArcFaceEmbedder`, `OnnxRecognizer`). Returns
     verification_metrics(reward, judge) plus train times.
     """
-    from umo.faces.embed import OnnxRecognizer, load_arcface
-
     train_x, train_y = aligned_faces(world_seed, train_ids, per_id, seed=0)
     test_x, test_y = aligned_faces(world_seed, test_ids, per_test_id, seed=1)
 
