@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The toy-world ablation at GPU scale (issue 19.8), one command on one GPU:
+# The toy-world ablation at GPU scale, one command on one GPU:
 #
 #   bash benchmarks/gpu_ablation.sh            # results: artifacts/gpu-ablation/{closed,open}/, one JSON + table
 #

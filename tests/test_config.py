@@ -109,3 +109,32 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
         load_config(path, ["train.learning_rate=e-6"])
     with pytest.raises(ConfigError, match="expected an integer"):
         load_config(path, ["train.max_steps=1e3"])
+
+
+def test_the_committed_json_schema_is_current_and_says_what_the_loader_says():
+    """params.schema.json (what editors read) is `umo config --schema`'s output, and agrees with the loader:
+    params.yaml passes it; an unknown key, a wrong type and a bad choice fail it, as they fail load_config."""
+    import json
+
+    import jsonschema
+
+    from umo.config import params_schema
+
+    committed = json.loads((ROOT / "params.schema.json").read_text())
+    assert committed == params_schema(), "regenerate: umo config --schema > params.schema.json"
+    assert (ROOT / "params.yaml").read_text().startswith("# yaml-language-server: $schema=params.schema.json")
+    validator = jsonschema.Draft202012Validator(committed)
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert not list(validator.iter_errors(data))
+    assert {"toyworld", "toybase", "ablation", "train"} <= set(committed["properties"])  # the wing's sections too
+    docs = committed["$defs"]["PrepareConfig"]["properties"]["max_caption_chars"]
+    assert docs["default"] == 2000 and "caption_truncated" in docs["description"]
+    for path, value in ((("reward", "kindd"), 1), (("train", "max_steps"), "ten"), (("reward", "kind"), "best"),
+                        (("toyworld", "world_seed"), 1.5)):
+        bad = yaml.safe_load((ROOT / "params.yaml").read_text())
+        bad[path[0]][path[1]] = value
+        assert list(validator.iter_errors(bad)), path
+        with pytest.raises(ConfigError, match=path[1] if path[1] != "kind" else "expected one of"):
+            from umo.config import config_from_dict
+
+            config_from_dict(bad)

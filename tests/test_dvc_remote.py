@@ -1,4 +1,4 @@
-"""An S3 DVC remote with `endpointurl` (as the README sets it up for MinIO or any S3 API), against moto's S3
+"""An S3 DVC remote with `endpointurl` (as docs/orchestration.md sets it up for MinIO or any S3 API), against moto's S3
 server on 127.0.0.1: `dvc push`, then `dvc pull` into a workspace that lost its data and its cache."""
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from umo import __version__
-from umo.config import ConfigError, extensions, load_config, to_dict
+from umo.config import ConfigError, extensions, load_config, params_schema, to_dict
 import tempfile
 from umo.io import atomic_write_json
 
@@ -28,7 +28,10 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    """Print the validated configuration, defaults filled in, as YAML."""
+    """Print the validated configuration, defaults filled in, as YAML (--schema: the JSON Schema of params.yaml)."""
+    if args.schema:
+        sys.stdout.write(json.dumps(params_schema(), indent=2) + "\n")
+        return 0
     config = load_config(args.params, args.overrides)
     sys.stdout.write(yaml.safe_dump(to_dict(config), sort_keys=False))
     return 0
@@ -207,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the validated configuration (params.yaml + overrides)")
     add_config_args(p)
+    p.add_argument("--schema", action="store_true", help="print the JSON Schema of params.yaml instead "
+                   "(params.schema.json: `umo config --schema > params.schema.json`)")
     p.set_defaults(func=cmd_config)
 
     faces = sub.add_parser("faces", help="face pipeline utilities")

@@ -24,11 +24,11 @@ import yaml
 from ruamel.yaml import YAML
 
 from umo.io import atomic_write_bytes
-from umo.typed import ConfigError, apply_override, from_dict
+from umo.typed import ConfigError, apply_override, from_dict, json_schema
 from umo.typed import to_dict as _plain
 
 __all__ = ["Config", "ConfigError", "apply_override", "config_from_dict", "extensions", "load_config",
-           "to_dict", "write_overrides"]
+           "params_schema", "to_dict", "write_overrides"]
 
 
 # ---------------------------------------------------------------------------------------------------- schema
@@ -507,6 +507,13 @@ def config_from_dict(data: dict[str, Any], *, source: str = "params") -> Config:
     config.extensions = {name: from_dict(cls, data.get(name, {}), source=source, prefix=f"{name}.")
                          for name, cls in sections.items()}
     return config
+
+
+def params_schema() -> dict[str, Any]:
+    """The JSON Schema of params.yaml, extensions' sections included (`umo config --schema`; the committed
+    params.schema.json, which editors read through params.yaml's first line)."""
+    schema = json_schema(Config, extra=extension_sections(), drop=("extensions",))
+    return schema | {"title": "umo params.yaml"}
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -1,14 +1,18 @@
 """A typed loader for plain data (YAML, JSON) into nested dataclasses, strict about keys and types.
 
 `from_dict(Cls, data)` rejects an unknown key or a wrong type with an error naming the full dotted key and
-what was expected; `to_dict` is its inverse; `apply_override` sets one dotted `key=value` (a YAML scalar).
+what was expected; `to_dict` is its inverse; `apply_override` sets one dotted `key=value` (a YAML scalar);
+`json_schema(Cls)` describes the same rules as a JSON Schema (with each field's docstring) for editors.
 It knows nothing of umo's settings: `umo.config` holds the schema.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import re
+import textwrap
 import types
 import typing
 from typing import Any, Literal, Union
@@ -108,3 +112,74 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
 def to_dict(config: Any) -> dict[str, Any]:
     """The plain-data form of a dataclass (what the params file would hold)."""
     return dataclasses.asdict(config)
+
+
+# ---------------------------------------------------------------------------------------------------- JSON Schema
+
+
+def json_schema(cls: type, *, extra: dict[str, type] | None = None, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of dataclass `cls`: the loader's rules (types, choices, no unknown keys),
+    each field's default, and its docstring as the description. Nested dataclasses go to `$defs`. extra: more
+    top-level keys, each a dataclass section; drop: fields of `cls` that are not keys of the data."""
+    defs: dict[str, Any] = {}
+    root = _object_schema(cls, defs)
+    for name in drop:
+        del root["properties"][name]
+    for name, section in (extra or {}).items():
+        root["properties"][name] = _type_schema(section, defs) | {"default": to_dict(section())}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **root, "$defs": dict(sorted(defs.items()))}
+
+
+def _object_schema(cls: type, defs: dict[str, Any]) -> dict[str, Any]:
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    properties = {}
+    for f in dataclasses.fields(cls):
+        prop = _type_schema(hints[f.name], defs)
+        default = (f.default if f.default is not dataclasses.MISSING else
+                   f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if default is not dataclasses.MISSING:
+            prop["default"] = to_dict(default) if dataclasses.is_dataclass(default) else default
+        if f.name in docs:
+            prop["description"] = docs[f.name]
+        properties[f.name] = prop
+    schema = {"type": "object", "properties": properties, "additionalProperties": False}
+    if cls.__doc__ and not cls.__doc__.startswith(f"{cls.__name__}("):  # not the dataclass' generated one
+        schema["description"] = inspect.cleandoc(cls.__doc__)
+    return schema
+
+
+def _type_schema(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if tp.__name__ not in defs:
+            defs[tp.__name__] = {}  # a placeholder first: a recursive type refers to itself
+            defs[tp.__name__] = _object_schema(tp, defs)
+        return {"$ref": f"#/$defs/{tp.__name__}"}
+    if origin in (Union, types.UnionType):
+        return {"anyOf": [_type_schema(option, defs) for option in typing.get_args(tp)]}
+    if origin is Literal:
+        return {"enum": list(typing.get_args(tp))}
+    if origin is list:
+        return {"type": "array", "items": _type_schema(typing.get_args(tp)[0], defs)}
+    simple = {type(None): "null", bool: "boolean", int: "integer", float: "number", str: "string"}
+    if tp in simple:
+        return {"type": simple[tp]}
+    if origin is dict or tp is dict:
+        return {"type": "object"}
+    raise TypeError(f"json_schema: unsupported annotation {tp!r}")  # a schema bug, not user input
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: its docstring}: the string literal right under a field's annotation in the class body."""
+    try:
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    except (OSError, TypeError):
+        return {}
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)):
+            docs[node.target.id] = inspect.cleandoc(following.value.value)
+    return docs
+

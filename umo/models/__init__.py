@@ -1,4 +1,4 @@
-"""Generators: the protocol (`base`), one module per family (`flux2`), LoRA (`lora`), tiny test models (`tiny`)."""
+"""Generators: the protocol (`base`), one module per family (`flux2`), LoRA (`lora`)."""
 
 from __future__ import annotations
 

@@ -10,16 +10,15 @@ from pathlib import Path
 
 from umo.cli import add_config_args
 from umo.config import load_config
-from umo.toy import ablation
-from umo.toy.cast import UninformativeBase, build_toybase, gate_table
-from umo.toy.tiny.flux2 import write_tiny_flux2
-from umo.toy.world.build import ToyWorldError, build_toyworld, quality_table, write_raw
 
 log = logging.getLogger("umo")
 
 
 def cmd_toyworld_build(args: argparse.Namespace) -> int:
     """Build (or reuse) the toy world; print its quality table; exit 1 when below the quality gates."""
+    # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
+    from umo.toy.world.build import ToyWorldError, build_toyworld, quality_table
+
 
     config = load_config(args.params, args.overrides).section("toyworld")
     try:
@@ -41,6 +40,9 @@ def cmd_toyworld_build(args: argparse.Namespace) -> int:
 
 def cmd_toyworld_raw(args: argparse.Namespace) -> int:
     """Write only the toy world's raw collection (the embedded default's `data/`), truth kept outside it."""
+    # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
+    from umo.toy.world.build import write_raw
+
 
     meta = write_raw(args.out, load_config(args.params, args.overrides).section("toyworld"), truth=args.truth)
     print(f"{meta['n_images']} images of {meta['n_identities']} toy identities in {meta['n_groups']} groups "
@@ -50,6 +52,9 @@ def cmd_toyworld_raw(args: argparse.Namespace) -> int:
 
 def cmd_toybase_build(args: argparse.Namespace) -> int:
     """Build (or reuse) the toy base generator; print its gate; exit 1 when it is refused (uninformative)."""
+    # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
+    from umo.toy.cast import UninformativeBase, build_toybase, gate_table
+
 
     config = load_config(args.params, args.overrides).section("toybase")
     try:
@@ -71,7 +76,10 @@ def cmd_toybase_build(args: argparse.Namespace) -> int:
 
 
 def cmd_generator_tiny(args: argparse.Namespace) -> int:
-    """Write the tiny seeded FLUX.2 [klein] pipeline folder (the embedded default's generator)."""
+    """Write the tiny seeded FLUX.2 [klein] pipeline folder (a tiny test generator)."""
+    # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
+    from umo.toy.tiny.flux2 import write_tiny_flux2
+
 
     print(write_tiny_flux2(args.out))
     return 0
@@ -79,6 +87,9 @@ def cmd_generator_tiny(args: argparse.Namespace) -> int:
 
 def cmd_ablation(args: argparse.Namespace) -> int:
     """The toy-world ablation's stages (ablation/dvc.yaml; docs/ablation.md)."""
+    # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
+    from umo.toy import ablation
+
 
     try:
         if args.stage == "arm":
@@ -130,7 +141,7 @@ def add_commands(sub) -> None:
 
     gen = sub.add_parser("generator", help="generator utilities")
     gen_sub = gen.add_subparsers(dest="generator_command", metavar="ACTION", required=True)
-    p = gen_sub.add_parser("tiny", help="write the tiny seeded FLUX.2 [klein] folder (embedded default, tests)")
+    p = gen_sub.add_parser("tiny", help="write the tiny seeded FLUX.2 [klein] folder (tests)")
     p.add_argument("--out", type=Path, required=True, help="folder to write (replaced atomically)")
     p.set_defaults(func=cmd_generator_tiny)
 

@@ -3,6 +3,7 @@ sections and its `umo` subcommands. The product reads these through `umo.config.
 
 from __future__ import annotations
 
+from umo.toy import cli
 from umo.toy.config import AblationConfig, ToyBaseConfig, ToyWorldConfig
 
 SECTIONS = {"toyworld": ToyWorldConfig, "toybase": ToyBaseConfig, "ablation": AblationConfig}
@@ -10,6 +11,4 @@ SECTIONS = {"toyworld": ToyWorldConfig, "toybase": ToyBaseConfig, "ablation": Ab
 
 def add_commands(sub) -> None:
     """Add `umo toyworld|toybase|generator|ablation` to the product's subparsers."""
-    from umo.toy import cli  # lazy: its stages import torch and the toy world, which `umo --help` never needs
-
     cli.add_commands(sub)
