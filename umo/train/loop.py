@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from umo.config import Config, to_dict
 from umo.data.manifest import Manifest, load_embeddings, read_manifest
+from umo.images import signed_to_rgb
 from umo.io import atomic_write_bytes, atomic_write_json, save_safetensors, sha256_file
 from umo.models import load_generator
 from umo.models.base import Generator
@@ -192,7 +193,7 @@ def sample_grid(batch: Batch, images: torch.Tensor) -> np.ndarray:
     width = max(r.shape[2] for r in rows)
     rows = [torch.nn.functional.pad(r, (0, width - r.shape[2]), value=-1.0) for r in rows]
     grid = torch.cat(rows, dim=1)
-    return ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return signed_to_rgb(grid)
 
 
 def train(config: Config, *, manifest: str | Path, out: str | Path, resume: str | None = None, reward=None,

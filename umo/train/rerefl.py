@@ -1,4 +1,4 @@
-"""One ReReFL step (PAPER.md, Algorithm 1), on any `umo.models.Generator`.
+"""One ReReFL step (docs/method.md, "ReReFL: one training step"), on any `umo.models.Generator`.
 
     1. L_diff: flow matching on the sample's target image, x_t = (1 - s) x0 + s * noise, target
        v = noise - x0, MSE; s drawn uniformly and shifted as the base model's sampler shifts.
