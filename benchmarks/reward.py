@@ -28,15 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timing import Clock, sync
 
 from umo.faces.align import similarity_transforms, warp_faces
 from umo.faces.detect import FaceDetector
 from umo.faces.embed import ArcFaceEmbedder, iresnet
+from umo.reward import CROP_FILL, MatchingReward, matching_reward
 from umo.toy.onnx_export import export_detector_onnx
 from umo.toy.tiny.faces import MarkerDetector, identity_patch, paste_faces, random_background
-from umo.reward import CROP_FILL, MatchingReward, matching_reward
-
-from timing import Clock, sync
 
 STAGES = ("detect", "warp", "embed", "assign", "backward")
 TARGET_FLOOR_RATIO = 1.15  # batched total <= 1.15 x floor

@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from timing import Clock, sync
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,8 +77,13 @@ def tiny_setup(args, config):
 
 def klein_4b_pipeline(kv: bool, depth: int | None):
     """In-memory klein pipeline at klein-4B transformer shape (random init; nothing downloaded)."""
-    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinKVPipeline,
-                           Flux2KleinPipeline, Flux2Transformer2DModel)
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinKVPipeline,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from umo.toy.tiny.flux2 import tiny_tokenizer

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import torch
-
 from trainkit import CENTERS, FACE, SIZE, train_config
+
 from umo.config import Config
 from umo.eval.score import Judge
 from umo.toy.tiny.faces import FixedFaces
@@ -72,7 +72,8 @@ def main(argv: list[str]) -> None:
 
     world_dir, generator_dir, manifest, lora, out, *overrides = argv
     config = eval_config(load_toyworld(Path(world_dir)), generator_dir, manifest, *overrides)
-    evaluate(config, lora=lora, judge=fixed_judge(config), out=out)
+    evaluate(config.eval, generator=config.generator, faces=config.faces, lora=lora, judge=fixed_judge(config),
+             out=out)
 
 
 if __name__ == "__main__":

@@ -11,18 +11,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from evalkit import EVAL, eval_config, fixed_judge, random_lora
+from PIL import Image
 from servers import free_port
 from trainkit import make_manifest
+
 from umo.eval.run import evaluate
-from umo.images import from_grid
-from umo.eval.sets import file_stem
 from umo.eval.score import score_item
+from umo.eval.sets import file_stem
+from umo.images import from_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("base", "candidate", "champion")
+
+
+def evaluate_with(config, **kw):
+    """evaluate() with the sections of one params file."""
+    return evaluate(config.eval, generator=config.generator, faces=config.faces, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +36,16 @@ def setup(toy_world, tiny_generator_dir, tmp_path_factory):
     manifest = make_manifest(root / "heldout", toy_world)
     config = eval_config(toy_world, tiny_generator_dir, manifest)
     return {"root": root, "manifest": manifest, "config": config,
-            "with": lambda *overrides: eval_config(toy_world, tiny_generator_dir, manifest, *overrides), "candidate": random_lora(config, root / "cand", 1),
+            "with": lambda *overrides: eval_config(toy_world, tiny_generator_dir, manifest, *overrides),
+            "candidate": random_lora(config, root / "cand", 1),
             "champion": random_lora(config, root / "champ", 2)}
 
 
 @pytest.fixture(scope="module")
 def report(setup):
     config = setup["config"]
-    return evaluate(config, lora=setup["candidate"], champion=setup["champion"], judge=fixed_judge(config),
-                    out=setup["root"] / "report")
+    return evaluate_with(config, lora=setup["candidate"], champion=setup["champion"], judge=fixed_judge(config),
+                         out=setup["root"] / "report")
 
 
 def read_scores(out: Path) -> dict[str, dict[str, dict]]:
@@ -87,8 +93,8 @@ def test_the_scores_are_those_of_the_saved_images(report, setup):
     stored = read_scores(report.out)["candidate"]["s1"]
     grid = np.asarray(Image.open(report.out / "images" / "candidate" / "s1.png").convert("RGB"))
     assert grid.shape == (64, 128, 3)  # 2 images of 64 x 64: one row of two
-    from umo.images import decode_rgb
     from umo.eval.sets import load_heldout
+    from umo.images import decode_rgb
 
     item = next(i for i in load_heldout(setup["manifest"]) if i.id == "s1")
     refs, missing = judge.references([decode_rgb(p, max_pixels=None)[0] for p in item.references])
@@ -100,7 +106,7 @@ def test_the_scores_are_those_of_the_saved_images(report, setup):
 def test_a_zero_lora_reproduces_the_base_images_exactly(setup):
     config = setup["config"]
     zero = random_lora(config, setup["root"] / "zero", 3, scale=0.0)
-    result = evaluate(config, lora=zero, judge=fixed_judge(config), out=setup["root"] / "zero-report")
+    result = evaluate_with(config, lora=zero, judge=fixed_judge(config), out=setup["root"] / "zero-report")
     for item in ("s0", "s1", "s2", "s3"):
         base = (result.out / "images" / "base" / f"{item}.png").read_bytes()
         assert (result.out / "images" / "candidate" / f"{item}.png").read_bytes() == base
@@ -127,20 +133,20 @@ class StopAfter:
 def test_a_stopped_run_resumes_where_it_stopped_and_new_settings_start_over(setup, report, caplog):
     config, out = setup["config"], setup["root"] / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        evaluate(config, lora=setup["candidate"], champion=setup["champion"], judge=StopAfter(fixed_judge(config), 5),
+        evaluate_with(config, lora=setup["candidate"], champion=setup["champion"], judge=StopAfter(fixed_judge(config), 5),
                  out=out)
     assert not out.exists()
     assert len(list((out.parent / ".resumed.work" / "scores").rglob("*.json"))) == 5
     judge = StopAfter(fixed_judge(config))
-    result = evaluate(config, lora=setup["candidate"], champion=setup["champion"], judge=judge, out=out)
+    result = evaluate_with(config, lora=setup["candidate"], champion=setup["champion"], judge=judge, out=out)
     assert judge.calls == 3 * 4 - 5
     assert {k: result.metrics[k] for k in MODELS} == {k: report.metrics[k] for k in MODELS}
 
     with pytest.raises(KeyboardInterrupt):
-        evaluate(config, lora=setup["candidate"], judge=StopAfter(fixed_judge(config), 1), out=out)
+        evaluate_with(config, lora=setup["candidate"], judge=StopAfter(fixed_judge(config), 1), out=out)
     reseeded = setup["with"]("eval.seed=7")
     judge = StopAfter(fixed_judge(config))
-    evaluate(reseeded, lora=setup["candidate"], judge=judge, out=out)
+    evaluate_with(reseeded, lora=setup["candidate"], judge=judge, out=out)
     assert judge.calls == 2 * 4 and "starting over" in caplog.text
 
 
@@ -172,7 +178,7 @@ def test_an_xverse_set_is_generated_in_grids_of_four_and_faceless_people_are_cou
                                                   item(2, "object/cup.png")]))
     config = setup["with"]("eval.benchmark=xverse", f"eval.path={bench / 'multi.json'}",
                               "eval.images_per_item=4")
-    result = evaluate(config, lora=setup["candidate"], judge=fixed_judge(config), out=setup["root"] / "xverse")
+    result = evaluate_with(config, lora=setup["candidate"], judge=fixed_judge(config), out=setup["root"] / "xverse")
     m = result.metrics
     assert (m["base"]["items"], m["base"]["unscored"], m["base"]["scale"]) == (1, 1, 100)
     # item 2 has no person: left out, and the report says so (160 of 300 were once dropped silently)
@@ -211,7 +217,7 @@ def test_an_omnicontext_set_is_scored_on_the_tenth_scale_without_faceless_inputs
         {"key": "so/1", "task_type": "single_object", "instruction": "a cup", "input_images": [data(src / "robot.png")]},
     ]), root / "data" / "test-00000-of-00001.parquet")
     config = setup["with"]("eval.benchmark=omnicontext", f"eval.path={root}")
-    result = evaluate(config, lora=setup["candidate"], judge=fixed_judge(config), out=setup["root"] / "omni")
+    result = evaluate_with(config, lora=setup["candidate"], judge=fixed_judge(config), out=setup["root"] / "omni")
     m = result.metrics
     row = read_scores(result.out)["candidate"]["mc/1"]
     assert (m["candidate"]["items"], m["candidate"]["scale"], row["identities"]) == (1, 10, 2)

@@ -20,6 +20,12 @@ from umo.registry import gate, register, rules
 MIN = GateConfig().min_scored_references  # 16, params.yaml's too
 
 
+def register_from(config, **kw):
+    """register() with the sections of one params file."""
+    return register(config.registry, config.tracking, generator=config.generator, lora=config.lora,
+                    sampler_steps=config.eval.steps, **kw)
+
+
 def column(id_sim: float, /, **changes) -> dict:
     """One model's metrics as `aggregate` writes them: 4 items x 2 images x 2 people, two faces found in each."""
     col = {"items": 4, "id_sim": id_sim, "id_conf": 40.0, "id_match": id_sim - 1.0, "face_count_accuracy": 1.0,
@@ -62,8 +68,8 @@ def decide(mlflow_server, tmp_path, request):
         # without intervals the point estimates decide: the evidence rules are what these tests are about
         config = load_config(None, [*settings, f"registry.gate.use_intervals={str(paired is not None).lower()}"])
         train, out = report(tmp_path, 0, base, candidate, paired)
-        version = register(config, train_dir=train, report=out).version
-        decision = gate(config, version=version)
+        version = register_from(config, train_dir=train, report=out).version
+        decision = gate(config.registry, config.tracking, version=version)
         tags = mlflow.MlflowClient(mlflow_server).get_model_version(name, version).tags
         return decision, tags
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from badfiles import rgb, write_bad_corpus
+
 from umo.data.ingest import scan_collection
 from umo.images import decode_rgb
-
-from badfiles import rgb, write_bad_corpus
 
 SCAN = dict(extensions=[".jpg", ".jpeg", ".png", ".webp"], max_pixels=40_000_000, min_side=32)
 

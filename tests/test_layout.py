@@ -137,7 +137,8 @@ def test_imports_inside_functions_say_why():
             above = line - 1
             while above >= 0 and not lines[above].strip():
                 above -= 1
-            if "#" in lines[line] or lines[above].strip().startswith("#") or above + 1 in explained:
+            own = lines[line:node.end_lineno]  # the statement's lines: a comment may sit in its parentheses
+            if any("#" in text for text in own) or lines[above].strip().startswith("#") or above + 1 in explained:
                 explained.add(node.lineno)
             else:
                 unexplained.append(f"{MODULES[name].relative_to(ROOT)}:{node.lineno}: {lines[line].strip()}")

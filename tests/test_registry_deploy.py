@@ -17,11 +17,11 @@ import boto3
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
-
 from evalkit import eval_config, fixed_judge, random_lora
+from PIL import Image
 from servers import MlflowServer, MotoServer
-from trainkit import fixed_reward, make_manifest
+from trainkit import fixed_reward, make_manifest, train_with
+
 from umo.deploy import DeployError, deploy, parse_target, rollback, verify_current
 from umo.eval.run import evaluate
 from umo.registry import CHAMPION, RegistryError, champion_lora, gate, register
@@ -50,7 +50,6 @@ def s3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def world(toy_world, tiny_generator_dir, tmp_path_factory):
     """A tracked training run, its report, and the settings every test uses."""
-    from umo.train.loop import train
 
     root = tmp_path_factory.mktemp("registry")
     server = MlflowServer(root / "mlflow").start()
@@ -62,22 +61,32 @@ def world(toy_world, tiny_generator_dir, tmp_path_factory):
     def config(*overrides):
         return eval_config(toy_world, tiny_generator_dir, manifest, *settings, *overrides)
 
-    trained = train(config("train.max_steps=2"), manifest=manifest, out=root / "train", reward=fixed_reward(toy_world),
-                    tracking=True)
-    report = evaluate(config(), lora=trained.lora, judge=fixed_judge(config()), out=root / "report-v1")
+    short = config("train.max_steps=2")
+    trained = train_with(short, manifest=manifest, out=root / "train", reward_model=fixed_reward(toy_world),
+                         tracking=short.tracking)
+    full = config()
+    report = evaluate(full.eval, generator=full.generator, faces=full.faces, lora=trained.lora,
+                      judge=fixed_judge(full), out=root / "report-v1")
     try:
         cli = [*toy_world.faces_overrides(), f"generator.path={tiny_generator_dir}", *settings]
-        yield {"root": root, "server": server, "config": config, "cli": sum((["-S", o] for o in cli), []), "train": root / "train", "report": report,
-               "run_id": trained.run_id, "lora": trained.lora, "toy_world": toy_world}
+        yield {"root": root, "server": server, "config": config, "cli": sum((["-S", o] for o in cli), []),
+               "train": root / "train", "report": report, "run_id": trained.run_id, "lora": trained.lora,
+               "toy_world": toy_world}
     finally:
         server.stop()
+
+
+def register_from(config, **kw):
+    """register() with the sections of one params file."""
+    return register(config.registry, config.tracking, generator=config.generator, lora=config.lora,
+                    sampler_steps=config.eval.steps, **kw)
 
 
 def test_registration_carries_the_evidence_and_is_not_repeated(world):
     import mlflow
 
     config = world["config"]()
-    first = register(config, train_dir=world["train"], report=world["report"].out)
+    first = register_from(config, train_dir=world["train"], report=world["report"].out)
     assert (first.version, first.run_id, first.created) == ("1", world["run_id"], True)
     client = mlflow.MlflowClient(world["server"].uri)
     mv = client.get_model_version_by_alias(NAME, "challenger")
@@ -97,19 +106,19 @@ def test_registration_carries_the_evidence_and_is_not_repeated(world):
     logged = {a.path for a in client.list_artifacts(world["run_id"], "evaluation")}
     assert {"evaluation/report.md", "evaluation/metrics.json", "evaluation/grids"} <= logged
 
-    again = register(config, train_dir=world["train"], report=world["report"].out)
+    again = register_from(config, train_dir=world["train"], report=world["report"].out)
     assert (again.version, again.created) == ("1", False)
     assert len(client.search_model_versions(f"name = '{NAME}'")) == 1
 
     other = random_lora(config, world["root"] / "other-train" / "lora", 9)
     with pytest.raises(RegistryError, match="evaluated another LoRA"):
-        register(config, train_dir=other.parent.parent, report=world["report"].out)
+        register_from(config, train_dir=other.parent.parent, report=world["report"].out)
 
 
 def test_the_registered_pyfunc_generates_from_a_prompt_and_references(world):
     import mlflow
 
-    register(world["config"](), train_dir=world["train"], report=world["report"].out)
+    register_from(world["config"](), train_dir=world["train"], report=world["report"].out)
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
     refs = sorted(str(p) for p in (world["root"] / "data" / "refs").glob("*.png"))[:2]
     rows = pd.DataFrame({"prompt": ["two people", "two people"], "references": [json.dumps(refs)] * 2,
@@ -123,10 +132,11 @@ def test_gate_policy_champion_and_deployment_follow_each_other(world, s3, caplog
     import mlflow
 
     config = world["config"]()
-    register(config, train_dir=world["train"], report=world["report"].out)
+    register_from(config, train_dir=world["train"], report=world["report"].out)
     client = mlflow.MlflowClient(world["server"].uri)
 
-    refused = gate(config)  # the default policy: the candidate must not score below the base
+    # the default policy: the candidate must not score below the base
+    refused = gate(config.registry, config.tracking)
     failed = [r.name for r in refused.rules if not r.passed]
     assert not refused.passed and "id_sim" in failed  # a random LoRA scores below the base (ID-Conf may too)
     assert not {"faces_scored", "references_scored"} & set(failed)  # on sound evidence: 16 faces, 16 references
@@ -135,46 +145,47 @@ def test_gate_policy_champion_and_deployment_follow_each_other(world, s3, caplog
     assert all(mv.tags[f"gate.rule.{name}"].startswith("fail:") for name in failed)
     assert CHAMPION not in client.get_registered_model(NAME).aliases
     with pytest.raises(DeployError, match="no version holds `champion`"):
-        deploy(config)
+        deploy(config.deploy, config.registry, config.tracking)
 
     lenient = world["config"](*LENIENT)
-    assert gate(lenient).passed
+    assert gate(lenient.registry, lenient.tracking).passed
     assert client.get_registered_model(NAME).aliases[CHAMPION] == "1"
     target = "s3://models/umo/prod"
-    first = deploy(lenient, target=target)
+    first = deploy(lenient.deploy, lenient.registry, lenient.tracking, target=target)
     assert (first.version, first.changed) == ("1", True)
-    assert not deploy(lenient, target=target).changed  # same version again: nothing to do
+    # the same version again: nothing to do
+    assert not deploy(lenient.deploy, lenient.registry, lenient.tracking, target=target).changed
 
     # version 2: another LoRA, registered from an untracked run folder
     v2_train = world["root"] / "train-v2"
     lora2 = random_lora(config, v2_train / "lora", 5)
-    alone = evaluate(config, lora=lora2, judge=fixed_judge(config), out=world["root"] / "report-v2-alone")
-    assert register(config, train_dir=v2_train, report=alone.out).version == "2"
+    alone = evaluate(config.eval, generator=config.generator, faces=config.faces, lora=lora2, judge=fixed_judge(config), out=world["root"] / "report-v2-alone")
+    assert register_from(config, train_dir=v2_train, report=alone.out).version == "2"
     world["server"].stop()  # the registry restarts between registration and gate: nothing lost, nothing doubled
     world["server"].start()
-    assert register(config, train_dir=v2_train, report=alone.out).created is False
-    no_column = gate(lenient)
+    assert register_from(config, train_dir=v2_train, report=alone.out).created is False
+    no_column = gate(lenient.registry, lenient.tracking)
     assert not no_column.passed and "no column for the current champion" in \
         next(r.detail for r in no_column.rules if r.name == "champion")
-    champion = champion_lora(config, world["root"] / "champion-download")
+    champion = champion_lora(config.registry, config.tracking, world["root"] / "champion-download")
     assert champion is not None and champion.read_bytes() == world["lora"].read_bytes()
-    with_champion = evaluate(config, lora=lora2, champion=champion, judge=fixed_judge(config),
+    with_champion = evaluate(config.eval, generator=config.generator, faces=config.faces, lora=lora2, champion=champion, judge=fixed_judge(config),
                              out=world["root"] / "report-v2")
-    v2 = register(config, train_dir=v2_train, report=with_champion.out)  # new evidence, same version
+    v2 = register_from(config, train_dir=v2_train, report=with_champion.out)  # new evidence, same version
     assert (v2.version, v2.created) == ("2", False)
-    decision = gate(lenient, version=v2.version)
+    decision = gate(lenient.registry, lenient.tracking, version=v2.version)
     assert decision.passed and decision.previous_champion == "1"
     aliases = client.get_registered_model(NAME).aliases
     assert aliases[CHAMPION] == v2.version and aliases["previous"] == "1"
     assert len(client.search_model_versions(f"name = '{NAME}'")) == 2
 
     with pytest.raises(DeployError, match="is not the champion"):
-        deploy(lenient, version="1", target=target)
-    second = deploy(lenient, target=target)
+        deploy(lenient.deploy, lenient.registry, lenient.tracking, version="1", target=target)
+    second = deploy(lenient.deploy, lenient.registry, lenient.tracking, target=target)
     assert second.pointer["history"] == ["1"] and second.version == v2.version
-    back = rollback(lenient, target=target)
+    back = rollback(lenient.deploy, lenient.registry.model_name, target=target)
     assert back.version == "1" and back.pointer["rolled_back_from"] == v2.version
-    assert verify_current(lenient, target=target).version == "1"
+    assert verify_current(lenient.deploy, lenient.registry.model_name, target=target).version == "1"
     pointer = json.loads(boto3.client("s3").get_object(Bucket="models", Key=f"umo/prod/{NAME}/current.json")
                          ["Body"].read())
     assert pointer["version"] == "1"
@@ -208,7 +219,7 @@ def test_an_interrupted_multipart_upload_leaves_the_pointer_and_a_rerun_complete
     card.write_text("# a model\n")
     config = load_config(None, ["deploy.multipart_threshold_mb=5", "deploy.multipart_chunk_mb=5"])
     client = boto3.client("s3")
-    store = parse_target("s3://models/faults", config, s3_client=client)
+    store = parse_target("s3://models/faults", config.deploy, s3_client=client)
     first = publish(store, "m", "1", [card], {}, None)
     before = store.read(f"m/{POINTER}")
     hook = FailAfterParts(1)
@@ -228,22 +239,24 @@ def test_an_object_altered_after_upload_fails_verification_loudly(world, s3):
     config = world["config"](*LENIENT)
     _ensure_champion(world, config)
     target = "s3://models/tamper"
-    result = deploy(config, target=target)
+    result = deploy(config.deploy, config.registry, config.tracking, target=target)
     key = f"tamper/{NAME}/{result.version}/pytorch_lora_weights.safetensors"
     client = boto3.client("s3")
     data = bytearray(client.get_object(Bucket="models", Key=key)["Body"].read())
     data[-1] ^= 0xFF
     client.put_object(Bucket="models", Key=key, Body=bytes(data))
     with pytest.raises(DeployError, match="pytorch_lora_weights.safetensors: size .* sha256"):
-        verify_current(config, target=target)
-    repaired = deploy(config, target=target)  # the same version again: it does not verify, so it is re-uploaded
-    assert repaired.changed and verify_current(config, target=target).version == result.version
+        verify_current(config.deploy, config.registry.model_name, target=target)
+    # the same version again: it does not verify, so it is re-uploaded
+    repaired = deploy(config.deploy, config.registry, config.tracking, target=target)
+    assert repaired.changed
+    assert verify_current(config.deploy, config.registry.model_name, target=target).version == result.version
 
 
 def test_a_local_folder_target_has_the_s3_layout(world, tmp_path):
     config = world["config"](*LENIENT)
     _ensure_champion(world, config)
-    result = deploy(config, target=str(tmp_path / "serve"))
+    result = deploy(config.deploy, config.registry, config.tracking, target=str(tmp_path / "serve"))
     folder = tmp_path / "serve" / NAME / result.version
     assert sorted(p.name for p in folder.iterdir()) == ["MODEL_CARD.md", "config.json", "manifest.json",
                                                        "pytorch_lora_weights.safetensors"]
@@ -274,10 +287,10 @@ def test_only_the_gate_sets_the_champion_alias():
 def _ensure_champion(world, config) -> None:
     import mlflow
 
-    register(config, train_dir=world["train"], report=world["report"].out)
+    register_from(config, train_dir=world["train"], report=world["report"].out)
     client = mlflow.MlflowClient(world["server"].uri)
     if CHAMPION not in client.get_registered_model(NAME).aliases:
-        assert gate(config).passed
+        assert gate(config.registry, config.tracking).passed
 
 
 @pytest.mark.slow
@@ -311,7 +324,7 @@ def test_the_cli_commands_exit_with_what_happened(world, tmp_path, capsys, caplo
     from umo.cli import main
 
     cli = world["cli"]
-    register(world["config"](), train_dir=world["train"], report=world["report"].out)
+    register_from(world["config"](), train_dir=world["train"], report=world["report"].out)
     assert main(["register", *cli, "--train", str(world["train"]), "--report", str(world["report"].out)]) == 0
     assert json.loads(capsys.readouterr().out)["created"] is False
     other = tmp_path / "other"
@@ -344,17 +357,17 @@ def test_paths_from_a_pointer_are_confined_after_resolving(tmp_path):
     pointer = {"model": "m", "version": "2", "path": "m/2", "manifest": "m/2/manifest.json", "history": ["../../evil"]}
     (root / "m" / "current.json").write_text(json.dumps(pointer))
     with pytest.raises(DeployError, match=r"m/current.json: history\[0\] '../../evil' is not a version"):
-        rollback(config)
+        rollback(config.deploy, config.registry.model_name)
     assert json.loads((root / "m" / "current.json").read_text()) == pointer  # unchanged
     (root / "m" / "current.json").write_text(json.dumps(pointer | {"version": "../../evil", "history": []}))
     with pytest.raises(DeployError, match=r"current.json: version '../../evil' is not a version"):
-        verify_current(config)
+        verify_current(config.deploy, config.registry.model_name)
     # a symlink inside the root that leads out of it is refused too
     (root / "m" / "3").symlink_to(evil, target_is_directory=True)
     (root / "m" / "current.json").write_text(json.dumps(pointer | {"version": "3", "manifest": "m/3/manifest.json",
                                                                    "history": []}))
     with pytest.raises(DeployError, match="outside the deployment root"):
-        verify_current(config)
+        verify_current(config.deploy, config.registry.model_name)
 
 
 def test_s3_faults_are_one_clear_line_and_stale_uploads_can_be_cleaned(s3, tmp_path, capsys):
@@ -393,7 +406,7 @@ def test_s3_faults_are_one_clear_line_and_stale_uploads_can_be_cleaned(s3, tmp_p
     assert "m: 1 unfinished upload(s) removed" in capsys.readouterr().out
     left = client.list_multipart_uploads(Bucket="models", Prefix="stale/").get("Uploads", [])
     assert [u["UploadId"] for u in left] == [other["UploadId"]]  # another model's prefix is not touched
-    assert clean_incomplete(config) == 0
+    assert clean_incomplete(config.deploy, config.registry.model_name) == 0
 
 
 def test_wrong_credentials_are_one_clear_line(tmp_path):

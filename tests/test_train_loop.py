@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from servers import free_port
-from trainkit import fixed_reward, make_manifest, train_config
+from trainkit import fixed_reward, make_manifest, train_config, train_with
+
 from umo.data.manifest import ManifestError, read_manifest
 from umo.models.flux2 import Flux2KleinGenerator
 from umo.models.lora import LORA_FILE, add_lora, load_lora, lora_state_dict
-from umo.train.loop import NonFiniteLossError, ResumeError, train
-from umo.train.rerefl import rerefl_step
 from umo.train.data import TrainData, epoch_batches, shard
+from umo.train.loop import NonFiniteLossError, ResumeError
+from umo.train.rerefl import rerefl_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,8 +37,8 @@ def run(toy_world, tiny_generator_dir, manifest, tmp_path):
 
     def _run(name: str, *overrides: str, resume: str | None = None, reward=None, tracking: bool = False):
         cfg = train_config(toy_world, tiny_generator_dir, *overrides)
-        return train(cfg, manifest=manifest, out=tmp_path / name, resume=resume,
-                     reward=reward or fixed_reward(toy_world), tracking=tracking)
+        return train_with(cfg, manifest=manifest, out=tmp_path / name, resume=resume,
+                          reward_model=reward or fixed_reward(toy_world), tracking=cfg.tracking if tracking else None)
 
     return _run
 

@@ -19,11 +19,12 @@ import torch
 from umo.config import Config, load_config
 from umo.data.manifest import Manifest, Reference, Sample, write_manifest
 from umo.faces.embed import load_arcface
-from umo.toy.tiny.faces import FixedFaces
 from umo.io import sha256_file
 from umo.reward import MatchingReward
+from umo.toy.tiny.faces import FixedFaces
 from umo.toy.world.identity import make_identity
 from umo.toy.world.render import render_portrait
+from umo.train.loop import train
 
 SIZE = 64
 CENTERS, FACE = [(16, 32), (48, 32)], 24
@@ -35,6 +36,12 @@ TRAIN = ["generator.resolution=[64, 64]", "generator.reference_resolution=[32, 3
 
 def train_config(toy_world, generator_dir, *overrides: str) -> Config:
     return load_config(None, [*toy_world.faces_overrides(), f"generator.path={generator_dir}", *TRAIN, *overrides])
+
+
+def train_with(config: Config, **kw):
+    """umo.train.loop.train with the sections of one params file (no MLflow unless tracking= says where)."""
+    return train(config.train, generator=config.generator, lora=config.lora, reward=config.reward,
+                 faces=config.faces, seed=config.seed, **kw)
 
 
 def fixed_reward(toy_world) -> MatchingReward:
@@ -76,12 +83,10 @@ def main(argv: list[str]) -> None:
     from umo.io import save_safetensors
     from umo.models.lora import lora_state_dict
     from umo.toy.world.build import load_toyworld
-    from umo.train.loop import train
-
     world_dir, generator_dir, manifest, out, *overrides = argv
     world = load_toyworld(Path(world_dir))
-    result = train(train_config(world, generator_dir, *overrides), manifest=manifest, out=out,
-                   reward=fixed_reward(world), tracking=False)
+    result = train_with(train_config(world, generator_dir, *overrides), manifest=manifest, out=out,
+                        reward_model=fixed_reward(world))
     state = PartialState()
     state.wait_for_everyone()
     save_safetensors(lora_state_dict(result.transformer), Path(out) / f"rank{state.process_index}.safetensors")

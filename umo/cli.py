@@ -7,13 +7,13 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
 
 from umo import __version__
 from umo.config import ConfigError, extensions, load_config, params_schema, to_dict
-import tempfile
 from umo.io import atomic_write_json
 
 log = logging.getLogger("umo")
@@ -68,7 +68,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
     from umo.data.prepare import prepare
 
-    result = prepare(load_config(args.params, args.overrides), device=args.device)
+    config = load_config(args.params, args.overrides)
+    result = prepare(config.prepare, faces=config.faces, generator=config.generator, seed=config.seed,
+                     device=args.device)
     print(json.dumps({"samples": result.stats["samples"], "rejects": result.stats["rejects"],
                       "identities": result.stats["identities"], "synthetic": result.stats["synthetic"]}, indent=2))
     for split, path in result.manifests.items():
@@ -85,8 +87,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.params, args.overrides)
     try:
-        result = train(config, manifest=args.manifest, out=args.out, resume=args.resume,
-                       tracking=not args.no_tracking)
+        result = train(config.train, generator=config.generator, lora=config.lora, reward=config.reward,
+                       faces=config.faces, seed=config.seed, manifest=args.manifest, out=args.out, resume=args.resume,
+                       tracking=None if args.no_tracking else config.tracking)
     except NonFiniteLossError as err:
         log.error("%s", err)
         return 3
@@ -112,7 +115,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
         from umo.registry import champion_lora
 
-        registered = champion_lora(config, tempfile.mkdtemp(prefix="umo-champion-"))
+        registered = champion_lora(config.registry, config.tracking, tempfile.mkdtemp(prefix="umo-champion-"))
         log.info("champion from the registry: %s", registered or "none yet")
         if str(lora) == "registry":
             if registered is None:
@@ -121,7 +124,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         else:
             champion = registered
     try:
-        result = evaluate(config, lora=lora, champion=champion, out=args.out)
+        result = evaluate(config.eval, generator=config.generator, faces=config.faces, lora=lora, champion=champion,
+                          out=args.out)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -148,7 +152,9 @@ def cmd_register(args: argparse.Namespace) -> int:
     from umo.registry import register
 
     # A RegistryError is a ValueError: main() reports it in one line and exits 2.
-    result = register(load_config(args.params, args.overrides), train_dir=args.train, report=args.report)
+    config = load_config(args.params, args.overrides)
+    result = register(config.registry, config.tracking, generator=config.generator, lora=config.lora,
+                      sampler_steps=config.eval.steps, train_dir=args.train, report=args.report)
     _record(args, {"model": result.name, "version": result.version, "run_id": result.run_id,
                    "created": result.created})
     return 0
@@ -159,7 +165,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
     # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
     from umo.registry import gate
 
-    decision = gate(load_config(args.params, args.overrides), version=args.version)  # RegistryError: exit 2
+    config = load_config(args.params, args.overrides)
+    decision = gate(config.registry, config.tracking, version=args.version)  # RegistryError: exit 2
     _record(args, {"model": decision.name, "version": decision.version, "passed": decision.passed,
                    "champion_before": decision.previous_champion,
                    "rules": {r.name: ("pass: " if r.passed else "FAIL: ") + r.detail for r in decision.rules}})
@@ -173,23 +180,25 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from umo.registry import champion_version
 
     config = load_config(args.params, args.overrides)
+    name = config.registry.model_name
     try:
         if args.clean_incomplete:
-            n = clean_incomplete(config, target=args.target)
-            print(f"{config.registry.model_name}: {n} unfinished upload(s) removed")
+            n = clean_incomplete(config.deploy, name, target=args.target)
+            print(f"{name}: {n} unfinished upload(s) removed")
             return 0
         if args.rollback:
-            result = rollback(config, target=args.target)
+            result = rollback(config.deploy, name, target=args.target)
         elif args.verify:
-            result = verify_current(config, target=args.target)
+            result = verify_current(config.deploy, name, target=args.target)
         else:
-            if args.none_ok and champion_version(config) is None:
-                reason = f"{config.registry.model_name}: no approved champion (the gate passed no version): nothing deployed"
+            if args.none_ok and champion_version(config.registry, config.tracking) is None:
+                reason = f"{name}: no approved champion (the gate passed no version): nothing deployed"
                 print(reason)
-                _record(args, {"model": config.registry.model_name, "version": None, "location": None,
-                               "changed": False, "reason": reason})
+                _record(args, {"model": name, "version": None, "location": None, "changed": False,
+                               "reason": reason})
                 return 0
-            result = deploy(config, version=args.version, target=args.target)
+            result = deploy(config.deploy, config.registry, config.tracking, version=args.version,
+                            target=args.target)
     except DeployError as err:
         log.error("%s", err)
         return 1

@@ -40,7 +40,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 from safetensors import safe_open
 
-from umo.config import Config
+from umo.config import DeployConfig, RegistryConfig, TrackingConfig
 from umo.io import atomic_write_bytes, sha256_file
 from umo.registry import CHAMPION, DECISION_TAG, RegistryError, approved_champion, client_for, version_files
 
@@ -82,7 +82,7 @@ class Store(Protocol):
 # ------------------------------------------------------------------------------------------------ targets
 
 
-def parse_target(target: str, config: Config | None = None, *, s3_client=None) -> Store:
+def parse_target(target: str, settings: DeployConfig | None = None, *, s3_client=None) -> Store:
     """`s3://bucket/prefix` -> S3Store (bucket and prefix validated), anything else -> LocalStore (a folder)."""
     if target.startswith("s3://"):
         bucket, _, prefix = target[len("s3://"):].partition("/")
@@ -92,10 +92,9 @@ def parse_target(target: str, config: Config | None = None, *, s3_client=None) -
         if prefix and not all(_PREFIX_PART.fullmatch(p) and p not in (".", "..") for p in prefix.split("/")):
             raise DeployError(f"{target}: prefix {prefix!r} may hold only A-Z a-z 0-9 ! _ . * ' ( ) - and single "
                               "slashes, and no '.' or '..' parts")
-        deploy = config.deploy if config is not None else None
-        return S3Store(bucket, prefix, client=s3_client,
-                       threshold=int((deploy.multipart_threshold_mb if deploy else 64) * 2**20),
-                       chunk=int((deploy.multipart_chunk_mb if deploy else 16) * 2**20))
+        settings = settings or DeployConfig()
+        return S3Store(bucket, prefix, client=s3_client, threshold=int(settings.multipart_threshold_mb * 2**20),
+                       chunk=int(settings.multipart_chunk_mb * 2**20))
     if "://" in target:
         raise DeployError(f"{target}: unsupported target (s3://bucket/prefix or a local folder)")
     return LocalStore(Path(target))
@@ -248,15 +247,16 @@ class S3Store:
 # ------------------------------------------------------------------------------------------------ deploy
 
 
-def deploy(config: Config, *, version: str | None = None, target: str | None = None, s3_client=None) -> DeployResult:
-    """Deploy `version` (default: the `champion`) of registry.model_name to `target` (default deploy.target)."""
-    name = config.registry.model_name
-    client = client_for(config)
+def deploy(settings: DeployConfig, registry: RegistryConfig, tracking: TrackingConfig, *, version: str | None = None,
+           target: str | None = None, s3_client=None) -> DeployResult:
+    """Deploy `version` (default: the `champion`) of registry.model_name to `target` (default settings.target)."""
+    name = registry.model_name
+    client = client_for(tracking)
     try:
         mv = approved_champion(client, name, version)
     except RegistryError as err:
         raise DeployError(str(err)) from err
-    store = parse_target(target or config.deploy.target, config, s3_client=s3_client)
+    store = parse_target(target or settings.target, settings, s3_client=s3_client)
     pointer = _read_pointer(store, name)
     if pointer and pointer.get("version") == str(mv.version):
         problems = verify(store, name, str(mv.version))
@@ -301,10 +301,9 @@ def publish(store: Store, name: str, version: str, files: list[Path], info: dict
     return DeployResult(name, version, store.location, True, new)
 
 
-def rollback(config: Config, *, target: str | None = None, s3_client=None) -> DeployResult:
-    """Point current.json back at the newest earlier deployed version (verified first)."""
-    name = config.registry.model_name
-    store = parse_target(target or config.deploy.target, config, s3_client=s3_client)
+def rollback(settings: DeployConfig, name: str, *, target: str | None = None, s3_client=None) -> DeployResult:
+    """Point model `name`'s current.json back at the newest earlier deployed version (verified first)."""
+    store = parse_target(target or settings.target, settings, s3_client=s3_client)
     pointer = _read_pointer(store, name)
     if not pointer or not pointer.get("history"):
         raise DeployError(f"{store.location}/{name}: nothing to roll back to (no earlier deployment recorded)")
@@ -322,11 +321,10 @@ def rollback(config: Config, *, target: str | None = None, s3_client=None) -> De
     return DeployResult(name, previous, store.location, True, new)
 
 
-def clean_incomplete(config: Config, *, target: str | None = None, s3_client=None) -> int:
-    """Abort the unfinished uploads (S3 multipart, or a folder's temporaries) a killed deploy left under the
-    model's prefix; what current.json points at is untouched (its objects are complete). Returns how many."""
-    name = config.registry.model_name
-    store = parse_target(target or config.deploy.target, config, s3_client=s3_client)
+def clean_incomplete(settings: DeployConfig, name: str, *, target: str | None = None, s3_client=None) -> int:
+    """Abort the unfinished uploads (S3 multipart, or a folder's temporaries) a killed deploy left under model
+    `name`'s prefix; what current.json points at is untouched (its objects are complete). Returns how many."""
+    store = parse_target(target or settings.target, settings, s3_client=s3_client)
     n = store.abort_incomplete(f"{name}/")
     log.info("%s/%s: %d unfinished upload(s) removed", store.location, name, n)
     return n
@@ -356,10 +354,9 @@ def verify(store: Store, name: str, version: str, *, expected: bytes | None = No
     return problems
 
 
-def verify_current(config: Config, *, target: str | None = None, s3_client=None) -> DeployResult:
-    """What current.json points at, verified; DeployError listing every problem otherwise (for readers)."""
-    name = config.registry.model_name
-    store = parse_target(target or config.deploy.target, config, s3_client=s3_client)
+def verify_current(settings: DeployConfig, name: str, *, target: str | None = None, s3_client=None) -> DeployResult:
+    """What model `name`'s current.json points at, verified; DeployError listing every problem otherwise."""
+    store = parse_target(target or settings.target, settings, s3_client=s3_client)
     pointer = _read_pointer(store, name)
     if not pointer:
         raise DeployError(f"{store.location}/{name}/{POINTER}: nothing deployed")

@@ -46,7 +46,7 @@ from mlflow.types import ColSpec, Schema
 from PIL import Image
 
 from umo import __version__
-from umo.config import Config, GeneratorConfig, to_dict
+from umo.config import GeneratorConfig, LoraConfig, RegistryConfig, TrackingConfig, to_dict
 from umo.images import load_image
 from umo.io import sha256_file
 from umo.models import generate_images, load_generator
@@ -91,8 +91,8 @@ class GateDecision:
     previous_champion: str | None = None
 
 
-def client_for(config: Config):
-    uri = tracking_uri(config.tracking.tracking_uri)
+def client_for(tracking: TrackingConfig):
+    uri = tracking_uri(tracking.tracking_uri)
     mlflow.set_tracking_uri(uri)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
@@ -147,14 +147,16 @@ def _read_report(report: Path, lora_sha: str) -> dict:
 # ------------------------------------------------------------------------------------------------ register
 
 
-def register(config: Config, *, train_dir: str | Path, report: str | Path) -> Registered:
-    """Register the LoRA of a training run folder (`umo train --out`) with its evaluation report folder."""
+def register(registry: RegistryConfig, tracking: TrackingConfig, *, generator: GeneratorConfig, lora: LoraConfig,
+             sampler_steps: int, train_dir: str | Path, report: str | Path) -> Registered:
+    """Register the LoRA of a training run folder (`umo train --out`) with its evaluation report folder. The
+    generator, LoRA and sampler settings go into the version's config.json and model card."""
     train_dir, report = Path(train_dir), Path(report)
-    lora = lora_file(train_dir / "lora")
-    sha = sha256_file(lora)
+    lora_path = lora_file(train_dir / "lora")
+    sha = sha256_file(lora_path)
     metrics = _read_report(report, sha)
-    name = config.registry.model_name
-    client = client_for(config)
+    name = registry.model_name
+    client = client_for(tracking)
     run_id = _train_run_id(train_dir)
 
     existing = _find_version(client, name, sha, run_id)
@@ -173,16 +175,18 @@ def register(config: Config, *, train_dir: str | Path, report: str | Path) -> Re
         return Registered(name, existing.version, existing.run_id, created=False)
 
     if run_id is None:
-        experiment = client.get_experiment_by_name(config.tracking.experiment)
-        exp_id = experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment)
+        experiment = client.get_experiment_by_name(tracking.experiment)
+        exp_id = experiment.experiment_id if experiment else client.create_experiment(tracking.experiment)
         run_id = client.create_run(exp_id, run_name=f"register-{sha[:8]}", tags={"umo.stage": "register"}).info.run_id
-    lineage = {"git_commit": git_commit(), **dvc_hashes(), "base_model": _base_model(config),
+    lineage = {"git_commit": git_commit(), **dvc_hashes(), "base_model": _base_model(generator),
                "toy_world": str(bool(metrics.get("toy_world"))).lower(), LORA_SHA_TAG: sha,
                "eval.benchmark": str(metrics.get("benchmark"))}
     _log_evidence(client, run_id, metrics, report, lineage)
 
     with tempfile.TemporaryDirectory() as tmp:
-        files = _model_files(Path(tmp), config, metrics, lineage, lora)
+        settings = {"umo_version": __version__, "generator": to_dict(generator), "lora": to_dict(lora),
+                    "sampling": {"steps": sampler_steps}, "lineage": lineage}
+        files = _model_files(Path(tmp), settings, model_card(name, lora, metrics, lineage), lora_path)
         model_uri = _log_pyfunc(run_id, files)
     _ensure_registered_model(client, name)
 
@@ -190,7 +194,7 @@ def register(config: Config, *, train_dir: str | Path, report: str | Path) -> Re
     client.update_model_version(name, version.version, description=_description(metrics, lineage, run_id))
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     log.info("registered %s version %s (alias %s) from run %s at %s", name, version.version, CHALLENGER, run_id,
-             redact_uri(tracking_uri(config.tracking.tracking_uri)))
+             redact_uri(tracking_uri(tracking.tracking_uri)))
     return Registered(name, str(version.version), run_id, created=True)
 
 
@@ -215,11 +219,11 @@ def _ensure_registered_model(client, name: str) -> None:
             "registered, `champion` = approved by the gate (the one deployed), `previous` = the champion before."))
 
 
-def _base_model(config: Config) -> str:
+def _base_model(generator: GeneratorConfig) -> str:
     """family:path of the base generator, plus its model_index.json's sha256 (a weights-free fingerprint)."""
-    index = Path(config.generator.path) / "model_index.json"
+    index = Path(generator.path) / "model_index.json"
     digest = sha256_file(index)[:12] if index.is_file() else "unknown"
-    return f"{config.generator.family}:{config.generator.path}@{digest}"
+    return f"{generator.family}:{generator.path}@{digest}"
 
 
 def _metric_tags(metrics: dict) -> dict[str, str]:
@@ -256,12 +260,9 @@ def _log_evidence(client, run_id: str, metrics: dict, report: Path, lineage: dic
         client.log_artifacts(run_id, str(report / "grids"), "evaluation/grids")
 
 
-def _model_files(tmp: Path, config: Config, metrics: dict, lineage: dict, lora: Path) -> dict[str, Path]:
-    cfg = to_dict(config)
-    settings = {"umo_version": __version__, "generator": cfg["generator"], "lora": cfg["lora"],
-                "sampling": {"steps": cfg["eval"]["steps"]}, "lineage": lineage}
+def _model_files(tmp: Path, settings: dict, card: str, lora: Path) -> dict[str, Path]:
     (tmp / CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
-    (tmp / CARD_FILE).write_text(model_card(config, metrics, lineage))
+    (tmp / CARD_FILE).write_text(card)
     return {"lora": lora, "config": tmp / CONFIG_FILE, "model_card": tmp / CARD_FILE}
 
 
@@ -316,12 +317,11 @@ def _description(metrics: dict, lineage: dict, run_id: str) -> str:
             f"LoRA sha256 `{lineage[LORA_SHA_TAG][:16]}…`. Approval: see the `gate.*` tags.")
 
 
-def model_card(config: Config, metrics: dict, lineage: dict) -> str:
+def model_card(name: str, lora: LoraConfig, metrics: dict, lineage: dict) -> str:
     """The model card shipped with every version (and every deployment)."""
-    lora = config.lora
     toy = bool(metrics.get("toy_world"))
     return "\n".join([
-        f"# {config.registry.model_name}", "",
+        f"# {name}", "",
         *(["> **Toy world.** Trained on procedurally drawn cartoon identities with tiny models, offline. It exists to",
            "> exercise the pipeline; it is not a usable model.", ""] if toy else []),
         "A LoRA for a multi-reference image generator, fine-tuned with ReReFL and the multi-identity matching reward",
@@ -391,24 +391,25 @@ class UmoLoraModel(_PythonModel):
 # ------------------------------------------------------------------------------------------------ the gate
 
 
-def gate(config: Config, *, version: str | None = None) -> GateDecision:
-    """Decide on `version` (default: the `challenger`) of registry.model_name; see the module docstring."""
-    client = client_for(config)
-    name = config.registry.model_name
+def gate(registry: RegistryConfig, tracking: TrackingConfig, *, version: str | None = None) -> GateDecision:
+    """Decide on `version` (default: the `challenger`) of registry.model_name by the registry.gate policy; see the
+    module docstring."""
+    client = client_for(tracking)
+    name = registry.model_name
     mv = client.get_model_version_by_alias(name, CHALLENGER) if version is None else \
         client.get_model_version(name, str(version))
     metrics = _version_report(client, mv)
     champion = _alias_version(client, name, CHAMPION)
     decision = GateDecision(name, str(mv.version), False,
                             previous_champion=str(champion.version) if champion else None)
-    decision.rules = rules(config.registry.gate, metrics,
+    decision.rules = rules(registry.gate, metrics,
                            champion_sha=None if champion is None or champion.version == mv.version
                            else champion.tags.get(LORA_SHA_TAG))
     decision.passed = all(r.passed for r in decision.rules)
     for r in decision.rules:
         client.set_model_version_tag(name, mv.version, f"gate.rule.{r.name}",
                                      f"{'pass' if r.passed else 'fail'}: {r.detail}"[:5000])
-    client.set_model_version_tag(name, mv.version, "gate.policy", json.dumps(to_dict(config)["registry"]["gate"]))
+    client.set_model_version_tag(name, mv.version, "gate.policy", json.dumps(to_dict(registry.gate)))
     client.set_model_version_tag(name, mv.version, DECISION_TAG, "passed" if decision.passed else "failed")
     if decision.passed:
         _promote(client, name, mv.version, champion)
@@ -583,19 +584,19 @@ def approved_champion(client, name: str, version: str | None = None):
     return champion
 
 
-def champion_version(config: Config) -> str | None:
+def champion_version(registry: RegistryConfig, tracking: TrackingConfig) -> str | None:
     """The version holding `champion`, None when no version does (the gate has passed none yet)."""
-    champion = _alias_version(client_for(config), config.registry.model_name, CHAMPION)
+    champion = _alias_version(client_for(tracking), registry.model_name, CHAMPION)
     return None if champion is None else str(champion.version)
 
 
-def champion_lora(config: Config, out: str | Path) -> Path | None:
+def champion_lora(registry: RegistryConfig, tracking: TrackingConfig, out: str | Path) -> Path | None:
     """The current champion's LoRA downloaded into `out` (for `umo evaluate --champion`); None without one."""
-    client = client_for(config)
-    champion = _alias_version(client, config.registry.model_name, CHAMPION)
+    client = client_for(tracking)
+    champion = _alias_version(client, registry.model_name, CHAMPION)
     if champion is None:
         return None
-    return version_files(client, config.registry.model_name, champion.version, out)["lora"]
+    return version_files(client, registry.model_name, champion.version, out)["lora"]
 
 
 def version_files(client, name: str, version: str, out: str | Path) -> dict[str, Path]:

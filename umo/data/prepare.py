@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from umo.config import FacesConfig, GeneratorConfig, PrepareConfig
 from umo.data.faces import FaceCache, FaceEmbedder, ImageFaces, face_sizes, index_collection, models_key
 from umo.data.identities import cluster_faces, match_truth, purity_completeness
 from umo.data.ingest import RawImage
@@ -147,9 +148,9 @@ def _safe_part(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._]", "_", text)[:60].lstrip(".") or "_"
 
 
-def build_groups(images: list[RawImage], faces: dict[str, ImageFaces], *, config) -> list[Group]:
+def build_groups(images: list[RawImage], faces: dict[str, ImageFaces], *, settings: PrepareConfig) -> list[Group]:
     """Per group (in scan order): its images and faces, each face's cluster label, and its identities."""
-    p = config.prepare
+    p = settings
     by_group: dict[str, list[RawImage]] = {}
     for image in images:
         by_group.setdefault(image.group, []).append(image)
@@ -248,34 +249,37 @@ def _reference_crop(rgb: np.ndarray, box: np.ndarray, p) -> np.ndarray:
     return np.asarray(crop.resize((p.reference_size, p.reference_size), Image.Resampling.BICUBIC))
 
 
-def _load_models(config, device: str):
-    detector = FaceDetector.from_config(config.faces.detector)
-    embedder = load_arcface(config.faces.embedder.path, config.faces.embedder.arch)
-    face_embedder = FaceEmbedder(detector, embedder, batch=config.prepare.index_batch, device=device)
-    d = config.faces.detector
-    key = models_key([Path(detector.model_file)], Path(config.faces.embedder.path),
+def _load_models(faces: FacesConfig, batch: int, device: str):
+    detector = FaceDetector.from_config(faces.detector)
+    embedder = load_arcface(faces.embedder.path, faces.embedder.arch)
+    face_embedder = FaceEmbedder(detector, embedder, batch=batch, device=device)
+    d = faces.detector
+    key = models_key([Path(detector.model_file)], Path(faces.embedder.path),
                      {"det_thresh": d.det_thresh, "nms_thresh": d.nms_thresh, "input_size": d.input_size,
-                      "arch": config.faces.embedder.arch, "crop_fill": CROP_FILL})  # embeddings see the border
+                      "arch": faces.embedder.arch, "crop_fill": CROP_FILL})  # embeddings see the border
     return face_embedder, key
 
 
-def prepare(config, *, device: str = "cpu") -> PrepareResult:
-    """Run the stage with the settings of `config` (umo.config.Config); see the module docstring."""
-    p = config.prepare
+def prepare(settings: PrepareConfig, *, faces: FacesConfig, generator: GeneratorConfig, seed: int,
+            device: str = "cpu") -> PrepareResult:
+    """Run the stage; see the module docstring. faces: the detector and the reward's embedder (the references'
+    embeddings are the reward's); generator: draws the synthetic part (prepare.synthetic); seed: the split,
+    the synthetic picks and the contact sheet."""
+    p = settings
     t0 = time.perf_counter()
     raw, out = Path(p.raw), Path(p.out)
     truth = read_truth(Path(p.truth)) if p.truth else None
     if p.truth and not truth:
         raise ValueError(f"{p.truth}: ground-truth file is empty")
-    embedder, key = _load_models(config, device)
-    scan, faces, index_counts = index_collection(raw, extensions=p.extensions, max_pixels=p.max_image_pixels,
+    embedder, key = _load_models(faces, p.index_batch, device)
+    scan, index, index_counts = index_collection(raw, extensions=p.extensions, max_pixels=p.max_image_pixels,
                                                  min_side=p.min_image_side, cache=FaceCache(Path(p.face_cache), key),
                                                  embedder=embedder, max_caption_chars=p.max_caption_chars)
     t_index = time.perf_counter() - t0
     ids = sample_ids(scan.images)  # before anything is written: a collision names both files
 
     # identities and real samples, per group
-    groups = build_groups(scan.images, faces, config=config)
+    groups = build_groups(scan.images, index, settings=p)
     rejects: Counter = Counter()
     for g in groups:
         g.samples = compose_group(g.faces, g.labels, max_identities=p.max_identities, min_face_size=p.min_face_size,
@@ -285,7 +289,7 @@ def prepare(config, *, device: str = "cpu") -> PrepareResult:
     if not with_samples:
         raise ValueError(f"raw collection {raw}: no image makes a sample ({len(scan.images)} usable images, "
                          f"rejected: {dict(rejects) or 'none'}; skipped: {dict(scan.skipped) or 'none'})")
-    train_names, test_names = split_groups(with_samples, p.test_fraction, config.seed)
+    train_names, test_names = split_groups(with_samples, p.test_fraction, seed)
     by_name = {g.name: g for g in groups}
 
     # a person seen in both splits: drop the test samples that show them
@@ -304,7 +308,7 @@ def prepare(config, *, device: str = "cpu") -> PrepareResult:
 
     # synthetic part (train only): needs the reference crops, so it runs while the files are written
     with atomic_dir(out / SAMPLES_DIR) as tmp:
-        writer = _Writer(tmp, raw, config, embedder, ids)
+        writer = _Writer(tmp, raw, p, generator, seed, embedder, ids)
         manifests_data: dict[str, tuple[list[Sample], dict[str, torch.Tensor]]] = {}
         for split, names in (("train", train_names), ("test", test_names)):
             samples, embeddings = [], {}
@@ -320,7 +324,7 @@ def prepare(config, *, device: str = "cpu") -> PrepareResult:
                 samples.append(s)
                 embeddings[s.id] = e
         toy = is_toy_world(raw)
-        embedder_ref = {"path": str(config.faces.embedder.path), "sha256": sha256_file(config.faces.embedder.path)}
+        embedder_ref = {"path": str(faces.embedder.path), "sha256": sha256_file(faces.embedder.path)}
         manifests = {}
         for split, (samples, embeddings) in manifests_data.items():
             manifest = Manifest(split, samples, embeddings=f"{split}_embeddings.safetensors", embedder=embedder_ref,
@@ -329,7 +333,7 @@ def prepare(config, *, device: str = "cpu") -> PrepareResult:
             manifests[split] = out / SAMPLES_DIR / f"{split}.json"
 
     stats = {
-        "images": {"usable": len(scan.images), "faces": int(sum(len(faces[i.sha256]) for i in scan.images)),
+        "images": {"usable": len(scan.images), "faces": int(sum(len(index[i.sha256]) for i in scan.images)),
                    "index_computed": index_counts["computed"], "index_cached": index_counts["cached"]},
         "groups": {"total": len(groups), "with_samples": len(with_samples), "train": len(train_names),
                    "test": len(test_names)},
@@ -352,7 +356,7 @@ def prepare(config, *, device: str = "cpu") -> PrepareResult:
                                                    for r, w in scan.skipped_files).encode())
     if p.contact_sheet:
         atomic_write_bytes(out / SHEET_FILE, _png(contact_sheet(out / SAMPLES_DIR, manifests_data, p.contact_sheet,
-                                                                 seed=config.seed)))
+                                                                 seed=seed)))
     log.info("prepared %s: train %s, test %s; rejected %s", out, stats["samples"]["train"], stats["samples"]["test"],
              dict(rejects) or "none")
     return PrepareResult(out, manifests, stats)
@@ -380,9 +384,10 @@ def _truth_leaks(groups: list[Group], ids: dict[str, list[list | None]], manifes
 class _Writer:
     """Writes targets and reference crops into the samples folder; returns manifest samples + embeddings."""
 
-    def __init__(self, root: Path, raw: Path, config, embedder: FaceEmbedder, ids: dict[str, str]) -> None:
-        self.root, self.raw, self.config, self.embedder, self.ids = root, raw, config, embedder, ids
-        self.p = config.prepare
+    def __init__(self, root: Path, raw: Path, settings: PrepareConfig, generator: GeneratorConfig, seed: int,
+                 embedder: FaceEmbedder, ids: dict[str, str]) -> None:
+        self.root, self.raw, self.embedder, self.ids = root, raw, embedder, ids
+        self.p, self.generator, self.seed = settings, generator, seed
         self.images = _Images(raw, self.p.max_image_pixels)
         (root / "targets").mkdir()
         (root / "references").mkdir()
@@ -427,15 +432,14 @@ class _Writer:
             return
         means = np.array([c[0].mean for c in candidates])
         picks = pick_identities(means, s.count, s.identities, link_threshold=self.p.link_threshold,
-                                seed=self.config.seed)
+                                seed=self.seed)
         stats["too_few_unlinked_people"] += s.count - len(picks)
-        gen_path = Path(self.config.generator.path)
+        gen_path = Path(self.generator.path)
         if not gen_path.is_dir():
-            raise FileNotFoundError(f"generator {gen_path}: no such folder (the synthetic part needs the generator; "
-                                    f"write the tiny one with `umo generator tiny --out {gen_path}`, or set "
-                                    f"prepare.synthetic.count=0)")
-        generator = load_generator(self.config.generator)
-        res = self.config.generator.reference_resolution
+            raise FileNotFoundError(f"generator {gen_path}: no such folder (the synthetic part needs the generator: "
+                                    "point generator.path at a diffusers folder, or set prepare.synthetic.count=0)")
+        generator = load_generator(self.generator)
+        res = self.generator.reference_resolution
         refs_rel: dict[int, list[str]] = {}
 
         def ref_paths(pick) -> list[str]:
@@ -447,8 +451,8 @@ class _Writer:
         def render(pick) -> np.ndarray:
             prompt = people_prompt(self.p.prompt_template, len(pick.identities))
             images = [load_image(self.root / rel, res) for rel in ref_paths(pick)]
-            return generate(generator, prompt, images, size=self.config.generator.resolution, steps=s.steps,
-                            seed=self.config.seed * 100_003 + pick.attempt)
+            return generate(generator, prompt, images, size=self.generator.resolution, steps=s.steps,
+                            seed=self.seed * 100_003 + pick.attempt)
 
         def embed(rgb: np.ndarray) -> np.ndarray:  # the usable faces, as for real targets
             (det, emb), = self.embedder([rgb])

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from umo.config import Config
+from umo.config import EvalConfig, FacesConfig
 from umo.data.manifest import read_manifest
 from umo.eval.score import PAIRED_KEYS, SCALES, ItemScore, aggregate, paired_interval
 from umo.eval.sets import EvalItem, file_stem
@@ -57,13 +57,13 @@ def delta(new: dict, old: dict) -> dict:
     return out
 
 
-def write_report(out: Path, config: Config, items: list[EvalItem], scores: dict[str, list[ItemScore]], *,
+def write_report(out: Path, settings: EvalConfig, faces: FacesConfig, items: list[EvalItem], scores: dict[str, list[ItemScore]], *,
                  images: Path, models: dict[str, Path | None], left_out: dict[str, int] | None = None) -> dict[str, Any]:
     """Write the report folder (see the module docstring) and return metrics.json's content."""
-    cfg = config.eval
+    cfg = settings
     scale = SCALES[cfg.benchmark]
     results = {name: aggregate(s, scale) for name, s in scores.items()}
-    metrics: dict[str, Any] = {"benchmark": cfg.benchmark, "toy_world": _toy_world(config, items),
+    metrics: dict[str, Any] = {"benchmark": cfg.benchmark, "toy_world": _toy_world(settings, faces),
                                "images_per_item": cfg.images_per_item, "steps": cfg.steps, "seed": cfg.seed,
                                "items_left_out": dict(sorted((left_out or {}).items())),
                                **results, "delta": delta(results[CANDIDATE], results[BASE])}
@@ -105,12 +105,12 @@ def write_report(out: Path, config: Config, items: list[EvalItem], scores: dict[
     return metrics
 
 
-def _toy_world(config: Config, items: list[EvalItem]) -> bool:
+def _toy_world(settings: EvalConfig, faces: FacesConfig) -> bool:
     """True when the judge is a toy-world model (its pack folder says so) or the held-out set is toy data."""
-    if is_toy_world(Path(config.faces.judge.root) / config.faces.judge.pack):
+    if is_toy_world(Path(faces.judge.root) / faces.judge.pack):
         return True
-    if config.eval.benchmark == "heldout":
-        return bool(read_manifest(config.eval.path).toy_world)
+    if settings.benchmark == "heldout":
+        return bool(read_manifest(settings.path).toy_world)
     return False
 
 

@@ -38,7 +38,7 @@ import torch
 from accelerate import PartialState
 from PIL import Image
 
-from umo.config import Config, to_dict
+from umo.config import EvalConfig, FacesConfig, GeneratorConfig, to_dict
 from umo.eval.report import write_report
 from umo.eval.score import SCORING_VERSION, ItemScore, Judge, score_item
 from umo.eval.sets import EvalItem, file_stem, load_heldout, load_omnicontext, load_xverse
@@ -58,11 +58,11 @@ class EvalResult:
     metrics: dict[str, Any]
 
 
-def load_items(config: Config, out: Path, left_out: Counter | None = None) -> list[EvalItem]:
+def load_items(settings: EvalConfig, out: Path, left_out: Counter | None = None) -> list[EvalItem]:
     """The configured benchmark's items, sorted by id, cut to eval.max_items (OmniContext's embedded images are
     extracted beside the report folder `out`). left_out: counts the benchmark's items that are not evaluated, by
     reason (XVerseBench: no human reference; OmniContext: not a character task; beyond eval.max_items)."""
-    cfg = config.eval
+    cfg = settings
     left_out = Counter() if left_out is None else left_out
     if cfg.benchmark == "heldout":
         items = load_heldout(cfg.path)
@@ -89,9 +89,10 @@ def image_seeds(seed: int, item_id: str, n: int) -> list[int]:
     return [int(np.random.SeedSequence([seed, key, k]).generate_state(1)[0]) for k in range(n)]
 
 
-def fingerprint(config: Config, items: list[EvalItem], models: dict[str, Path | None]) -> dict[str, Any]:
+def fingerprint(settings: EvalConfig, generator: GeneratorConfig, faces: FacesConfig, items: list[EvalItem],
+                models: dict[str, Path | None]) -> dict[str, Any]:
     """Everything a finished (model, item) result depends on; a work folder made under another is discarded."""
-    cfg = to_dict(config)
+    cfg = {"eval": to_dict(settings), "generator": to_dict(generator), "faces": to_dict(faces)}
     listing = hashlib.sha256(json.dumps([[i.id, i.prompt, [str(p) for p in i.references], list(i.identities)]
                                          for i in items]).encode()).hexdigest()
     return {"eval": {k: cfg["eval"][k] for k in ("benchmark", "images_per_item", "steps", "seed", "precision")},
@@ -100,38 +101,41 @@ def fingerprint(config: Config, items: list[EvalItem], models: dict[str, Path | 
             "models": {name: None if path is None else sha256_file(path) for name, path in models.items()}}
 
 
-def evaluate(config: Config, *, lora: str | Path, champion: str | Path | None = None, judge: Judge | None = None,
+def evaluate(settings: EvalConfig, *, generator: GeneratorConfig, faces: FacesConfig, lora: str | Path,
+             champion: str | Path | None = None, judge: Judge | None = None,
              out: str | Path | None = None) -> EvalResult:
-    """Evaluate the base, the candidate LoRA (`lora`: a file or a folder holding one) and optionally the current
-    champion's LoRA on config.eval's benchmark; returns the merged metrics (on every process)."""
-    cfg = config.eval
+    """Evaluate the base generator, the candidate LoRA (`lora`: a file or a folder holding one) and optionally the
+    current champion's LoRA on the `settings` benchmark, scored by the judge of `faces` (or `judge`); returns the
+    merged metrics (on every process)."""
+    cfg = settings
     out = Path(out or cfg.out)
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo across CPU processes
     models: dict[str, Path | None] = {BASE: None, "candidate": lora_file(lora)}
     if champion is not None:
         models["champion"] = lora_file(champion)
     left_out: Counter = Counter()
-    items = load_items(config, out, left_out)
+    items = load_items(settings, out, left_out)
     if not items:
         raise ValueError(f"{cfg.path}: the {cfg.benchmark} set has no items to evaluate (left out: "
                          f"{dict(left_out) or 'none'})")
     work = out.with_name(f".{out.name}.work")
-    score_models(config, items, models, work, judge=judge, state=state)
+    score_models(settings, generator, faces, items, models, work, judge=judge, state=state)
 
     if state.is_main_process:
         scores = read_scores(work, items, models)
-        write_report(out, config, items, scores, images=work / "images", models=models, left_out=dict(left_out))
+        write_report(out, settings, faces, items, scores, images=work / "images", models=models,
+                     left_out=dict(left_out))
         shutil.rmtree(work, ignore_errors=True)
     state.wait_for_everyone()
     return EvalResult(out, json.loads((out / "metrics.json").read_text()))
 
 
-def score_models(config: Config, items: list[EvalItem], models: dict[str, Path | None], work: Path, *,
-                 judge: Judge | None = None, state=None) -> None:
+def score_models(settings: EvalConfig, generator: GeneratorConfig, faces: FacesConfig, items: list[EvalItem],
+                 models: dict[str, Path | None], work: Path, *, judge: Judge | None = None, state=None) -> None:
     """Generate and judge every (model, item) not yet in `work` (None = the base; else a LoRA file), this
     process's share of the items; returns after every process is done (see the module docstring)."""
     state = state or PartialState(cpu=not torch.cuda.is_available())
-    stamp = fingerprint(config, items, models)
+    stamp = fingerprint(settings, generator, faces, items, models)
     if state.is_main_process:
         _prepare_work(work, stamp)
     state.wait_for_everyone()
@@ -139,10 +143,10 @@ def score_models(config: Config, items: list[EvalItem], models: dict[str, Path |
     todo = [(i, [m for m in models if not _done(work, m, i)]) for i in mine]
     todo = [(i, ms) for i, ms in todo if ms]
     log.info("evaluate %s: %d items x %d models, process %d/%d has %d to do (%d already done)",
-             config.eval.benchmark, len(items), len(models), state.process_index, state.num_processes, len(todo),
+             settings.benchmark, len(items), len(models), state.process_index, state.num_processes, len(todo),
              len(mine) - len(todo))
     if todo:
-        _run(config, todo, models, work, judge or Judge.from_config(config.faces), state.device)
+        _run(settings, generator, todo, models, work, judge or Judge.from_config(faces), state.device)
     state.wait_for_everyone()
 
 
@@ -175,9 +179,9 @@ def _read_score(work: Path, model: str, item: EvalItem) -> ItemScore:
     return ItemScore.from_dict(json.loads(path.read_text()))
 
 
-def _run(config: Config, todo: list[tuple[EvalItem, list[str]]], models: dict[str, Path | None], work: Path,
+def _run(settings: EvalConfig, generator: GeneratorConfig, todo: list[tuple[EvalItem, list[str]]], models: dict[str, Path | None], work: Path,
          judge: Judge, device: torch.device) -> None:
-    cfg, gen = config.eval, config.generator
+    cfg, gen = settings, generator
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.precision == "bf16" else torch.float32
     model = load_generator(gen, dtype=dtype, device=device)
     for name, path in models.items():
@@ -191,7 +195,7 @@ def _run(config: Config, todo: list[tuple[EvalItem, list[str]]], models: dict[st
     start, total = time.monotonic(), sum(len(ms) for _, ms in todo)
     done = 0
     for item, names in todo:
-        refs, reason = _reference_faces(judge, item, drop_faceless=config.eval.benchmark == "omnicontext")
+        refs, reason = _reference_faces(judge, item, drop_faceless=cfg.benchmark == "omnicontext")
         seeds = image_seeds(cfg.seed, item.id, cfg.images_per_item)
         if reason is None:
             conditioning = [load_image(p, gen.reference_resolution) for p in item.references]

@@ -46,7 +46,8 @@ def load_generator(config, *, dtype: torch.dtype = torch.float32, device: str | 
     """Load the generator a `umo.config.GeneratorConfig` names (family, local path, text layers ...)."""
     check_trained_with(config)
     if config.family == "flux2_klein":
-        from umo.models.flux2 import Flux2KleinGenerator  # lazy: a family's module (and diffusers) load on use
+        # lazy: a family's module (and diffusers) load on use
+        from umo.models.flux2 import Flux2KleinGenerator
 
         return Flux2KleinGenerator.from_pretrained(
             config.path, text_layers=config.text_layers, max_sequence_length=config.max_sequence_length,

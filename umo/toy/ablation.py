@@ -118,7 +118,9 @@ def run_arm(params: str | Path, arm: str, seed: int, overrides: list[str] | tupl
     started = time.perf_counter()
     out = paths(config)["runs"] / run_name(arm, seed)
     shutil.rmtree(out, ignore_errors=True)
-    result = train(config, manifest=Path(config.section("ablation").train_manifest), out=out)
+    result = train(config.train, generator=config.generator, lora=config.lora, reward=config.reward,
+                   faces=config.faces, seed=config.seed, manifest=Path(config.section("ablation").train_manifest),
+                   out=out, tracking=config.tracking)
     _timed(config, f"arm-{run_name(arm, seed)}", started)
     return result.summary
 
@@ -141,9 +143,9 @@ def evaluate_all(config: Config) -> dict[str, Any]:
     started = time.perf_counter()
     p = paths(config)
     models = eval_models(config)
-    items = load_items(config, p["eval"])
+    items = load_items(config.eval, p["eval"])
     work = p["eval"].with_name(f".{p['eval'].name}.work")
-    score_models(config, items, models, work)
+    score_models(config.eval, config.generator, config.faces, items, models, work)
     scores = read_scores(work, items, models)
     metrics = {"items": len(items), "images_per_item": config.eval.images_per_item, "steps": config.eval.steps,
                "models": {name: {**aggregate(s, 100.0), "lora_sha256": None if models[name] is None

@@ -229,7 +229,7 @@ def judge_photos(config: Config, root: Path, *, vae=None, judge=None) -> dict[st
     """The judge on the held-out photos themselves (vae None: the ceiling the base aims at), or on their VAE
     round trip (what the decoder can still show): the gate's metrics, one image per item."""
     judge = judge or Judge.from_config(config.faces)
-    items = load_items(config, root / ".judge-photos")
+    items = load_items(config.eval, root / ".judge-photos")
     man_dir = Path(config.eval.path).parent
     scores = []
     for item in items:
@@ -247,9 +247,9 @@ def run_gate(cfg: ToyBaseConfig, root: Path, *, models: dict[str, Path | None] |
     """Generate the held-out photos' items with the base (and any LoRA in `models`), judge them, and decide."""
     config = base_config(cfg, root)
     work = root / ".gate.work"
-    items = load_items(config, work)
+    items = load_items(config.eval, work)
     models = models or {"base": None}
-    score_models(config, items, models, work)
+    score_models(config.eval, config.generator, config.faces, items, models, work)
     scores = read_scores(work, items, models)
     result = {name: aggregate(s, 100.0) for name, s in scores.items()}
     decision = check_gate(result["base"], cfg)

@@ -42,7 +42,15 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from umo.config import Config, to_dict
+from umo.config import (
+    FacesConfig,
+    GeneratorConfig,
+    LoraConfig,
+    RewardConfig,
+    TrackingConfig,
+    TrainConfig,
+    to_dict,
+)
 from umo.data.manifest import Manifest, load_embeddings, read_manifest
 from umo.images import signed_to_rgb
 from umo.io import atomic_write_bytes, atomic_write_json, save_safetensors, sha256_file
@@ -122,12 +130,28 @@ class LoraEMA:
             self.shadow[n] = live.float()
 
 
+@dataclass(frozen=True)
+class Sections:
+    """The settings a training run reads, and nothing else (what `train` takes, section by section)."""
+
+    train: TrainConfig
+    generator: GeneratorConfig
+    lora: LoraConfig
+    reward: RewardConfig
+    faces: FacesConfig  # the reward's detector and embedder
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, **{k: to_dict(getattr(self, k)) for k in ("generator", "lora", "reward", "train",
+                                                                              "faces")}}
+
+
 @dataclass
 class Run:
     """One training run, passed explicitly from step to step: what `setup` built, and what the steps advance
     (`state`, `history`, the data-order cache)."""
 
-    config: Config
+    config: Sections
     out: Path
     accelerator: Accelerator
     data: TrainData
@@ -162,9 +186,9 @@ def draw_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
 
 
-def resume_settings(config: Config) -> dict[str, Any]:
+def resume_settings(config: Sections) -> dict[str, Any]:
     """The settings a checkpoint is tied to (flattened)."""
-    d = to_dict(config)
+    d = config.to_dict()
     return flatten({k: d[k] for k in ("seed", "generator", "lora", "reward", "train")})
 
 
@@ -196,19 +220,22 @@ def sample_grid(batch: Batch, images: torch.Tensor) -> np.ndarray:
     return signed_to_rgb(grid)
 
 
-def train(config: Config, *, manifest: str | Path, out: str | Path, resume: str | None = None, reward=None,
-          tracking: bool = True) -> TrainResult:
+def train(settings: TrainConfig, *, generator: GeneratorConfig, lora: LoraConfig, reward: RewardConfig,
+          faces: FacesConfig, seed: int, manifest: str | Path, out: str | Path, resume: str | None = None,
+          tracking: TrackingConfig | None = None, reward_model=None) -> TrainResult:
     """Train the LoRA on `manifest`'s samples into `out`: setup, resume, tracking, the step loop, export (the
     module docstring lists the steps; `resume_run` states the resume rules).
 
-    resume: "latest" or a checkpoint folder (see `resume_run`); None starts a new run.
-    reward: a ready `MatchingReward` (tests inject one); None builds it from config.faces / config.reward.
-    tracking: log to MLflow (main process only).
+    generator: the base (frozen); lora: the adapter; reward and faces: the reward and its detector and
+    embedder; seed: data order, draws and LoRA init. resume: "latest" or a checkpoint folder (see
+    `resume_run`); None starts a new run. tracking: where to log (MLflow, main process only); None: nowhere.
+    reward_model: a ready `MatchingReward` (tests inject one) instead of the one `reward` and `faces` describe.
     """
-    run = setup(config, manifest=manifest, out=Path(out), reward=reward)
+    config = Sections(settings, generator, lora, reward, faces, seed)
+    run = setup(config, manifest=manifest, out=Path(out), reward=reward_model)
     checkpoint = resume_run(run, resume)
-    if tracking and run.main:
-        start_tracking(run, manifest, resumed=checkpoint is not None)
+    if tracking is not None and run.main:
+        start_tracking(run, tracking, manifest, resumed=checkpoint is not None)
     started = time.perf_counter()
     train_loop(run)
     return export(run, started)
@@ -217,7 +244,7 @@ def train(config: Config, *, manifest: str | Path, out: str | Path, resume: str 
 # ------------------------------------------------------------------------------------------------ setup
 
 
-def setup(config: Config, *, manifest: str | Path, out: Path, reward=None) -> Run:
+def setup(config: Sections, *, manifest: str | Path, out: Path, reward=None) -> Run:
     """Everything a run needs, in this order: the accelerator (and the global seed, which LoRA dropout draws
     from), the data, the reward (built from the config when None), the model + LoRA, AdamW and the LR schedule,
     the EMA (when train.ema_decay > 0) and a fresh `TrainState`."""
@@ -232,7 +259,7 @@ def setup(config: Config, *, manifest: str | Path, out: Path, reward=None) -> Ru
     return Run(config, out, accelerator, data, reward, gen, model, params, optimizer, scheduler, ema, state)
 
 
-def setup_accelerator(config: Config) -> tuple[Accelerator, str]:
+def setup_accelerator(config: Sections) -> tuple[Accelerator, str]:
     """This process's accelerator (CPU in fp32 without a GPU), its log level and the global seed.
 
     Returns the accelerator and the mixed precision in effect ("no" on the CPU).
@@ -259,7 +286,7 @@ def setup_accelerator(config: Config) -> tuple[Accelerator, str]:
     return accelerator, precision
 
 
-def setup_data(config: Config, manifest: str | Path, world: int) -> TrainData:
+def setup_data(config: Sections, manifest: str | Path, world: int) -> TrainData:
     """The manifest's samples; an error when they give no full batch per process."""
     man = read_manifest(manifest)
     data = TrainData(man, load_embeddings(man), resolution=config.generator.resolution,
@@ -270,7 +297,7 @@ def setup_data(config: Config, manifest: str | Path, world: int) -> TrainData:
     return data
 
 
-def setup_reward(config: Config, manifest: str | Path, man: Manifest) -> MatchingReward:
+def setup_reward(config: Sections, manifest: str | Path, man: Manifest) -> MatchingReward:
     """The configured reward, once the manifest's reference embeddings are known to come from its embedder."""
     recorded = man.embedder.get("sha256")
     if recorded and recorded != sha256_file(config.faces.embedder.path):
@@ -279,7 +306,7 @@ def setup_reward(config: Config, manifest: str | Path, man: Manifest) -> Matchin
     return MatchingReward.from_config(config.faces, config.reward)
 
 
-def setup_model(config: Config, accelerator: Accelerator, precision: str):
+def setup_model(config: Sections, accelerator: Accelerator, precision: str):
     """The generator with a fresh LoRA (trained in fp32 whatever the frozen weights are), AdamW and the LR
     schedule, prepared by accelerate, whose checkpoints then hold only the LoRA.
 
@@ -336,7 +363,7 @@ def resume_run(run: Run, resume: str | None) -> Path | None:
       other difference is a ResumeError. With a larger max_steps the LR schedule, defined over max_steps,
       bends from the resume point on.
     - What is restored: the LoRA, the optimizer and LR-scheduler states and every process's RNG states
-      (accelerate's load_state; the base model is never saved, it comes from config.generator), the EMA's
+      (accelerate's load_state; the base model is never saved, it comes from the generator section), the EMA's
       averages (ema.safetensors), and from train_state.json the step, the data position (epoch, global batches
       consumed), the non-finite counters and the MLflow run id (world_size and settings are this run's).
     - Data order and random draws: the batch order is a function of (seed, epoch) (`umo.train.data`) and every
@@ -396,14 +423,15 @@ def read_history(checkpoint: Path, out: Path, step: int) -> list[dict[str, float
     return [h for h in json.loads(path.read_text()) if h["step"] <= step]
 
 
-def start_tracking(run: Run, manifest: str | Path, *, resumed: bool) -> None:
-    """Open the MLflow run (the checkpoint's when there is one) and log the params; main process only."""
+def start_tracking(run: Run, tracking: TrackingConfig, manifest: str | Path, *, resumed: bool) -> None:
+    """Open the MLflow run (the checkpoint's when there is one) and log the params: the training's own
+    sections, the data and the processes; main process only."""
     config, tc = run.config, run.config.train
-    run.tracker = Tracker(uri=tracking_uri(config.tracking.tracking_uri), experiment=config.tracking.experiment,
+    run.tracker = Tracker(uri=tracking_uri(tracking.tracking_uri), experiment=tracking.experiment,
                           run_name=f"train-{run.out.name}", run_id=run.state.mlflow_run_id,
                           tags={"umo.stage": "train", "umo.toy_world": str(run.data.manifest.toy_world).lower()})
     run.state.mlflow_run_id = run.tracker.run_id
-    run.tracker.log_params(flatten(to_dict(config)) | {
+    run.tracker.log_params(flatten(config.to_dict()) | {
         "data.manifest": str(manifest), "data.manifest_sha256": sha256_file(manifest),
         "data.samples": len(run.data), "data.toy_world": run.data.manifest.toy_world, "dist.processes": run.world,
         "dist.total_batch": tc.batch_size * run.world * tc.gradient_accumulation_steps,

@@ -90,8 +90,8 @@ def portable_numerics_env() -> dict[str, str]:
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     if platform.machine().lower() in ("x86_64", "amd64"):
         env |= {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
-        try:
-            from numpy._core._multiarray_umath import __cpu_dispatch__  # private, moved in numpy 2: here on use
+        try:  # numpy's private list of CPU features, which moved in numpy 2: imported on use, either way
+            from numpy._core._multiarray_umath import __cpu_dispatch__  # numpy >= 2
         except ImportError:
             from numpy.core._multiarray_umath import __cpu_dispatch__  # numpy < 2
         wide = [f for f in __cpu_dispatch__ if "512" in f or f == "X86_V4"]
