@@ -376,7 +376,8 @@ def resume_run(run: Run, resume: str | None) -> Path | None:
       has none, then out/history.json is read), cut to the steps up to the checkpoint; steps run again are
       appended once, so the final file lists every logged step once.
     - MLflow: the checkpoint's run is continued (`start_tracking`); steps past the checkpoint that a crashed run
-      had already logged run again but are not logged again (`Tracker.last_step("loss")` → `Run.logged`);
+      had already logged run again but are not logged again (`Run.logged`: the last step of
+      "skipped_nonfinite", the one metric logged at every logged step, even a non-finite one);
       their sample images are written again under the same names.
     """
     out = run.out
@@ -437,7 +438,7 @@ def start_tracking(run: Run, tracking: TrackingConfig, manifest: str | Path, *, 
         "dist.total_batch": tc.batch_size * run.world * tc.gradient_accumulation_steps,
         "lora.trainable_parameters": sum(p.numel() for p in run.params.values())})
     if resumed:
-        run.logged = run.tracker.last_step("loss")
+        run.logged = run.tracker.last_step("skipped_nonfinite")  # logged at every logged step, finite or not
 
 
 # ------------------------------------------------------------------------------------------------ the step loop
