@@ -30,7 +30,9 @@ stamp="$venv/.umo-installed"
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)-$extras
 if ! { [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; }; then
   [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+  # --no-compile: Python writes the bytecode of the modules it imports, on first import; compiling every file of
+  # every package up front took half of a fresh install (3.5 -> 1.8 min, measured on 2 cores)
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile \
     -c constraints.txt -e ".[$extras]"
   "$venv/bin/python" -c 'import torch; assert torch.__version__.split("+")[0] == "2.13.0", torch.__version__'
   echo "$want" > "$stamp"

@@ -13,12 +13,12 @@ import pytest
 import yaml
 from scipy import stats
 
-from umo.toy import ablation
 from umo.cli import main as umo_main
 from umo.config import ConfigError, load_config
+from umo.eval.score import ImageScore, ItemScore
+from umo.toy import ablation
 from umo.toy.config import ToyBaseConfig
 from umo.typed import from_dict
-from umo.eval.score import ImageScore, ItemScore
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "ablation" / "params.yaml"

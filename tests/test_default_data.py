@@ -16,10 +16,10 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.mark.slow
-def test_toyworld_raw_recreates_the_data_dvc_hash(tmp_path):
-    subprocess.run([BIN / "umo", "toyworld", "raw", "--params", ROOT / "params.yaml", "--out", tmp_path / "data",
-                    "--truth", tmp_path / "truth.jsonl"], check=True, cwd=tmp_path, capture_output=True)
-    assert (tmp_path / "truth.jsonl").is_file() and not (tmp_path / "data" / "truth.jsonl").exists()
+def test_toyworld_raw_recreates_the_data_dvc_hash(default_raw, tmp_path):
+    data, truth = default_raw  # `umo toyworld raw --params params.yaml` (conftest; test_prepare clusters it too)
+    assert truth.is_file() and not (data / "truth.jsonl").exists()
+    shutil.copytree(data, tmp_path / "data")  # DVC's scratch repository gets its own copy
     subprocess.run([BIN / "dvc", "init", "--no-scm", "-q"], check=True, cwd=tmp_path)
     subprocess.run([BIN / "dvc", "config", "core.analytics", "false"], check=True, cwd=tmp_path)
     subprocess.run([BIN / "dvc", "add", "-q", "data"], check=True, cwd=tmp_path)

@@ -14,6 +14,7 @@ from insightface.model_zoo.scrfd import SCRFD
 from torch import nn
 
 from umo.faces.detect import FaceDetector
+from umo.faces.types import Detections
 from umo.toy.onnx_export import export_detector_onnx, export_recognizer_onnx
 from umo.toy.tiny.faces import (
     MAX_TEXTURE_GREENNESS,
@@ -23,7 +24,6 @@ from umo.toy.tiny.faces import (
     paste_faces,
     random_background,
 )
-from umo.faces.types import Detections
 
 FACE = 64  # face side in pixels, MarkerDetector's default
 

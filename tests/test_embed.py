@@ -19,8 +19,8 @@ from umo.faces.embed import (
     iresnet,
     load_arcface,
 )
-from umo.toy.onnx_export import export_recognizer_onnx
 from umo.faces.types import Detections
+from umo.toy.onnx_export import export_recognizer_onnx
 
 
 class NotATensor:

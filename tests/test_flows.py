@@ -32,10 +32,11 @@ STAGES = {
 }
 
 
-@pytest.fixture
-def project(tmp_path):
-    """A git + DVC project with params.yaml (the real one) and the stages above."""
-    root = tmp_path / "project"
+@pytest.fixture(scope="module")
+def initialized(tmp_path_factory):
+    """A git + DVC project with params.yaml (the real one) and the stages above, initialized once (`dvc init` and
+    `dvc config` are two interpreter starts): each test gets a fresh copy of it."""
+    root = tmp_path_factory.mktemp("flows") / "project"
     root.mkdir()
     shutil.copy(ROOT / "params.yaml", root / "params.yaml")
     stages = {name: {"cmd": f'{PY} -c "{code}"'} for name, code in STAGES.items()}
@@ -46,6 +47,12 @@ def project(tmp_path):
     subprocess.run([PY, "-m", "dvc", "init", "-q"], cwd=root, check=True)
     subprocess.run([PY, "-m", "dvc", "config", "core.analytics", "false"], cwd=root, check=True)
     return root
+
+
+@pytest.fixture
+def project(initialized, tmp_path):
+    """This test's own copy of the initialized project (nothing has run in it)."""
+    return shutil.copytree(initialized, tmp_path / "project", symlinks=True)
 
 
 def attempts(project: Path, stage: str) -> int:

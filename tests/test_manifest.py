@@ -7,8 +7,15 @@ import json
 import pytest
 import torch
 
-from umo.data.manifest import (Manifest, ManifestError, Reference, Sample, load_embeddings, read_manifest,
-                               write_manifest)
+from umo.data.manifest import (
+    Manifest,
+    ManifestError,
+    Reference,
+    Sample,
+    load_embeddings,
+    read_manifest,
+    write_manifest,
+)
 
 
 def make(tmp_path, n=2):

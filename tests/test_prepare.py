@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from badfiles import write_bad_corpus
 from PIL import Image
 
 from umo.config import load_config
 from umo.data.manifest import load_embeddings, read_manifest
 from umo.data.prepare import SAMPLES_DIR, _load_models, read_truth
 from umo.data.synthetic import Pick, check_generated, synthesize
-
-from badfiles import write_bad_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 UMO = Path(sys.executable).parent / "umo"
@@ -158,7 +157,7 @@ def test_generated_images_are_kept_only_when_every_reference_is_matched(toy_worl
     """The keep rule on real detections and embeddings: collages of the references' own crops stand in for a
     generator that works (the tiny one draws no faces)."""
     config = load_config(ROOT / "params.yaml", toy_world.faces_overrides())
-    embedder, _ = _load_models(config, "cpu")
+    embedder, _ = _load_models(config.faces, config.prepare.index_batch, "cpu")
     truth = [json.loads(line) for line in toy_world.truth.read_text().splitlines()]
     solo = [t for t in truth if len(t["identity_ids"]) == 1]
     people = {}
@@ -198,11 +197,25 @@ def test_generated_images_are_kept_only_when_every_reference_is_matched(toy_worl
 
 
 @pytest.mark.slow
-def test_full_toy_world_cluster_quality(full_toy_world, tmp_path):
-    """The clustering bar on THE toy world (params.yaml's): purity and completeness >= 0.95."""
-    (tmp_path / "data").symlink_to(full_toy_world.raw)
-    run_prepare(full_toy_world, tmp_path, "prepare.synthetic.count=0", "prepare.contact_sheet=0")
-    quality = json.loads((tmp_path / "prepared" / "stats.json").read_text())["identities"]["quality"]
+def test_the_default_collection_clusters_at_the_bar(default_raw, toy_world, tmp_path):
+    """The bar on THE toy world's collection (params.yaml's: the embedded default's data/, byte for byte as
+    data.dvc records, test_default_data): identities clustered with purity and completeness >= 0.95.
+
+    The faces are found and embedded by the small world's models, not by params.yaml's world's, whose build
+    alone took 5.5 of a fresh clone's 15.5 test minutes. The property is the clustering's on these albums (48
+    sessions of 2-3 people from 16 ids no face model has seen, two per 80 x 128 photo), and it holds with the
+    weaker models: measured 0.973 / 0.965 with the small world's (reward TAR@FAR1e-3 0.80, 250-step detector)
+    against 0.979 / 0.965 with params.yaml's (TAR 0.95, 600 steps) on the same collection, the default
+    cluster_threshold for both. params.yaml's world is held to its own gates by its build (TAR >= 0.90), and
+    `make run` records this same quality in artifacts/prepared/stats.json."""
+    data, truth = default_raw
+    (tmp_path / "data").symlink_to(data)
+    run_prepare(toy_world, tmp_path, f"prepare.truth={truth}", "prepare.synthetic.count=0", "prepare.contact_sheet=0")
+    stats = json.loads((tmp_path / "prepared" / "stats.json").read_text())
+    quality = stats["identities"]["quality"]
+    faces = sum(len(row["identity_ids"]) for row in read_truth(truth).values())  # 748 people in 374 photos
+    # every session makes samples, and nearly every face is clustered and scored (0.95 of them measured)
+    assert stats["groups"]["with_samples"] == 48 and quality["faces_scored"] >= 0.9 * faces, (stats["groups"], quality)
     assert quality["purity"] >= 0.95 and quality["completeness"] >= 0.95, quality
 
 

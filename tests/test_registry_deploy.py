@@ -17,9 +17,10 @@ import boto3
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from evalkit import eval_config, fixed_judge, random_lora
 from PIL import Image
-from servers import MlflowServer, MotoServer
+from servers import MotoServer
 from trainkit import fixed_reward, make_manifest, train_with
 
 from umo.deploy import DeployError, deploy, parse_target, rollback, verify_current
@@ -48,11 +49,12 @@ def s3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def world(toy_world, tiny_generator_dir, tmp_path_factory):
-    """A tracked training run, its report, and the settings every test uses."""
+def world(toy_world, tiny_generator_dir, tmp_path_factory, mlflow_service):
+    """A tracked training run, its report, and the settings every test uses; on the session's `mlflow server`
+    (conftest), where this module's model is the only one named NAME."""
 
     root = tmp_path_factory.mktemp("registry")
-    server = MlflowServer(root / "mlflow").start()
+    server = mlflow_service
     manifest = make_manifest(root / "data", toy_world)
 
     settings = [f"tracking.tracking_uri={server.uri}", f"registry.model_name={NAME}",
@@ -67,13 +69,10 @@ def world(toy_world, tiny_generator_dir, tmp_path_factory):
     full = config()
     report = evaluate(full.eval, generator=full.generator, faces=full.faces, lora=trained.lora,
                       judge=fixed_judge(full), out=root / "report-v1")
-    try:
-        cli = [*toy_world.faces_overrides(), f"generator.path={tiny_generator_dir}", *settings]
-        yield {"root": root, "server": server, "config": config, "cli": sum((["-S", o] for o in cli), []),
-               "train": root / "train", "report": report, "run_id": trained.run_id, "lora": trained.lora,
-               "toy_world": toy_world}
-    finally:
-        server.stop()
+    cli = [*toy_world.faces_overrides(), f"generator.path={tiny_generator_dir}", *settings]
+    return {"root": root, "server": server, "config": config, "cli": sum((["-S", o] for o in cli), []),
+            "train": root / "train", "report": report, "run_id": trained.run_id, "lora": trained.lora,
+            "toy_world": toy_world}
 
 
 def register_from(config, **kw):
@@ -92,7 +91,8 @@ def test_registration_carries_the_evidence_and_is_not_repeated(world):
     mv = client.get_model_version_by_alias(NAME, "challenger")
     assert mv.version == "1" and mv.run_id == world["run_id"]
     assert {"git_commit", "dvc.data_md5", "dvc.params_md5", "base_model", "toy_world", "umo.lora_sha256"} <= set(mv.tags)
-    assert mv.tags["toy_world"] == "true" and mv.tags["dvc.data_md5"] == "4385047ff38da5ce52dcc5e6b3db2aab.dir"
+    data_md5 = yaml.safe_load((Path(__file__).resolve().parents[1] / "data.dvc").read_text())["outs"][0]["md5"]
+    assert mv.tags["toy_world"] == "true" and mv.tags["dvc.data_md5"] == data_md5 and data_md5.endswith(".dir")
     metrics = world["report"].metrics
     assert mv.tags["eval.candidate.id_sim"] == str(metrics["candidate"]["id_sim"])
     # the evidence the gate requires: 4 items x 2 images, two fixed faces and two people in each

@@ -12,10 +12,10 @@ import torch
 
 from umo.config import LoraConfig
 from umo.faces.embed import load_arcface
-from umo.toy.tiny.faces import FixedFaces
 from umo.models.flux2 import Flux2KleinGenerator
 from umo.models.lora import add_lora, lora_parameters
 from umo.reward import MatchingReward
+from umo.toy.tiny.faces import FixedFaces
 from umo.toy.world.identity import make_identity
 from umo.toy.world.render import render_portrait
 from umo.train.rerefl import Batch, rerefl_step

@@ -8,9 +8,9 @@ import torch
 from umo.faces.align import similarity_transforms, warp_faces
 from umo.faces.detect import FaceDetector
 from umo.faces.embed import ArcFaceEmbedder, iresnet
+from umo.reward import MatchingReward
 from umo.toy.onnx_export import export_detector_onnx
 from umo.toy.tiny.faces import MarkerDetector, identity_patch, paste_faces, random_background
-from umo.reward import MatchingReward
 
 SIZE, FACE = 256, 72
 SLOTS = [(48.0, 128.0), (128.0, 128.0), (208.0, 128.0)]

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from umo.toy.config import ToyBaseConfig, ToyCastPhotosConfig
-from umo.typed import from_dict
 from umo.toy.cast import UninformativeBase, build_toybase, check_gate, photo_plan, render_cast_photo
+from umo.toy.config import ToyBaseConfig, ToyCastPhotosConfig
 from umo.toy.world.collection import plan_sessions, render_group_image
 from umo.toy.world.identity import make_identity
 from umo.toy.world.render import head_strip, render_group
+from umo.typed import from_dict
 
 
 def test_fixed_slots_put_person_k_in_slot_k_and_repeats_draw_one_person_twice():

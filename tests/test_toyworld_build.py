@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,10 @@ from safetensors import safe_open
 
 from umo.cli import main
 from umo.config import Config, load_config, to_dict
-from umo.toy.config import ToyWorldConfig
-from umo.typed import from_dict
 from umo.faces.detect import FaceDetector
 from umo.faces.embed import OnnxRecognizer, load_arcface
 from umo.reward import MatchingReward
+from umo.toy.config import ToyWorldConfig
 from umo.toy.world.build import (
     MANIFEST_FILE,
     QUALITY_FILE,
@@ -30,6 +30,7 @@ from umo.toy.world.build import (
     build_toyworld,
     load_toyworld,
 )
+from umo.typed import from_dict
 
 TINY = {
     "n_identities": 30, "n_train_identities": 20, "faces_per_identity": 2, "test_faces_per_identity": 5,
@@ -68,10 +69,9 @@ def test_two_builds_are_byte_identical(built, tmp_path):
 
 
 def test_second_build_reuses_everything_and_rebuilds_only_what_changed(built, tmp_path):
-    out = tmp_path / "w"
-    first = build_toyworld(out, tiny())
-    assert first.reused == ()
-    before = tree_hashes(out)
+    assert built.reused == ()  # the module's build started from nothing
+    out = shutil.copytree(built.world.root, tmp_path / "w")  # its folder, copied (changed below): the cache
+    before = tree_hashes(out)  # holds by settings and content, wherever the folder is
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.onnx")}
 
     second = build_toyworld(out, tiny())
@@ -139,8 +139,7 @@ def test_quality_gates_refuse_a_weak_world(tmp_path):
 def test_load_refuses_missing_and_corrupted_worlds(built, tmp_path):
     with pytest.raises(ToyWorldError, match="no toy world here"):
         load_toyworld(tmp_path)
-    copy = tmp_path / "copy"
-    build_toyworld(copy, tiny())
+    copy = shutil.copytree(built.world.root, tmp_path / "copy")  # a whole world (the module's), to damage
     (copy / "toy_raw_truth.jsonl").write_text("edited\n")
     load_toyworld(copy)  # cheap check: files present
     with pytest.raises(ToyWorldError, match=r"toy_raw_truth.jsonl: sha256 differs"):

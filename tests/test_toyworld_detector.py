@@ -13,10 +13,10 @@ import pytest
 import torch
 from insightface.model_zoo.scrfd import SCRFD
 
-from umo.toy.config import ToyDetectorConfig
 from umo.faces.detect import FaceDetector
-from umo.toy.onnx_export import export_detector_onnx
 from umo.faces.types import Detections
+from umo.toy.config import ToyDetectorConfig
+from umo.toy.onnx_export import export_detector_onnx
 from umo.toy.world.detector import (
     DETECTOR_FILE,
     SCENE_SIZE,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from umo.toy.config import ToyEmbedderConfig
 from umo.faces.embed import OnnxRecognizer, iresnet, load_arcface
+from umo.toy.config import ToyEmbedderConfig
 from umo.toy.onnx_export import export_recognizer_onnx
 from umo.toy.world.embedders import (
     ArcFaceHead,

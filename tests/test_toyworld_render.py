@@ -32,7 +32,8 @@ from umo.toy.world.identity import (
     pairwise_trait_distances,
     trait_distance,
 )
-from umo.toy.world.preview import contact_sheet, main as preview_main
+from umo.toy.world.preview import contact_sheet
+from umo.toy.world.preview import main as preview_main
 from umo.toy.world.render import render_face, render_portrait, render_scene
 
 

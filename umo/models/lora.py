@@ -17,9 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import Flux2KleinPipeline
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
@@ -57,6 +54,9 @@ def add_lora(model: nn.Module, *, rank: int, alpha: float, target_modules: Seque
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     targets = lora_targets(model, target_modules)
+    # lazy: peft and diffusers take seconds to import; `umo register`, `gate` and `deploy` only name LoRA files
+    from peft import LoraConfig
+
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                         init_lora_weights=True)
     model.requires_grad_(False)
@@ -78,6 +78,9 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def lora_state_dict(model: nn.Module, *, adapter_name: str = ADAPTER) -> dict[str, torch.Tensor]:
     """The adapter's tensors in peft naming (`<module>.lora_A.weight`), detached copies on the CPU."""
+    # lazy: peft and diffusers take seconds to import; `umo register`, `gate` and `deploy` only name LoRA files
+    from peft.utils import get_peft_model_state_dict
+
     return {k: v.detach().to("cpu").clone().contiguous() for k, v in
             get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
 
@@ -88,6 +91,9 @@ def save_lora(model: nn.Module, out_dir: str | Path, *, pipeline_cls=None) -> Pa
     Written into a temporary folder and moved into place, so readers never see a partial file.
     pipeline_cls: the diffusers pipeline class whose `save_lora_weights` to use (default Flux2KleinPipeline).
     """
+    # lazy: peft and diffusers take seconds to import; `umo register`, `gate` and `deploy` only name LoRA files
+    from diffusers import Flux2KleinPipeline
+
     pipeline_cls = pipeline_cls or Flux2KleinPipeline
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -110,6 +116,9 @@ def load_lora(model: nn.Module, path: str | Path, *, adapter_name: str = ADAPTER
 
     Raises ValueError naming the file when its tensors do not fit the adapter (missing or unexpected keys).
     """
+    # lazy: peft and diffusers take seconds to import; `umo register`, `gate` and `deploy` only name LoRA files
+    from peft.utils import set_peft_model_state_dict
+
     path = Path(path)
     prefix = "transformer."
     state = {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
@@ -137,6 +146,9 @@ def attach_lora_file(model: nn.Module, path: str | Path, adapter_name: str) -> N
     """Add the adapter a LoRA file describes (rank, alpha, targets from the metadata `save_lora` writes) to
     `model` under `adapter_name`, and load its weights exactly. Several such adapters may sit side by side;
     choose one with `model.set_adapter(name)`, none with `model.disable_adapters()`."""
+    # lazy: peft and diffusers take seconds to import; `umo register`, `gate` and `deploy` only name LoRA files
+    from peft import LoraConfig
+
     path = lora_file(path)
     with safe_open(str(path), framework="pt") as f:
         raw = (f.metadata() or {}).get("lora_adapter_metadata")
