@@ -1,11 +1,7 @@
 """The whole chain in a temporary copy of this repository, driven both ways: `dvc repro` (then a no-op, then
 `dvc exp run -S`), the Prefect flow under the test harness, and a deployment run by a real Prefect server and
 process worker. The copy uses the tests' small toy world and a few training steps (the embedded default's own
-numbers are the README's `make run`).
-
-Each stage is a process that mostly waits on one core, so the `dvc exp run` of the chain's first run goes on in
-a second copy of the project while the flow and server tests use the first (`experiment`), and
-test_dvc_exp_run, the module's last test, checks what it did."""
+numbers are the README's `make run`)."""
 
 from __future__ import annotations
 
@@ -146,30 +142,23 @@ def approve_by_hand(project: Path, version: str) -> None:
     client.set_model_version_tag("umo-flux2-klein-lora", version, DECISION_TAG, "passed")
 
 
-@pytest.fixture(scope="module")
-def experiment(project):
-    """`dvc exp run -S train.learning_rate=0.0003` on the committed first run, started in the background in a copy
-    of the project (the first test asking for it starts it): (copy, process, its output file). Its MLflow store is
-    the copy's own (sqlite:///artifacts/mlflow/mlflow.db); the runs' artifacts still go where that store's
-    experiment says, under the first copy's mlruns/, in folders of their own. A run nobody joined (its test not
-    selected) is stopped at the end of the module: its process group, by the id of the group started here."""
+def test_dvc_exp_run_with_another_learning_rate(project):
     git(project, "add", "-A")
     git(project, "commit", "-qm", "the chain's first run")
-    copy = project.parent / "experiment"
-    shutil.copytree(project, copy, symlinks=True)
-    output = project.parent / "experiment.log"
-    with open(output, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.learning_rate=0.0003"],
-                                cwd=copy, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield copy, proc, output
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(60)
+    out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.learning_rate=0.0003"], project).stdout
+    for stage in ("toyworld", "toybase", "prepare"):
+        assert f"Stage '{stage}' didn't change, skipping" in out
+    assert "Running stage 'train'" in out and "Running stage 'deploy'" in out
+    registered = json.loads((project / "artifacts/registry/registered.json").read_text())
+    assert registered["version"] == "2"
+    shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], project).stdout
+    assert "0.0003" in shown
+    # back to the committed workspace (params 1e-4), as the flow's test expects it
+    git(project, "checkout", "--", "params.yaml", "dvc.lock")
+    # dvc.yaml: the main chain (a bare `dvc checkout` also takes ablation/dvc.yaml, whose outputs never ran here)
+    run([sys.executable, "-m", "dvc", "checkout", "-q", "dvc.yaml"], project)
 
 
-@pytest.mark.usefixtures("experiment")  # running meanwhile, in its own copy
 def test_flow_reruns_only_what_an_override_changes(project, prefect_harness):
     from prefect.artifacts import Artifact
 
@@ -187,7 +176,6 @@ def test_flow_reruns_only_what_an_override_changes(project, prefect_harness):
     assert umo_pipeline(project_dir=str(project)) == {s: "skipped" for s in STAGES}
 
 
-@pytest.mark.usefixtures("experiment")  # running meanwhile, in its own copy
 def test_weekly_reevaluation_of_the_champion(project, prefect_harness):
     from prefect.artifacts import Artifact
 
@@ -212,7 +200,6 @@ def api(server, path: str, body: dict | None = None):
         return json.loads(r.read())
 
 
-@pytest.mark.usefixtures("experiment")  # running meanwhile, in its own copy
 def test_prefect_server_worker_deploy_and_run(project, tmp_path):
     """`prefect deploy --all` of prefect.yaml against a real server; a process worker runs the on-demand
     deployment in the checkout (UMO_PROJECT_DIR) to completion; the worker is stopped by its PID."""
@@ -236,10 +223,8 @@ def test_prefect_server_worker_deploy_and_run(project, tmp_path):
             {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $UMO_PROJECT_DIR }}"}}]
 
         log = open(tmp_path / "worker.log", "wb")
-        # the worker asks for work every second (default 10 s: the run would wait for its next query)
         worker = subprocess.Popen([*prefect, "worker", "start", "--pool", "umo-process", "--limit", "1"],
-                                  cwd=tmp_path, env=cli_env | {"UMO_PROJECT_DIR": str(project),
-                                                               "PREFECT_WORKER_QUERY_SECONDS": "1"},
+                                  cwd=tmp_path, env=cli_env | {"UMO_PROJECT_DIR": str(project)},
                                   stdout=log, stderr=subprocess.STDOUT)
         out = subprocess.run([*prefect, "deployment", "run", "umo-pipeline/on-demand", "--watch",
                               "--watch-timeout", "300"], cwd=tmp_path, env=cli_env, capture_output=True, text=True)
@@ -258,23 +243,3 @@ def test_prefect_server_worker_deploy_and_run(project, tmp_path):
                     child.kill()
         server.stop()
     assert not [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-
-
-def test_dvc_exp_run_with_another_learning_rate(experiment):
-    """Last in the module: it joins the experiment that ran in its own copy while the tests above used the
-    project (the chain's first run, committed)."""
-    copy, proc, output = experiment
-    proc.wait(timeout=540)
-    out = output.read_text()
-    assert proc.returncode == 0, f"dvc exp run exited {proc.returncode}:\n{out[-3000:]}"
-    for stage in ("toyworld", "toybase", "prepare"):
-        assert f"Stage '{stage}' didn't change, skipping" in out
-    assert "Running stage 'train'" in out and "Running stage 'deploy'" in out
-    registered = json.loads((copy / "artifacts/registry/registered.json").read_text())
-    assert registered["version"] == "2"
-    shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], copy).stdout
-    assert "0.0003" in shown
-    # back to the committed workspace (params 1e-4)
-    git(copy, "checkout", "--", "params.yaml", "dvc.lock")
-    # dvc.yaml: the main chain (a bare `dvc checkout` also takes ablation/dvc.yaml, whose outputs never ran here)
-    run([sys.executable, "-m", "dvc", "checkout", "-q", "dvc.yaml"], copy)
