@@ -61,10 +61,19 @@ def dotted(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+OTHER_STORES = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+@pytest.fixture(autouse=True)
+def embedded_stores(monkeypatch):
+    """The flows run in this process and start their stages with its environment: no other module's servers."""
+    for name in OTHER_STORES:
+        monkeypatch.delenv(name, raising=False)
+
+
 def env() -> dict[str, str]:
     """The chain's environment: this venv's tools first, the embedded default's stores (no servers, no S3)."""
-    drop = {"MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-    clean = {k: v for k, v in os.environ.items() if k not in drop}
+    clean = {k: v for k, v in os.environ.items() if k not in OTHER_STORES}
     return clean | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 

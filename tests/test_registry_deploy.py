@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 from pathlib import Path
 
 import boto3
@@ -81,11 +82,14 @@ def register_from(config, **kw):
                     sampler_steps=config.eval.steps, **kw)
 
 
-def test_registration_carries_the_evidence_and_is_not_repeated(world):
+def test_registration_carries_the_evidence_and_is_not_repeated(world, monkeypatch):
     import mlflow
 
     config = world["config"]()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     first = register_from(config, train_dir=world["train"], report=world["report"].out)
+    # mlflow.set_tracking_uri exports the URI to child processes: the registration leaves the process as it was
+    assert "MLFLOW_TRACKING_URI" not in os.environ and mlflow.get_tracking_uri() != world["server"].uri
     assert (first.version, first.run_id, first.created) == ("1", world["run_id"], True)
     client = mlflow.MlflowClient(world["server"].uri)
     mv = client.get_model_version_by_alias(NAME, "challenger")
@@ -115,10 +119,11 @@ def test_registration_carries_the_evidence_and_is_not_repeated(world):
         register_from(config, train_dir=other.parent.parent, report=world["report"].out)
 
 
-def test_the_registered_pyfunc_generates_from_a_prompt_and_references(world):
+def test_the_registered_pyfunc_generates_from_a_prompt_and_references(world, monkeypatch):
     import mlflow
 
     register_from(world["config"](), train_dir=world["train"], report=world["report"].out)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", world["server"].uri)  # where a user's process finds the registry
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
     refs = sorted(str(p) for p in (world["root"] / "data" / "refs").glob("*.png"))[:2]
     rows = pd.DataFrame({"prompt": ["two people", "two people"], "references": [json.dumps(refs)] * 2,

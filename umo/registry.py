@@ -31,6 +31,7 @@ import os
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -93,8 +94,22 @@ class GateDecision:
 
 def client_for(tracking: TrackingConfig):
     uri = tracking_uri(tracking.tracking_uri)
-    mlflow.set_tracking_uri(uri)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextmanager
+def _fluent_at(uri: str):
+    """mlflow's fluent API (start_run, log_model, register_model) at `uri` for the block. mlflow.set_tracking_uri
+    also exports MLFLOW_TRACKING_URI for child processes: the caller's own value is put back after, so that a
+    registration never redirects the runs that the caller's process starts later."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # back to mlflow's default: the environment variable, read when needed
+        if before is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 # ------------------------------------------------------------------------------------------------ lineage
@@ -187,10 +202,13 @@ def register(registry: RegistryConfig, tracking: TrackingConfig, *, generator: G
         settings = {"umo_version": __version__, "generator": to_dict(generator), "lora": to_dict(lora),
                     "sampling": {"steps": sampler_steps}, "lineage": lineage}
         files = _model_files(Path(tmp), settings, model_card(name, lora, metrics, lineage), lora_path)
-        model_uri = _log_pyfunc(run_id, files)
+        uri = tracking_uri(tracking.tracking_uri)
+        with _fluent_at(uri):
+            model_uri = _log_pyfunc(run_id, files)
     _ensure_registered_model(client, name)
 
-    version = mlflow.register_model(model_uri, name, tags=lineage | _metric_tags(metrics))
+    with _fluent_at(uri):
+        version = mlflow.register_model(model_uri, name, tags=lineage | _metric_tags(metrics))
     client.update_model_version(name, version.version, description=_description(metrics, lineage, run_id))
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     log.info("registered %s version %s (alias %s) from run %s at %s", name, version.version, CHALLENGER, run_id,
@@ -602,7 +620,10 @@ def champion_lora(registry: RegistryConfig, tracking: TrackingConfig, out: str |
 def version_files(client, name: str, version: str, out: str | Path) -> dict[str, Path]:
     """A version's deployable files (LoRA, config, model card) downloaded into `out`."""
     mv = client.get_model_version(name, str(version))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(out)))
+    # where the version's files are stored, resolved by this client (a models:/ URI would use mlflow's global store)
+    source = client.get_model_version_download_uri(name, mv.version)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(out),
+                                                     tracking_uri=client.tracking_uri))
     found = {p.name: p for p in local.rglob("*") if p.is_file()}
 
     missing = [f for f in (LORA_FILE, CONFIG_FILE, CARD_FILE) if f not in found]
