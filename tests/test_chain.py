@@ -66,7 +66,7 @@ OTHER_STORES = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID
 
 @pytest.fixture(autouse=True)
 def embedded_stores(monkeypatch):
-    """The flows run in this process and start their stages with its environment: no other module's servers."""
+    """The flows run in this process and start their stages with its environment: no other module's store."""
     for name in OTHER_STORES:
         monkeypatch.delenv(name, raising=False)
 

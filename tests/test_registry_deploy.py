@@ -88,7 +88,7 @@ def test_registration_carries_the_evidence_and_is_not_repeated(world, monkeypatc
     config = world["config"]()
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     first = register_from(config, train_dir=world["train"], report=world["report"].out)
-    # mlflow.set_tracking_uri exports the URI to child processes: the registration leaves the process as it was
+    # mlflow.set_tracking_uri exports the URI to child processes: registering leaves the process as it was
     assert "MLFLOW_TRACKING_URI" not in os.environ and mlflow.get_tracking_uri() != world["server"].uri
     assert (first.version, first.run_id, first.created) == ("1", world["run_id"], True)
     client = mlflow.MlflowClient(world["server"].uri)
@@ -123,7 +123,7 @@ def test_the_registered_pyfunc_generates_from_a_prompt_and_references(world, mon
     import mlflow
 
     register_from(world["config"](), train_dir=world["train"], report=world["report"].out)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", world["server"].uri)  # where a user's process finds the registry
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", world["server"].uri)  # where a user's process finds it
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
     refs = sorted(str(p) for p in (world["root"] / "data" / "refs").glob("*.png"))[:2]
     rows = pd.DataFrame({"prompt": ["two people", "two people"], "references": [json.dumps(refs)] * 2,

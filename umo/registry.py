@@ -99,8 +99,8 @@ def client_for(tracking: TrackingConfig):
 
 @contextmanager
 def _fluent_at(uri: str):
-    """mlflow's fluent API (start_run, log_model, register_model) at `uri` for the block. mlflow.set_tracking_uri
-    also exports MLFLOW_TRACKING_URI for child processes: the caller's own value is put back after, so that a
+    """mlflow's fluent API (start_run, log_model, register_model) at `uri` for the block. set_tracking_uri also
+    exports MLFLOW_TRACKING_URI for child processes: the caller's own value is put back after, so that a
     registration never redirects the runs that the caller's process starts later."""
     before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
@@ -620,7 +620,7 @@ def champion_lora(registry: RegistryConfig, tracking: TrackingConfig, out: str |
 def version_files(client, name: str, version: str, out: str | Path) -> dict[str, Path]:
     """A version's deployable files (LoRA, config, model card) downloaded into `out`."""
     mv = client.get_model_version(name, str(version))
-    # where the version's files are stored, resolved by this client (a models:/ URI would use mlflow's global store)
+    # where the version's files are, resolved by this client (a models:/ URI would use mlflow's global store)
     source = client.get_model_version_download_uri(name, mv.version)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(out),
                                                      tracking_uri=client.tracking_uri))
