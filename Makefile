@@ -18,8 +18,10 @@ ablation:
 	@start=$$(date +%s); PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro ablation/dvc.yaml && \
 	  echo "ablation: $$(( $$(date +%s) - start )) s wall; results: docs/ablation.md"
 
+# The suite on TEST_WORKERS processes (pytest-xdist), each test module whole on one of them, in conftest's order.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

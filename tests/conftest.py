@@ -8,6 +8,10 @@ clone does not wait for it, the build starts in a background process as soon as 
 the test modules that do not use the world run first (each module whole, in its order): on a fresh clone the
 build overlaps with them (measured: 46 s less on 2 cores). The `toy_world` fixture waits for that process,
 then loads the world (a build of its own if the background one failed, which then reports why).
+
+`make test` runs the modules on every core with pytest-xdist (`-n`, each module whole on one worker, in the
+order below): the chain's module, the longest by far, starts first and runs beside all the others. Each worker
+gets its share of the cores for torch and for the processes it starts (OMP_NUM_THREADS).
 """
 
 from __future__ import annotations
@@ -22,6 +26,12 @@ import pytest
 from toyworlds import NAME, build_small_world, cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+FIRST = ("tests/test_chain.py",)  # the longest modules (minutes): first, to run beside all the rest
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ... under pytest-xdist; None in a plain session
+if WORKER is not None:
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # read by torch on import, and by the stages it starts
+        os.environ.setdefault(_var, str(_share))
 _background: dict[str, subprocess.Popen] = {}
 
 
@@ -33,14 +43,17 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection: only the tests that will run count
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Modules that never use the small toy world first, then the others, each module whole and in its order;
-    and when a collected test needs the world, its build starts now, in the background."""
+    """FIRST, then the modules that never use the small toy world, then the others, each module whole and in its
+    order; and when a collected test needs the world, its build starts now, in the background (under xdist, in
+    the first worker only: the others wait for it on the cache's lock)."""
     modules: dict[str, list[pytest.Item]] = {}
     for item in items:
         modules.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
     needs = {m: any("toy_world" in getattr(i, "fixturenames", ()) for i in its) for m, its in modules.items()}
-    items[:] = [i for m, its in sorted(modules.items(), key=lambda kv: needs[kv[0]]) for i in its]  # stable
-    if any(needs.values()) and not config.option.collectonly and "toy_world" not in _background:
+    order = sorted(modules.items(), key=lambda kv: (kv[0] not in FIRST, needs[kv[0]]))  # stable
+    items[:] = [i for _, its in order for i in its]
+    if any(needs.values()) and not config.option.collectonly and "toy_world" not in _background \
+            and WORKER in (None, "gw0"):
         cache = cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
         with open(cache / f"{NAME}.log", "wb") as log:
