@@ -1,8 +1,9 @@
 """The production driver: dvc.yaml's stages as Prefect tasks (thin; the work is in `umo`, the chain in dvc.yaml).
 
 Each task runs `dvc repro --single-item <stage>` in the project checkout, one way for every stage, so DVC's
-hashes decide what is skipped (`dvc status` first: an up-to-date stage completes as `Skipped` without
-starting) and dvc.lock stays the lineage record whichever driver ran. Training is dvc.yaml's
+hashes decide what is skipped (one `dvc status` of all stages first, and of each stage after one ran: an
+up-to-date stage completes as `Skipped` without starting) and dvc.lock stays the lineage record whichever
+driver ran. Training is dvc.yaml's
 `accelerate launch --config_file ${train.accelerate_config} ...`, a subprocess whose output, like every
 stage's, is streamed line by line into the flow's logs.
 
@@ -79,13 +80,14 @@ def _stream(cmd: list[str], cwd: Path, stage: str) -> None:
         raise StageFailed(stage, proc.returncode, list(tail))
 
 
-def _up_to_date(stage: str, cwd: Path) -> bool:
-    """DVC's own verdict: the stage's deps, params and outs hash as dvc.lock recorded them."""
-    out = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", stage], cwd=cwd, env=_env(),
+def _changed(target: str, cwd: Path) -> set[str]:
+    """DVC's own verdict on `target` (a stage, or dvc.yaml for all of its stages): the stages whose deps, params
+    or outs no longer hash as dvc.lock recorded them."""
+    out = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", target], cwd=cwd, env=_env(),
                          capture_output=True, text=True)
     if out.returncode != 0:
-        raise StageFailed(stage, out.returncode, (out.stdout + out.stderr).splitlines()[-TAIL_LINES:])
-    return json.loads(out.stdout or "{}") == {}
+        raise StageFailed(target, out.returncode, (out.stdout + out.stderr).splitlines()[-TAIL_LINES:])
+    return set(json.loads(out.stdout or "{}"))
 
 
 def _retry_transient(task, task_run, state) -> bool:
@@ -100,10 +102,11 @@ def _retry_transient(task, task_run, state) -> bool:
 
 
 @task(task_run_name="{stage}", retries=2, retry_delay_seconds=60, retry_condition_fn=_retry_transient)
-def run_stage(stage: str, project_dir: str) -> str:
-    """`dvc repro --single-item <stage>`, unless DVC says the stage is up to date (then Skipped)."""
+def run_stage(stage: str, project_dir: str, unchanged: bool = False) -> str:
+    """`dvc repro --single-item <stage>`, unless DVC says the stage is up to date (then Skipped). unchanged: the
+    flow's status of every stage, taken before any of them ran, already said so (no second `dvc status`)."""
     cwd = Path(project_dir)
-    if _up_to_date(stage, cwd):
+    if unchanged or stage not in _changed(stage, cwd):
         get_run_logger().info("stage %s: inputs unchanged (dvc status), skipped", stage)
         return Completed(name="Skipped", message="inputs unchanged (dvc status)")
     _stream([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd, stage)
@@ -173,9 +176,13 @@ def umo_pipeline(overrides: dict[str, Any] | None = None, stages: list[str] | No
         apply_overrides(str(cwd), overrides)
     config = load_config(cwd / "params.yaml")  # also refuses a params.yaml that became invalid by hand
     stage_task = run_stage.with_options(retry_delay_seconds=retry_delay_seconds)
+    # One `dvc status` of every stage first. Its verdict holds for a stage as long as nothing upstream has run in
+    # this flow; after a stage ran, each later one asks DVC again (the run may have changed its inputs, or not).
+    changed = _changed("dvc.yaml", cwd)
     done: dict[str, str] = {}
     for stage in todo:
-        state = stage_task(stage, str(cwd), return_state=True)
+        unchanged = stage not in changed and "ran" not in done.values()
+        state = stage_task(stage, str(cwd), unchanged, return_state=True)
         state.result()  # a failed stage raises its StageFailed here: the flow stops and fails with it
         done[stage] = "skipped" if state.name == "Skipped" else "ran"
         if stage == "evaluate":
