@@ -1,6 +1,6 @@
 """The whole chain in a temporary copy of this repository, driven both ways: `dvc repro` (then a no-op, then
-`dvc exp run -S`), the Prefect flow under the test harness, and a deployment run by a real Prefect server and
-process worker. The copy uses the tests' small toy world and a few training steps (the embedded default's own
+`dvc exp run -S`) and the Prefect flow under the test harness (a real Prefect server and worker run the flow in
+tests/test_flows.py). The copy uses the tests' small toy world and a few training steps (the embedded default's own
 numbers are the README's `make run`)."""
 
 from __future__ import annotations
@@ -8,13 +8,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 from toyworlds import SMALL_WORLD
 
@@ -199,56 +196,3 @@ def test_weekly_reevaluation_of_the_champion(project, prefect_harness):
     champion = manifest["files"]["pytorch_lora_weights.safetensors"]["sha256"]
     assert metrics["models"]["candidate"]["sha256"] == champion  # the champion, as deployed
     assert "ID-Sim" in Artifact.get("umo-champion-evaluation").data
-
-
-def api(server, path: str, body: dict | None = None):
-    """The server's REST API, read directly (not through the Prefect client of this process)."""
-    request = urllib.request.Request(f"{server.uri}/api{path}", data=json.dumps(body or {}).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(request, timeout=30) as r:
-        return json.loads(r.read())
-
-
-def test_prefect_server_worker_deploy_and_run(project, tmp_path):
-    """`prefect deploy --all` of prefect.yaml against a real server; a process worker runs the on-demand
-    deployment in the checkout (UMO_PROJECT_DIR) to completion; the worker is stopped by its PID."""
-    from servers import PrefectServer, stop
-
-    server = PrefectServer(tmp_path / "prefect").start()
-    worker = None
-    try:
-        cli_env = server.env() | {"PATH": env()["PATH"]}
-        prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
-        run([*prefect, "work-pool", "create", "umo-process", "--type", "process"], project, env=cli_env)
-        run([*prefect, "deploy", "--all"], project, env=cli_env)
-        deployments = {d["name"]: d for d in api(server, "/deployments/filter")}
-        assert set(deployments) == {"nightly-retrain", "weekly-champion-reevaluation", "on-demand"}
-        crons = {name: [s["schedule"]["cron"] for s in d["schedules"]] for name, d in deployments.items()}
-        assert crons == {"nightly-retrain": ["0 2 * * *"], "weekly-champion-reevaluation": ["0 4 * * 0"],
-                         "on-demand": []}
-        assert all(d["work_pool_name"] == "umo-process" for d in deployments.values())
-        # the checkout is the worker host's, resolved when the run starts there (not at deploy time)
-        assert deployments["on-demand"]["pull_steps"] == [
-            {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $UMO_PROJECT_DIR }}"}}]
-
-        log = open(tmp_path / "worker.log", "wb")
-        worker = subprocess.Popen([*prefect, "worker", "start", "--pool", "umo-process", "--limit", "1"],
-                                  cwd=tmp_path, env=cli_env | {"UMO_PROJECT_DIR": str(project)},
-                                  stdout=log, stderr=subprocess.STDOUT)
-        out = subprocess.run([*prefect, "deployment", "run", "umo-pipeline/on-demand", "--watch",
-                              "--watch-timeout", "300"], cwd=tmp_path, env=cli_env, capture_output=True, text=True)
-        runs = api(server, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployments["on-demand"]["id"]]}}})
-        assert len(runs) == 1 and runs[0]["state_type"] == "COMPLETED", (
-            out.stdout[-2000:] + (tmp_path / "worker.log").read_text()[-4000:])
-        tasks = api(server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [runs[0]["id"]]}}})
-        assert sorted(t["name"] for t in tasks if t["name"] in STAGES) == sorted(STAGES)
-        assert all(t["state_name"] == "Skipped" for t in tasks if t["name"] in STAGES)  # nothing changed since
-    finally:
-        if worker is not None:  # Ctrl-C, then SIGTERM if it lingers (then SIGKILL), its flow-run children too
-            children = psutil.Process(worker.pid).children(recursive=True)
-            stop(worker, timeout=20, signals=(signal.SIGINT, signal.SIGTERM))
-            for child in children:
-                if child.is_running():
-                    child.kill()
-        server.stop()
-    assert not [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]

@@ -1,13 +1,19 @@
 """flows/umo_pipeline.py under Prefect's test harness, on a tiny DVC project whose stages are one-line scripts:
-what is retried (a lost connection) and what is not (anything else), skipping by DVC's hashes, overrides."""
+what is retried (a lost connection) and what is not (anything else), skipping by DVC's hashes, overrides; and
+prefect.yaml's deployments on a real Prefect server, run by a real process worker."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -128,3 +134,63 @@ def test_evaluate_lora_registry_without_a_champion_is_a_clear_error(tmp_path):
     out = subprocess.run([PY, "-m", "umo.cli", "evaluate", "--lora", "registry", "-S", f"tracking.tracking_uri={store}"],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and "--lora registry: umo-flux2-klein-lora has no champion yet" in out.stderr
+
+
+def api(server, path: str, body: dict | None = None):
+    """The server's REST API, read directly (not through the Prefect client of this process)."""
+    request = urllib.request.Request(f"{server.uri}/api{path}", data=json.dumps(body or {}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_prefect_server_worker_deploy_and_run(initialized, tmp_path):
+    """`prefect deploy --all` of prefect.yaml against a real server; a process worker runs the on-demand
+    deployment in a project (UMO_PROJECT_DIR: here the tiny one, with its `ok` stage) to completion; the worker
+    is stopped by its PID, with its flow-run children."""
+    from servers import PrefectServer, stop
+
+    project = shutil.copytree(initialized, tmp_path / "project", symlinks=True)
+    dvc_yaml = yaml.safe_load((project / "dvc.yaml").read_text())
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"ok": dvc_yaml["stages"]["ok"]}}, width=10_000))
+    shutil.copy(ROOT / "prefect.yaml", project / "prefect.yaml")  # its entrypoints: flows/umo_pipeline.py
+    shutil.copytree(ROOT / "flows", project / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    server = PrefectServer(tmp_path / "prefect").start()
+    worker, children = None, []
+    try:
+        cli_env = server.env() | {"PATH": f"{Path(PY).parent}{os.pathsep}{os.environ['PATH']}"}
+        prefect = [PY, "-m", "prefect", "--no-prompt"]
+        for cmd in (["work-pool", "create", "umo-process", "--type", "process"], ["deploy", "--all"]):
+            done = subprocess.run([*prefect, *cmd], cwd=project, env=cli_env, capture_output=True, text=True)
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        deployments = {d["name"]: d for d in api(server, "/deployments/filter")}
+        assert set(deployments) == {"nightly-retrain", "weekly-champion-reevaluation", "on-demand"}
+        crons = {name: [s["schedule"]["cron"] for s in d["schedules"]] for name, d in deployments.items()}
+        assert crons == {"nightly-retrain": ["0 2 * * *"], "weekly-champion-reevaluation": ["0 4 * * 0"],
+                         "on-demand": []}
+        assert all(d["work_pool_name"] == "umo-process" for d in deployments.values())
+        # the checkout is the worker host's, resolved when the run starts there (not at deploy time)
+        assert deployments["on-demand"]["pull_steps"] == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $UMO_PROJECT_DIR }}"}}]
+
+        log = open(tmp_path / "worker.log", "wb")
+        worker = subprocess.Popen([*prefect, "worker", "start", "--pool", "umo-process", "--limit", "1"],
+                                  cwd=tmp_path, env=cli_env | {"UMO_PROJECT_DIR": str(project)},
+                                  stdout=log, stderr=subprocess.STDOUT)
+        out = subprocess.run([*prefect, "deployment", "run", "umo-pipeline/on-demand", "--watch",
+                              "--watch-timeout", "300"], cwd=tmp_path, env=cli_env, capture_output=True, text=True)
+        runs = api(server, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployments["on-demand"]["id"]]}}})
+        assert len(runs) == 1 and runs[0]["state_type"] == "COMPLETED", (
+            out.stdout[-2000:] + (tmp_path / "worker.log").read_text()[-4000:])
+        tasks = api(server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [runs[0]["id"]]}}})
+        assert [(t["name"], t["state_name"]) for t in tasks if t["name"] == "ok"] == [("ok", "Completed")]
+        assert (project / "ok.out").read_text() == "done" and attempts(project, "ok") == 1  # in the project
+    finally:
+        if worker is not None:  # Ctrl-C, then SIGTERM if it lingers (then SIGKILL), its flow-run children too
+            children = psutil.Process(worker.pid).children(recursive=True)
+            stop(worker, timeout=20, signals=(signal.SIGINT, signal.SIGTERM))
+            for child in children:
+                if child.is_running():
+                    child.kill()
+        server.stop()
+    assert not [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
