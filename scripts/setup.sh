@@ -30,16 +30,11 @@ stamp="$venv/.umo-installed"
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)-$extras
 if ! { [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; }; then
   [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
-  # The bytecode is compiled after the install, on every core (pip compiles one file at a time: 3.5 min for the
-  # install instead of 1.8, measured on 2 cores; compileall -j 0 then takes 40 s). It must exist: where
-  # PYTHONDONTWRITEBYTECODE is set (CI machines often do), nothing is cached on import, and every process that
-  # the chain and the tests start would compile torch, diffusers and mlflow again (a fresh clone's make test
-  # took 12.8 min of pytest without it, 7 with it). A few packages ship files for other Python versions, which
-  # do not compile: pip skips them too.
+  # --no-compile: pip compiles every file of every package, one at a time (3.5 min for the install instead of
+  # 1.8, measured on 2 cores); Python compiles the modules a process imports, once, when it may write bytecode
+  # (the Makefile's targets make sure it may: see PYTHONDONTWRITEBYTECODE there).
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile \
     -c constraints.txt -e ".[$extras]"
-  "$venv/bin/python" -m compileall -q -j 0 "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
-    >/dev/null 2>&1 || true
   "$venv/bin/python" -c 'import torch; assert torch.__version__.split("+")[0] == "2.13.0", torch.__version__'
   echo "$want" > "$stamp"
 fi

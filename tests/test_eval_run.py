@@ -16,6 +16,7 @@ from PIL import Image
 from servers import free_port
 from trainkit import make_manifest
 
+from umo.eval.report import BY_IDENTITIES
 from umo.eval.run import evaluate
 from umo.eval.score import score_item
 from umo.eval.sets import file_stem
@@ -63,6 +64,12 @@ def test_the_report_holds_every_model_and_its_numbers_add_up(report):
             100 * sum(v * n for v, n in entries) / sum(n for _, n in entries), abs=1e-3)
         assert m[name]["items"] == 4 and m[name]["unscored"] == 0 and m[name]["scale"] == 100
         assert m[name]["face_count_accuracy"] == 1.0  # two fixed faces, two people
+        # the held-out targets show both people: every image is measured against its ground truth, CP pooled
+        # over faces like ID-Sim over references
+        assert m[name]["gt_images_measured"] == m[name]["images_scored"] == 8
+        cps = [(i["copy_paste"], r["identities"]) for r in scores[name].values() for i in r["images"]]
+        assert m[name]["copy_paste"] == pytest.approx(sum(v * n for v, n in cps) / sum(n for _, n in cps), abs=1e-3)
+        assert -3 < m[name]["copy_paste"] < 3 and 0 < m[name]["sim_gt"] <= 100
     assert m["delta"]["id_sim"] == pytest.approx(m["candidate"]["id_sim"] - m["base"]["id_sim"], abs=1e-3)
     assert m["delta_vs_champion"]["id_conf"] == pytest.approx(m["candidate"]["id_conf"] - m["champion"]["id_conf"],
                                                               abs=1e-3)
@@ -76,7 +83,7 @@ def test_the_report_holds_every_model_and_its_numbers_add_up(report):
     assert f"| ID-Sim | {m['base']['id_sim']:.4g} | {m['candidate']['id_sim']:.4g} |" in text
     plots = json.loads((out / "plots" / "by_identities.json").read_text())
     assert plots == [{"identities": 2, **{f"{name}_{k}": m[name]["by_identities"]["2"][k] for name in MODELS
-                                          for k in ("id_sim", "id_conf")}}]
+                                          for k in BY_IDENTITIES}}]
     items = json.loads((out / "plots" / "items.json").read_text())
     changes = [p["change"] for p in items]
     assert changes == sorted(changes, reverse=True)
@@ -122,6 +129,9 @@ class StopAfter:
 
     def references(self, images):
         return self.judge.references(images)
+
+    def target(self, image):
+        return self.judge.target(image)
 
     def faces(self, images):
         self.calls += 1

@@ -71,9 +71,11 @@ def test_the_set_mean_pools_entries_not_item_means():
     assert r["items"] == 2 and r["unscored"] == 0
     # the per-number-of-identities blocks pool within their own items
     assert r["by_identities"]["2"] == {"items": 1, "id_sim": 65.0, "id_conf": 77.5, "id_match": 65.0,
-                                       "face_count_accuracy": 1.0, "collision_rate": 0.0}
+                                       "face_count_accuracy": 1.0, "collision_rate": 0.0,
+                                       "sim_gt": None, "copy_paste": None, "gt_images_measured": 0}
     assert r["by_identities"]["1"] == {"items": 1, "id_sim": 33.3333, "id_conf": 50.0, "id_match": 33.3333,
-                                       "face_count_accuracy": 0.3333, "collision_rate": None}
+                                       "face_count_accuracy": 0.3333, "collision_rate": None,
+                                       "sim_gt": None, "copy_paste": None, "gt_images_measured": 0}
     # the old rule's numbers, to show that the two definitions differ on this case
     item_first = [np.mean([a.mean(k), b.mean(k)]) for k in ("id_sim", "id_conf", "id_match", "count_ok")]
     assert item_first == pytest.approx([0.49167, 0.6375, 0.49167, 0.66667], abs=1e-5)
@@ -174,3 +176,28 @@ def test_collision_is_two_references_choosing_the_same_face():
     item = ItemScore("x", 2, [score_image(np.array([[0.1, 0.7], [0.2, 0.6]])),
                               score_image(np.array([[0.9, 0.1], [0.3, 0.8]])), score_image(np.zeros((2, 0)))])
     assert aggregate([item], 100.0)["collision_rate"] == 0.5  # 1 of the 2 images where it is defined
+
+
+def test_sim_gt_and_copy_paste_are_measured_only_where_the_face_counts_agree():
+    def at(*degrees):  # unit vectors in a plane (padded to 3-D): θ between two of them is their difference
+        rad = np.radians(degrees)
+        return np.stack([np.cos(rad), np.sin(rad), np.zeros_like(rad)], axis=1)
+
+    references, target = at(5, 60), at(20, 40)
+    # image 1: faces at 0 and 10 (Hungarian: g1-t1/r1, g2-t2/r2): CP 1 and -1, mean 0; Sim(GT) (cos 20 + cos 30) / 2
+    # image 2: faces at 5 and 60, the reference photos themselves; image 3: one face for two people
+    item = score_item("x", references, [at(0, 10), at(5, 60), at(0)], target=target)
+    first, second, third = item.images
+    assert first.copy_paste == pytest.approx(0.0) and first.sim_gt == pytest.approx(
+        (np.cos(np.radians(20)) + np.cos(np.radians(30))) / 2)
+    # image 2 copies the references: g1 = r1 (5) matched to t1 (20): (15 - 0) / 15 = 1; g2 = r2 (60) to t2 (40):
+    # (20 - 0) / 20 = 1. CP 1, the photos pasted.
+    assert second.copy_paste == pytest.approx(1.0)
+    assert third.sim_gt is None and third.copy_paste is None and third.id_sim > 0  # ID-Sim still scored
+    r = aggregate([item], 100.0)
+    assert r["gt_images_measured"] == 2 and r["images_scored"] == 3
+    assert r["copy_paste"] == pytest.approx(0.5)  # (0 x 2 faces + 1 x 2 faces) / 4 faces
+    assert r["sim_gt"] == pytest.approx(100 * (first.sim_gt + second.sim_gt) / 2, abs=1e-4)
+    # no target at all (a benchmark without ground truth): nothing is measured, and the set says so
+    plain = aggregate([score_item("y", references, [at(0, 10)])], 100.0)
+    assert (plain["sim_gt"], plain["copy_paste"], plain["gt_images_measured"]) == (None, None, 0)

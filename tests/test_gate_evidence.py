@@ -30,7 +30,7 @@ def column(id_sim: float, /, **changes) -> dict:
     """One model's metrics as `aggregate` writes them: 4 items x 2 images x 2 people, two faces found in each."""
     col = {"items": 4, "id_sim": id_sim, "id_conf": 40.0, "id_match": id_sim - 1.0, "face_count_accuracy": 1.0,
            "scale": 100.0, "unscored": 0, "by_identities": {}, "images_scored": 8, "faces_scored": 16,
-           "references_scored": 16}
+           "references_scored": 16, "copy_paste": 0.2, "collision_rate": 0.1}
     return col | changes
 
 
@@ -67,6 +67,8 @@ def decide(mlflow_server, tmp_path, request):
     def run(base: dict, candidate: dict, paired: dict | None = None):
         # without intervals the point estimates decide: the evidence rules are what these tests are about
         config = load_config(None, [*settings, f"registry.gate.use_intervals={str(paired is not None).lower()}"])
+        if paired is not None:  # copy-paste and collapse unchanged, unless the test says otherwise
+            paired = {"copy_paste": ci(0.0, -0.02, 0.02), "collision_rate": ci(0.0, -0.02, 0.02)} | paired
         train, out = report(tmp_path, 0, base, candidate, paired)
         version = register_from(config, train_dir=train, report=out).version
         decision = gate(config.registry, config.tracking, version=version)
@@ -84,7 +86,7 @@ def test_a_sound_report_passes_and_its_evidence_is_on_the_version(decide):
     decision, tags = decide(column(30.0), column(32.0))
     assert decision.passed and not failed(decision)
     assert [r.name for r in decision.rules] == ["faces_scored", "references_scored", "id_sim", "id_conf",
-                                                "face_count", "all_scored"]
+                                                "face_count", "all_scored", "copy_paste", "collapse"]
     assert tags["gate.decision"] == "passed"
     assert tags["gate.rule.faces_scored"] == ("pass: the judge found 16 faces in the candidate's 8 images; the judge "
                                               "found 16 faces in the base's 8 images")
@@ -202,9 +204,38 @@ def test_intervals_refuse_a_gain_they_do_not_show_and_a_drop_they_show(decide):
 
 def test_a_report_without_intervals_is_refused_when_they_decide():
     out = {r.name: r for r in rules(GateConfig(), {"base": SEEN, "candidate": column(32.0)}, champion_sha=None)}
-    assert [n for n, r in out.items() if not r.passed] == ["id_sim", "id_conf", "face_count"]
+    assert [n for n, r in out.items() if not r.passed] == ["id_sim", "id_conf", "face_count", "copy_paste",
+                                                           "collapse"]
     assert out["id_sim"].detail == ("the report has no paired interval of candidate - base (evaluate again, or set "
                                     "registry.gate.use_intervals: false)")
+
+
+def test_copy_paste_and_collapse_may_not_rise_beyond_their_margins():
+    policy = GateConfig(use_intervals=False)  # margins 0.05, params.yaml's
+    base = column(30.0)  # copy-paste 0.2, collapse 0.1
+    out = {r.name: r for r in rules(policy, {"base": base, "candidate": column(32.0, copy_paste=0.26,
+                                                                               collision_rate=0.14)},
+                                    champion_sha=None)}
+    assert (out["copy_paste"].passed, out["collapse"].passed) == (False, True)
+    assert out["copy_paste"].detail == "candidate 0.26 > base 0.2 + 0.05"
+    assert out["collapse"].detail == "candidate 0.14 <= base 0.1 + 0.05"
+    # with intervals the rise must be shown: +0.06 whose lower bound is +0.01 is within the margin, +0.2 [+0.1, ...]
+    # is not
+    intervals = {"candidate - base": {"copy_paste": ci(0.06, 0.01, 0.11), "collision_rate": ci(0.2, 0.1, 0.3)}}
+    out = {r.name: r for r in rules(GateConfig(), {"base": base, "candidate": column(32.0, copy_paste=0.26,
+                                                                                     collision_rate=0.3),
+                                                   "paired": intervals}, champion_sha=None)}
+    assert out["copy_paste"].passed and not out["collapse"].passed
+    assert out["collapse"].detail == ("candidate - base +0.2, 95% [+0.1, +0.3] over 4 items: lower bound +0.1 > "
+                                      "+0.05")
+    # not measured (a benchmark without ground truth): refused, unless the rule is switched off
+    blind = {"base": column(30.0, copy_paste=None), "candidate": column(32.0, copy_paste=None)}
+    assert {r.name: r.detail for r in rules(policy, blind, champion_sha=None)}["copy_paste"] == \
+        "not measured for the candidate nor for the base"
+    off = GateConfig(use_intervals=False, max_copy_paste_rise=None)
+    assert "copy_paste" not in {r.name for r in rules(off, blind, champion_sha=None)}
+    with pytest.raises(ConfigError, match="max_collapse_rise: expected >= 0 or null, got -0.1"):
+        load_config(None, ["registry.gate.max_collapse_rise=-0.1"])
 
 
 def test_paired_interval_on_hand_worked_items():

@@ -365,16 +365,27 @@ class GateConfig:
     champion_margin: float = 0.0
     """When a champion exists: candidate ID-Sim >= champion ID-Sim + margin, both from the SAME report (same
     seeds; `umo evaluate --champion`). A report without the champion's column fails this rule."""
+    max_copy_paste_rise: float | None = 0.05
+    """Copy-paste (against the ground truth): candidate CP <= base CP + this, and <= the champion's + this when
+    the report has its column. null: no such rule (a benchmark without ground truth measures no CP, and a rule
+    on a metric not measured fails)."""
+    max_collapse_rise: float | None = 0.05
+    """Collapse rate (the share of images where two people's best faces are one face): candidate <= base + this,
+    and <= the champion's + this when the report has its column. null: no such rule."""
     use_intervals: bool = True
     """Decide on the report's paired 95% item-bootstrap intervals of candidate - base (and - champion) instead of
     point estimates: a gain must be shown (ID-Sim, champion: the LOWER bound >= delta / margin) and a drop must not
-    be (ID-Conf: the UPPER bound >= -epsilon; face count: >= 0). A difference the evaluation cannot resolve thus
-    neither approves (a +0.1 ID-Sim within noise) nor refuses (a -0.7 ID-Conf whose interval is [-3.9, +2.7]).
+    be (ID-Conf: the UPPER bound >= -epsilon; face count: >= 0; copy-paste and collapse: the LOWER bound of the
+    rise <= its margin). A difference the evaluation cannot resolve thus neither approves (a +0.1 ID-Sim within
+    noise) nor refuses (a -0.7 ID-Conf whose interval is [-3.9, +2.7]).
     false: the point estimates decide. A report without intervals fails these rules."""
 
     def __post_init__(self) -> None:
         if self.min_scored_references < 1:
             raise ConfigError(f"min_scored_references: expected >= 1, got {self.min_scored_references}")
+        for name in ("max_copy_paste_rise", "max_collapse_rise"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"{name}: expected >= 0 or null, got {getattr(self, name)}")
 
 
 @dataclass

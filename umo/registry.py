@@ -445,12 +445,14 @@ def rules(policy, metrics: dict, *, champion_sha: str | None) -> list[Rule]:
 
     >>> from umo.config import GateConfig
     >>> seen = {"images_scored": 8, "faces_scored": 16, "references_scored": 16, "unscored": 0}
-    >>> m = {"base": {"id_sim": 10.0, "id_conf": 50.0, "face_count_accuracy": 0.5, **seen},
-    ...      "candidate": {"id_sim": 12.0, "id_conf": 49.0, "face_count_accuracy": 0.5, **seen}}
+    >>> m = {"base": {"id_sim": 10.0, "id_conf": 50.0, "face_count_accuracy": 0.5, "copy_paste": 0.3,
+    ...               "collision_rate": 0.1, **seen},
+    ...      "candidate": {"id_sim": 12.0, "id_conf": 49.0, "face_count_accuracy": 0.5, "copy_paste": 0.4,
+    ...                    "collision_rate": 0.12, **seen}}
     >>> point = GateConfig(min_id_sim_gain=1.0, max_id_conf_drop=0.5, use_intervals=False)
     >>> [(r.name, r.passed) for r in rules(point, m, champion_sha=None)]  # doctest: +NORMALIZE_WHITESPACE
     [('faces_scored', True), ('references_scored', True), ('id_sim', True), ('id_conf', False),
-     ('face_count', True), ('all_scored', True)]
+     ('face_count', True), ('all_scored', True), ('copy_paste', False), ('collapse', True)]
 
     With intervals (the default), the same +2 ID-Sim is no evidence when its interval reaches below delta, and the
     -1 ID-Conf no refusal when its interval reaches above -epsilon:
@@ -493,6 +495,17 @@ def rules(policy, metrics: dict, *, champion_sha: str | None) -> list[Rule]:
                                                "(evaluate with --champion)"))
         else:
             out.append(compare("champion", "id_sim", policy.champion_margin, "champion", "lower"))
+    # lower is better: a rise beyond the margin that the data show refuses (with intervals: the rise's lower bound)
+    for name, key, margin in (("copy_paste", "copy_paste", policy.max_copy_paste_rise),
+                              ("collapse", "collision_rate", policy.max_collapse_rise)):
+        if margin is None:
+            continue
+        for against in ("base", "champion") if champion_column is not None else ("base",):
+            rule = _at_most(name, cand.get(key), compared[against].get(key), margin, against)
+            if paired is not None and cand.get(key) is not None and compared[against].get(key) is not None:
+                rule = _interval_at_most(name, (paired.get(f"candidate - {against}") or {}).get(key), margin,
+                                         against)
+            out.append(rule)
     return out
 
 
@@ -535,6 +548,28 @@ def _at_least(name: str, value, reference, margin: float, against: str) -> Rule:
     ok = value >= reference + margin - 1e-9
     return Rule(name, ok, f"candidate {value:.4g} {'>=' if ok else '<'} {against} {reference:.4g} "
                           f"{'+' if margin >= 0 else '-'} {abs(margin):g}")
+
+
+def _at_most(name: str, value, reference, margin: float, against: str) -> Rule:
+    """value <= reference + margin (a rise of at most `margin`); a side without a value fails."""
+    rule = _at_least(name, None if value is None else -value, None if reference is None else -reference, -margin,
+                     against)
+    if value is None or reference is None:
+        return rule
+    return Rule(name, rule.passed, f"candidate {value:.4g} {'<=' if rule.passed else '>'} {against} "
+                                   f"{reference:.4g} + {margin:g}")
+
+
+def _interval_at_most(name: str, interval: dict | None, margin: float, against: str) -> Rule:
+    """The paired interval of candidate - `against` decides a rise: its LOWER bound (the least rise the data
+    show) <= margin. A report without the interval fails."""
+    if not interval:
+        return Rule(name, False, f"the report has no paired interval of candidate - {against} (evaluate again, or "
+                                 "set registry.gate.use_intervals: false)")
+    d, lo, hi = interval["difference"], interval["lower"], interval["upper"]
+    ok = lo <= margin + 1e-9
+    return Rule(name, ok, f"candidate - {against} {d:+.4g}, {interval['level']:.0%} [{lo:+.4g}, {hi:+.4g}] over "
+                          f"{interval['items']} items: lower bound {lo:+.4g} {'<=' if ok else '>'} {margin:+g}")
 
 
 def _interval_at_least(name: str, interval: dict | None, margin: float, bound: str, against: str) -> Rule:

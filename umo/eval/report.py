@@ -4,7 +4,8 @@
                               base (and vs the champion), the toy-world flag and the settings
     out/report.md             base | candidate | delta (| champion | delta) tables, overall and per number of people
     out/scores.jsonl          one line per item and model: every image's scores and seeds
-    out/plots/by_identities.json  DVC plots: per number of people, <model>_id_sim and <model>_id_conf
+    out/plots/by_identities.json  DVC plots: per number of people, <model>_<metric> for ID-Sim, ID-Conf,
+                                  face-count accuracy and collapse rate
     out/plots/items.json          DVC plots: per item ID-Sim of base and candidate, sorted by the change
     out/grids/improved-<k>-<item>.png, regressed-<k>-<item>.png
                               references | base | candidate (| champion) for the items whose ID-Sim rose most
@@ -34,10 +35,12 @@ from umo.images import decode_rgb, from_grid
 from umo.io import atomic_dir, is_toy_world, sha256_file
 
 BASE, CANDIDATE, CHAMPION = "base", "candidate", "champion"
+BY_IDENTITIES = ("id_sim", "id_conf", "face_count_accuracy", "collision_rate")  # per number of people
 METRICS = [("id_sim", "ID-Sim"), ("id_conf", "ID-Conf"), ("id_match", "ID-Match"),
-           ("face_count_accuracy", "Face-count acc."), ("items", "Items scored"), ("unscored", "Items unscored"),
-           ("images_scored", "Images scored"), ("faces_scored", "Faces found (judge)"),
-           ("references_scored", "References scored")]
+           ("face_count_accuracy", "Face-count acc."), ("collision_rate", "Collapse rate"),
+           ("sim_gt", "Sim(GT)"), ("copy_paste", "Copy-paste"), ("items", "Items scored"),
+           ("unscored", "Items unscored"), ("images_scored", "Images scored"), ("faces_scored", "Faces found (judge)"),
+           ("references_scored", "References scored"), ("gt_images_measured", "Images measured vs ground truth")]
 
 
 def delta(new: dict, old: dict) -> dict:
@@ -88,7 +91,7 @@ def write_report(out: Path, settings: EvalConfig, faces: FacesConfig, items: lis
         sizes = sorted({int(n) for r in results.values() for n in r["by_identities"]})
         (tmp / "plots" / "by_identities.json").write_text(json.dumps(
             [{"identities": n, **{f"{name}_{key}": r["by_identities"].get(str(n), {}).get(key)
-                                  for name, r in results.items() for key in ("id_sim", "id_conf")}}
+                                  for name, r in results.items() for key in BY_IDENTITIES}}
              for n in sizes], indent=1))
         (tmp / "plots" / "items.json").write_text(json.dumps(
             [{"rank": k, "item": item, "base": b, "candidate": c, "change": round(c - b, 6)}
@@ -132,7 +135,7 @@ def _picks(changes: list[tuple[str, float, float]], n: int) -> list[tuple[str, i
 
 def _fmt(v: Any) -> str:
     if v is None:
-        return "–"
+        return "not measured"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
@@ -149,7 +152,11 @@ def _markdown(metrics: dict, models: list[str], changes: list[tuple[str, float, 
                   "that the chain works, not how good a model is.", ""]
     lines += [f"{metrics[BASE]['items'] + metrics[BASE]['unscored']} items, {metrics['images_per_item']} images "
               f"per item (seeds shared by every model), {metrics['steps']} sampler steps. ID-Sim, ID-Conf and "
-              f"ID-Match x{scale:g}; face-count accuracy is the share of images with as many faces as people.", ""]
+              f"ID-Match x{scale:g}; face-count accuracy is the share of images with as many faces as people; "
+              f"collapse rate, the share of images where two people's best faces are one face. Sim(GT) "
+              f"(x{scale:g}) and copy-paste (-1: the face as the target shows the person, +1: the reference photo "
+              f"pasted) compare with the ground-truth target, only in images whose faces, the target's and the "
+              f"references are equally many.", ""]
     if metrics.get("items_left_out"):
         lines += [f"Not evaluated: {sum(metrics['items_left_out'].values())} items of the benchmark ("
                   + ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in metrics["items_left_out"].items())
@@ -168,14 +175,15 @@ def _markdown(metrics: dict, models: list[str], changes: list[tuple[str, float, 
         if shown:
             items = next(r["items"] for r in by_key.values() if r)
             lines += ["", f"{pair}, paired item bootstrap 95% ({items} items): " + "; ".join(shown) + "."]
-    lines += ["", "## By number of people", "", "| people | items | ID-Sim base | ID-Sim candidate | Δ | "
-              "ID-Conf base | ID-Conf candidate | Δ |", "|---|---|---|---|---|---|---|---|"]
+    labels = dict(METRICS)
+    lines += ["", "## By number of people", "", "Base → candidate (Δ).", "",
+              "| people | items | " + " | ".join(labels[k] for k in BY_IDENTITIES) + " |",
+              "|---|---|" + "---|" * len(BY_IDENTITIES)]
     for n, cand in metrics[CANDIDATE]["by_identities"].items():
         base = metrics[BASE]["by_identities"].get(n, {})
         d = metrics["delta"]["by_identities"].get(n, {})
-        lines.append(f"| {n} | {cand['items']} | {_fmt(base.get('id_sim'))} | {_fmt(cand['id_sim'])} | "
-                     f"{_signed(d.get('id_sim'))} | {_fmt(base.get('id_conf'))} | {_fmt(cand['id_conf'])} | "
-                     f"{_signed(d.get('id_conf'))} |")
+        cells = [f"{_fmt(base.get(k))} → {_fmt(cand.get(k))} ({_signed(d.get(k))})" for k in BY_IDENTITIES]
+        lines.append(f"| {n} | {cand['items']} | " + " | ".join(cells) + " |")
     if changes:
         better = sum(c > b for _, b, c in changes)
         worse = sum(c < b for _, b, c in changes)

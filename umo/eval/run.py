@@ -15,9 +15,10 @@ command and skips what is done; a change of any setting, LoRA file, item list or
 When every process is done (a barrier), the main process reads all the score files, the one merge, and builds
 `out` in a temporary sibling renamed into place (umo.eval.report); the work folder is then removed.
 
-Scoring (umo.eval.score): each reference image's largest judge face is its identity; a benchmark item with a
-reference the judge finds no face in is `unscored` (counted, reason kept) and not generated, except on
-OmniContext, whose inputs may be non-human characters: there faceless inputs are left out of the identities.
+Scoring (umo.eval.score): each reference image's largest judge face is its identity, and the faces of a
+ground-truth target (held-out set) are embedded once per item; a benchmark item with a reference the judge
+finds no face in is `unscored` (counted, reason kept) and not generated, except on OmniContext, whose inputs
+may be non-human characters: there faceless inputs are left out of the identities.
 """
 
 from __future__ import annotations
@@ -93,8 +94,8 @@ def fingerprint(settings: EvalConfig, generator: GeneratorConfig, faces: FacesCo
                 models: dict[str, Path | None]) -> dict[str, Any]:
     """Everything a finished (model, item) result depends on; a work folder made under another is discarded."""
     cfg = {"eval": to_dict(settings), "generator": to_dict(generator), "faces": to_dict(faces)}
-    listing = hashlib.sha256(json.dumps([[i.id, i.prompt, [str(p) for p in i.references], list(i.identities)]
-                                         for i in items]).encode()).hexdigest()
+    listing = hashlib.sha256(json.dumps([[i.id, i.prompt, [str(p) for p in i.references], list(i.identities),
+                                          str(i.target)] for i in items]).encode()).hexdigest()
     return {"eval": {k: cfg["eval"][k] for k in ("benchmark", "images_per_item", "steps", "seed", "precision")},
             "generator": cfg["generator"], "judge": cfg["faces"]["judge"], "detector": cfg["faces"]["detector"],
             "items": listing, "scoring": SCORING_VERSION,
@@ -199,13 +200,14 @@ def _run(settings: EvalConfig, generator: GeneratorConfig, todo: list[tuple[Eval
         seeds = image_seeds(cfg.seed, item.id, cfg.images_per_item)
         if reason is None:
             conditioning = [load_image(p, gen.reference_resolution) for p in item.references]
+            target = None if item.target is None else judge.target(decode_rgb(item.target, max_pixels=None)[0])
         for name in names:
             score = ItemScore(item.id, len(item.identities), unscored=reason)
             if reason is None:
                 _use(model.transformer, name)
                 images = generate_images(model, item.prompt, conditioning, seeds=seeds, steps=cfg.steps,
                                          height=height, width=width)
-                score = score_item(item.id, refs, [emb for _, emb in judge.faces(images)])
+                score = score_item(item.id, refs, [emb for _, emb in judge.faces(images)], target=target)
                 score.seeds = seeds
                 _write_grid(work / "images" / name / f"{file_stem(item.id)}.png", images)
             atomic_write_json(_score_path(work, name, item), asdict(score))

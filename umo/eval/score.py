@@ -27,6 +27,11 @@ accuracy is a fraction.
 Collision rate (identity collapse, beyond the paper): the share of images with >= 2 references and a face in
 which two references' best faces (each row's argmax) are the same face; a fraction, over images.
 
+Against a ground-truth target (the held-out set; umo.metrics): Sim(GT), the Hungarian-matched similarity of the
+generated faces to the target's faces, and copy-paste (CP), per generated face. Both exist only for an image
+whose faces, the target's faces and the references are equally many: elsewhere they are not measured (None),
+and the set reports how many images were measured. Pooled like ID-Sim: an image stands for its M faces.
+
 Reference face = the largest face the judge detects in each reference image. A reference image with no face
 cannot be scored: its item is counted as `unscored` (with the reason), never silently averaged as zero.
 
@@ -45,14 +50,15 @@ from umo.faces.align import similarity_transforms
 from umo.faces.detect import FaceDetector
 from umo.faces.embed import OnnxRecognizer
 from umo.faces.types import Detections
-from umo.metrics import id_conf, id_match, id_sim
+from umo.metrics import copy_paste, id_conf, id_match, id_sim, sim_gt
 
 SCALES = {"xverse": 100.0, "heldout": 100.0, "omnicontext": 10.0}
 
 
 # The rules behind a stored ImageScore: the face rule above and what the fields mean. A cached score of another
-# version (umo.eval.run's work folder) is recomputed. 2: degenerate faces are no longer counted as faces; 3: collision.
-SCORING_VERSION = 3
+# version (umo.eval.run's work folder) is recomputed. 2: degenerate faces are no longer counted as faces; 3: collision;
+# 4: Sim(GT) and copy-paste.
+SCORING_VERSION = 4
 
 
 @dataclass
@@ -67,6 +73,10 @@ class ImageScore:
     count_ok: bool
     collision: bool | None = None
     """Two references' best faces are the same face (identity collapse); None with < 2 references or no face."""
+    sim_gt: float | None = None
+    """Sim(GT) against the item's target; None without a target or unless the face counts agree."""
+    copy_paste: float | None = None
+    """The mean CP of the image's faces; None where Sim(GT) is."""
 
 
 @dataclass
@@ -91,7 +101,7 @@ class ItemScore:
 
 
 def score_image(sim: np.ndarray) -> ImageScore:
-    """(M, N) judge similarities of one generated image -> its scores (unscaled).
+    """(M, N) judge similarities of one generated image -> its scores (unscaled; no target: see score_item).
 
     >>> s = score_image(np.array([[0.8, 0.2], [0.6, 0.5]]))
     >>> round(s.id_sim, 4), round(s.id_conf, 4), round(s.id_match, 4), s.faces, s.count_ok, s.collision
@@ -106,12 +116,20 @@ def score_image(sim: np.ndarray) -> ImageScore:
                       id_match(sim), n, n == m, collision)
 
 
-def score_item(item: str, references: np.ndarray, generated: Sequence[np.ndarray]) -> ItemScore:
-    """references (M, D) judge embeddings (one per identity); generated: per image its (N_i, D) face embeddings."""
+def score_item(item: str, references: np.ndarray, generated: Sequence[np.ndarray],
+               target: np.ndarray | None = None) -> ItemScore:
+    """references (M, D) judge embeddings (one per identity); generated: per image its (N_i, D) face embeddings;
+    target: the (T, D) face embeddings of the item's ground-truth image, when it has one."""
+    references = np.asarray(references)
     out = ItemScore(item, len(references))
     for faces in generated:
-        out.images.append(score_image(np.asarray(references) @ np.asarray(faces).T if len(faces)
-                                      else np.zeros((len(references), 0))))
+        faces = np.asarray(faces).reshape(len(faces), references.shape[1])
+        score = score_image(references @ faces.T)
+        if target is not None:
+            cp = copy_paste(faces, target, references)
+            score.sim_gt = sim_gt(faces, target)
+            score.copy_paste = None if cp is None else float(np.mean(cp))
+        out.images.append(score)
     return out
 
 
@@ -147,7 +165,11 @@ def aggregate(items: Sequence[ItemScore], scale: float) -> dict:
                 "id_match": pooled([(s.id_match, 1) for _, s in images], scale),
                 "face_count_accuracy": pooled([(float(s.count_ok), 1) for _, s in images], 1.0),
                 "collision_rate": pooled([(float(s.collision), 1) for _, s in images if s.collision is not None],
-                                         1.0)}
+                                         1.0),
+                # against a ground truth, where the face counts agree (an image stands for its M faces)
+                "sim_gt": pooled([(s.sim_gt, m) for m, s in images if s.sim_gt is not None], scale),
+                "copy_paste": pooled([(s.copy_paste, m) for m, s in images if s.copy_paste is not None], 1.0),
+                "gt_images_measured": sum(s.sim_gt is not None for _, s in images)}
 
     out = block(scored)
     out["scale"] = scale
@@ -181,7 +203,8 @@ def entry_sums(items: Sequence[ItemScore], key: str) -> tuple[np.ndarray, np.nda
     return sums, counts
 
 
-PAIRED_KEYS = ("id_sim", "id_conf", "face_count_accuracy")
+PAIRED_KEYS = ("id_sim", "id_conf", "face_count_accuracy", "collision_rate", "sim_gt", "copy_paste")
+SCALED = ("id_sim", "id_conf", "id_match", "sim_gt")  # x the benchmark's scale; the others are fractions or CP
 
 
 def paired_interval(a: Sequence[ItemScore], b: Sequence[ItemScore], key: str, *, scale: float,
@@ -210,7 +233,7 @@ def paired_interval(a: Sequence[ItemScore], b: Sequence[ItemScore], key: str, *,
     sb, cb = entry_sums([q for _, q in pairs], key)
     if not pairs or ca.sum() == 0 or cb.sum() == 0:
         return None
-    factor = 1.0 if key == "face_count_accuracy" else scale
+    factor = scale if key in SCALED else 1.0
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(pairs), size=(n_boot, len(pairs)))
     na, nb = ca[draws].sum(axis=1), cb[draws].sum(axis=1)
@@ -279,6 +302,10 @@ class Judge:
         """RGB uint8 images -> per image (boxes (K, 4), embeddings (K, D)) of every alignable detected face."""
         dets = self.detect(images)
         return [(det.boxes, emb) for det, emb in zip(dets, self.embed(images, dets))]
+
+    def target(self, image: np.ndarray) -> np.ndarray:
+        """A ground-truth image's (T, D) embeddings of every alignable face (Sim(GT), copy-paste)."""
+        return self.faces([image])[0][1]
 
     def references(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
         """Each reference image's largest alignable face embedding (R, D), and the indices of images with no

@@ -1,6 +1,7 @@
 """Evaluation sets: what to generate (prompt + reference images) and which references are people to score.
 
-- `heldout`: our test manifest (umo.samples): every reference is a person.
+- `heldout`: our test manifest (umo.samples): every reference is a person, and the sample's target image is
+  the ground truth (Sim(GT) and copy-paste are measured against it).
 - `xverse`: the XVerseBench JSON format: a list of {index, prompt, modulation: [{src_inputs: [{image_path,
   caption}]}]}; every src_input conditions the generator, and the ones stored under a folder named `human`
   are the identities scored.
@@ -37,6 +38,7 @@ class EvalItem:
     prompt: str
     references: tuple[Path, ...]  # every conditioning image, in order
     identities: tuple[int, ...]  # indices into `references` of the people to score
+    target: Path | None = None  # the ground-truth image where the set has one (held-out): Sim(GT), copy-paste
 
     @property
     def n_identities(self) -> int:
@@ -67,8 +69,8 @@ def _confined(root: Path, rel: str, file: Path, where: str) -> Path:
 def load_heldout(manifest: str | Path) -> list[EvalItem]:
     """Our held-out manifest (validated by umo.data.manifest)."""
     m = read_manifest(manifest)
-    return [EvalItem(s.id, s.prompt, tuple(m.path(r.path) for r in s.references), tuple(range(len(s.references))))
-            for s in m.samples]
+    return [EvalItem(s.id, s.prompt, tuple(m.path(r.path) for r in s.references), tuple(range(len(s.references))),
+                     m.path(s.target)) for s in m.samples]
 
 
 def load_xverse(file: str | Path, root: str | Path | None = None, *, left_out: Counter | None = None) -> list[EvalItem]:
