@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 # Python writes the bytecode of what it imports, once, for every later process (the venv is installed without
 # it). Where PYTHONDONTWRITEBYTECODE is set, as on many CI machines, nothing would be kept, and each of the
 # hundreds of processes that the chain and the tests start would compile torch, diffusers and mlflow again (a
-# fresh clone's make test: 12.8 min of pytest instead of 7.3).
+# fresh clone's make test: 12.8 min of pytest instead of 7.1).
 unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: setup run ablation test test-fast bench lock clean
