@@ -87,6 +87,15 @@ def test_the_report_holds_every_model_and_its_numbers_add_up(report):
     items = json.loads((out / "plots" / "items.json").read_text())
     changes = [p["change"] for p in items]
     assert changes == sorted(changes, reverse=True)
+    # every grid has its picture of the matching: the same 2x2 layout, each image with its boxes and pairs
+    for name in MODELS:
+        assert sorted(p.name for p in (out / "matching" / name).iterdir()) == \
+            sorted(p.name for p in (out / "images" / name).iterdir())
+    image = scores["candidate"][items[0]["item"]]["images"][0]
+    assert len(image["boxes"]) == 2 and np.asarray(image["sims"]).shape == (2, 2)  # two fixed faces, two people
+    picture = np.asarray(Image.open(out / "matching" / "candidate" / f"{items[0]['item']}.png"))
+    grid = np.asarray(Image.open(out / "images" / "candidate" / f"{items[0]['item']}.png"))
+    assert picture.shape[0] > grid.shape[0] and picture.shape[1] > grid.shape[1]  # enlarged, thumbnails beside
     grids = sorted(p.name for p in (out / "grids").iterdir())
     assert grids == [f"improved-1-{items[0]['item']}.png", f"regressed-1-{items[-1]['item']}.png"]
     assert changes[0] > 0 > changes[-1]

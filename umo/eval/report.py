@@ -11,6 +11,8 @@
                               references | base | candidate (| champion) for the items whose ID-Sim rose most
                               and fell most (candidate vs base)
     out/images/<model>/<item>.png   every generated grid (XVerseBench output format: 2x2 for 4 images)
+    out/matching/<model>/<item>.png the same grid, each image with the judge's faces boxed and the Hungarian
+                                    pairs drawn to the reference thumbnails, with their similarities
 
 Built in a temporary sibling and renamed (umo.io.atomic_dir): a reader sees the old report or the new one.
 MLflow logging belongs to the caller that owns the run (`umo.tracking`).
@@ -31,11 +33,13 @@ from umo.config import EvalConfig, FacesConfig
 from umo.data.manifest import read_manifest
 from umo.eval.score import PAIRED_KEYS, SCALES, ItemScore, aggregate, paired_interval
 from umo.eval.sets import EvalItem, file_stem
-from umo.images import decode_rgb, from_grid
+from umo.eval.matching import matching_picture
+from umo.images import decode_rgb, from_grid, to_grid
 from umo.io import atomic_dir, is_toy_world, sha256_file
 
 BASE, CANDIDATE, CHAMPION = "base", "candidate", "champion"
 BY_IDENTITIES = ("id_sim", "id_conf", "face_count_accuracy", "collision_rate")  # per number of people
+MATCHING_HEIGHT = 192  # px of each generated image in the pictures of the matching
 METRICS = [("id_sim", "ID-Sim"), ("id_conf", "ID-Conf"), ("id_match", "ID-Match"),
            ("face_count_accuracy", "Face-count acc."), ("collision_rate", "Collapse rate"),
            ("sim_gt", "Sim(GT)"), ("copy_paste", "Copy-paste"), ("items", "Items scored"),
@@ -98,6 +102,7 @@ def write_report(out: Path, settings: EvalConfig, faces: FacesConfig, items: lis
              for k, (item, b, c) in enumerate(changes)], indent=1))
         if images.is_dir():
             shutil.copytree(images, tmp / "images")
+            _matching_pictures(tmp, items, scores, cfg.images_per_item)
         by_id = {i.id: i for i in items}
         picks = _picks(changes, cfg.report_items)
         if picks:
@@ -106,6 +111,27 @@ def write_report(out: Path, settings: EvalConfig, faces: FacesConfig, items: lis
             _comparison(tmp / "grids" / f"{label}-{k}-{file_stem(item_id)}.png", by_id[item_id], list(scores),
                         tmp / "images", cfg.images_per_item)
     return metrics
+
+
+def _matching_pictures(out: Path, items: list[EvalItem], scores: dict[str, list[ItemScore]], n: int) -> None:
+    """out/matching/<model>/<item>.png: each generated image of the item's grid with its faces boxed and the
+    Hungarian pairs drawn to the reference thumbnails (umo.eval.matching), in the grid's layout."""
+    by_id = {i.id: i for i in items}
+    thumbs: dict[str, list[np.ndarray]] = {}
+    for name, item_scores in scores.items():
+        (out / "matching" / name).mkdir(parents=True)
+        for score in item_scores:
+            grid = out / "images" / name / f"{file_stem(score.item)}.png"
+            if score.unscored is not None or not grid.is_file() or any(s.sims is None for s in score.images):
+                continue
+            item = by_id[score.item]
+            people = score.people if score.people is not None else list(item.identities)
+            if score.item not in thumbs:
+                thumbs[score.item] = [decode_rgb(item.references[k], max_pixels=None)[0] for k in people]
+            generated = from_grid(np.asarray(Image.open(grid).convert("RGB")), n)
+            pictures = [matching_picture(img, np.asarray(s.boxes).reshape(-1, 4), np.asarray(s.sims).reshape(
+                len(people), -1), thumbs[score.item], height=MATCHING_HEIGHT) for img, s in zip(generated, score.images)]
+            Image.fromarray(to_grid(pictures)).save(out / "matching" / name / f"{file_stem(score.item)}.png")
 
 
 def _toy_world(settings: EvalConfig, faces: FacesConfig) -> bool:

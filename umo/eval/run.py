@@ -196,7 +196,7 @@ def _run(settings: EvalConfig, generator: GeneratorConfig, todo: list[tuple[Eval
     start, total = time.monotonic(), sum(len(ms) for _, ms in todo)
     done = 0
     for item, names in todo:
-        refs, reason = _reference_faces(judge, item, drop_faceless=cfg.benchmark == "omnicontext")
+        refs, people, reason = _reference_faces(judge, item, drop_faceless=cfg.benchmark == "omnicontext")
         seeds = image_seeds(cfg.seed, item.id, cfg.images_per_item)
         if reason is None:
             conditioning = [load_image(p, gen.reference_resolution) for p in item.references]
@@ -207,8 +207,10 @@ def _run(settings: EvalConfig, generator: GeneratorConfig, todo: list[tuple[Eval
                 _use(model.transformer, name)
                 images = generate_images(model, item.prompt, conditioning, seeds=seeds, steps=cfg.steps,
                                          height=height, width=width)
-                score = score_item(item.id, refs, [emb for _, emb in judge.faces(images)], target=target)
-                score.seeds = seeds
+                found = judge.faces(images)
+                score = score_item(item.id, refs, [emb for _, emb in found], target=target,
+                                   boxes=[b for b, _ in found])
+                score.seeds, score.people = seeds, people
                 _write_grid(work / "images" / name / f"{file_stem(item.id)}.png", images)
             atomic_write_json(_score_path(work, name, item), asdict(score))
             done += 1
@@ -226,17 +228,19 @@ def _use(transformer: torch.nn.Module, name: str) -> None:
         transformer.set_adapter(name)
 
 
-def _reference_faces(judge: Judge, item: EvalItem, *, drop_faceless: bool) -> tuple[np.ndarray, str | None]:
-    """The identities' judge embeddings (M, D), and why the item cannot be scored (None when it can)."""
+def _reference_faces(judge: Judge, item: EvalItem, *,
+                     drop_faceless: bool) -> tuple[np.ndarray, list[int], str | None]:
+    """The identities' judge embeddings (M, D), which references they are (indices into item.references), and
+    why the item cannot be scored (None when it can)."""
     people = [decode_rgb(item.references[k], max_pixels=None)[0] for k in item.identities]
     emb, missing = judge.references(people)
     if missing and not drop_faceless:
         names = ", ".join(item.references[item.identities[r]].name for r in missing)
-        return emb, f"no face found in reference {names}"
+        return emb, list(item.identities), f"no face found in reference {names}"
     keep = [r for r in range(len(people)) if r not in missing]
     if not keep:
-        return emb[:0], "no face found in any input image"
-    return emb[keep], None
+        return emb[:0], [], "no face found in any input image"
+    return emb[keep], [item.identities[r] for r in keep], None
 
 
 def _write_grid(path: Path, images: list[np.ndarray]) -> None:

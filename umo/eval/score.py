@@ -57,8 +57,8 @@ SCALES = {"xverse": 100.0, "heldout": 100.0, "omnicontext": 10.0}
 
 # The rules behind a stored ImageScore: the face rule above and what the fields mean. A cached score of another
 # version (umo.eval.run's work folder) is recomputed. 2: degenerate faces are no longer counted as faces; 3: collision;
-# 4: Sim(GT) and copy-paste.
-SCORING_VERSION = 4
+# 4: Sim(GT) and copy-paste; 5: the faces' boxes, the similarities and the scored references are kept.
+SCORING_VERSION = 5
 
 
 @dataclass
@@ -77,6 +77,10 @@ class ImageScore:
     """Sim(GT) against the item's target; None without a target or unless the face counts agree."""
     copy_paste: float | None = None
     """The mean CP of the image's faces; None where Sim(GT) is."""
+    boxes: list[list[float]] | None = None
+    """The judge's faces in the image, x0, y0, x1, y1 in pixels (for the pictures of the matching)."""
+    sims: list[list[float]] | None = None
+    """The (M, N) judge similarities of the references to those faces, rounded to 4 decimals."""
 
 
 @dataclass
@@ -86,11 +90,13 @@ class ItemScore:
     images: list[ImageScore] = field(default_factory=list)
     unscored: str | None = None  # why the item could not be scored (e.g. a reference without a face)
     seeds: list[int] = field(default_factory=list)  # of the images, when they were generated
+    people: list[int] | None = None  # the scored references (indices into the item's references), row order
 
     @classmethod
     def from_dict(cls, d: dict) -> "ItemScore":
         """The inverse of `dataclasses.asdict` (work files, scores.jsonl; extra keys such as "model" are ignored)."""
-        return cls(d["item"], d["identities"], [ImageScore(**s) for s in d["images"]], d["unscored"], d["seeds"])
+        return cls(d["item"], d["identities"], [ImageScore(**s) for s in d["images"]], d["unscored"], d["seeds"],
+                   d.get("people"))
 
     def mean(self, key: str) -> float | None:
         """The mean of an image value over this item's images (those that have one): the item alone, for
@@ -117,14 +123,19 @@ def score_image(sim: np.ndarray) -> ImageScore:
 
 
 def score_item(item: str, references: np.ndarray, generated: Sequence[np.ndarray],
-               target: np.ndarray | None = None) -> ItemScore:
+               target: np.ndarray | None = None, boxes: Sequence[np.ndarray] | None = None) -> ItemScore:
     """references (M, D) judge embeddings (one per identity); generated: per image its (N_i, D) face embeddings;
-    target: the (T, D) face embeddings of the item's ground-truth image, when it has one."""
+    target: the (T, D) face embeddings of the item's ground-truth image, when it has one; boxes: per image the
+    (N_i, 4) boxes of those faces, kept with the similarities for the pictures of the matching."""
     references = np.asarray(references)
     out = ItemScore(item, len(references))
-    for faces in generated:
+    for k, faces in enumerate(generated):
         faces = np.asarray(faces).reshape(len(faces), references.shape[1])
-        score = score_image(references @ faces.T)
+        sim = references @ faces.T
+        score = score_image(sim)
+        if boxes is not None:
+            score.boxes = np.round(np.asarray(boxes[k], np.float64).reshape(-1, 4), 2).tolist()
+            score.sims = np.round(sim.astype(np.float64), 4).tolist()
         if target is not None:
             cp = copy_paste(faces, target, references)
             score.sim_gt = sim_gt(faces, target)
