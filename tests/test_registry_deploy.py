@@ -108,7 +108,13 @@ def test_registration_carries_the_evidence_and_is_not_repeated(world, monkeypatc
     assert run.data.metrics["eval.candidate.id_sim"] == pytest.approx(metrics["candidate"]["id_sim"])
     assert run.data.metrics["eval.delta.id_sim"] == pytest.approx(metrics["delta"]["id_sim"])
     logged = {a.path for a in client.list_artifacts(world["run_id"], "evaluation")}
-    assert {"evaluation/report.md", "evaluation/metrics.json", "evaluation/grids"} <= logged
+    assert {"evaluation/report.md", "evaluation/metrics.json", "evaluation/grids", "evaluation/matching"} <= logged
+    # the matching pictures of the items drawn in grids/, for every model of the report
+    grids = {a.path.rsplit("-", 1)[-1] for a in client.list_artifacts(world["run_id"], "evaluation/grids")}
+    for model in ("base", "candidate"):
+        drawn = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(world["run_id"],
+                                                                          f"evaluation/matching/{model}")}
+        assert drawn and {d.rsplit("-", 1)[-1] for d in drawn} == grids
 
     again = register_from(config, train_dir=world["train"], report=world["report"].out)
     assert (again.version, again.created) == ("1", False)

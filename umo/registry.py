@@ -276,6 +276,11 @@ def _log_evidence(client, run_id: str, metrics: dict, report: Path, lineage: dic
         client.log_artifact(run_id, str(report / f), "evaluation")
     if (report / "grids").is_dir():
         client.log_artifacts(run_id, str(report / "grids"), "evaluation/grids")
+        # the matching of those items (most improved, most regressed), per model; the report folder has them all
+        for grid in sorted((report / "grids").glob("*.png")):
+            stem = grid.name.split("-", 2)[2]  # <improved|regressed>-<k>-<item stem>.png
+            for picture in sorted((report / "matching").glob(f"*/{stem}")):
+                client.log_artifact(run_id, str(picture), f"evaluation/matching/{picture.parent.name}")
 
 
 def _model_files(tmp: Path, settings: dict, card: str, lora: Path) -> dict[str, Path]:
