@@ -51,11 +51,9 @@ def matching_picture(image: np.ndarray, boxes: np.ndarray, sim: np.ndarray, refe
 
     rows, cols = hungarian(sim) if m and n else (np.zeros(0, int), np.zeros(0, int))
     face_of = dict(zip(rows.tolist(), cols.tolist()))
-    matched = set(face_of.values())
-    for j, box in enumerate(boxes):
-        x0, y0, x1, y1 = (left + box[0] * scale, 8 + box[1] * scale, left + box[2] * scale, 8 + box[3] * scale)
-        if j in matched:
-            continue
+    placed = boxes * scale + np.array([left, 8, left, 8])  # the boxes on the sheet
+    for j in sorted(set(range(n)) - set(face_of.values())):
+        x0, y0, x1, y1 = placed[j]
         _dashed_box(draw, (x0, y0, x1, y1), UNMATCHED)
         draw.text((x0 + 2, y1 + 2), "unmatched", fill=UNMATCHED)
     for i, ref in enumerate(references):
@@ -69,14 +67,12 @@ def matching_picture(image: np.ndarray, boxes: np.ndarray, sim: np.ndarray, refe
             draw.line((8, top + thumb, 8 + thumb, top), fill="#d32f2f", width=3)
             draw.text((12 + thumb, top + thumb // 2 - 6), "no face", fill="#d32f2f")
             continue
-        j = face_of[i]
-        x0, y0, x1, y1 = (left + boxes[j, 0] * scale, 8 + boxes[j, 1] * scale, left + boxes[j, 2] * scale,
-                          8 + boxes[j, 3] * scale)
+        x0, y0, x1, y1 = placed[face_of[i]]
         draw.rectangle((x0, y0, x1, y1), outline=colour, width=3)
         start, end = (8 + thumb, top + thumb / 2), (x0, (y0 + y1) / 2)
         draw.line((*start, *end), fill=colour, width=3)
         label = (start[0] + 6, start[1] - 14 if start[1] <= end[1] else start[1] + 2)
-        draw.text(label, f"{sim[i, j]:.2f}", fill=colour)
+        draw.text(label, f"{sim[i, face_of[i]]:.2f}", fill=colour)
     draw.text((left, sheet.height - 14), f"{n} faces, {m} people, {len(face_of)} pairs", fill="black")
     return np.asarray(sheet)
 
