@@ -92,12 +92,7 @@ def angles(a: ArrayLike, b: ArrayLike) -> np.ndarray:
 def sim_gt(generated: ArrayLike, target: ArrayLike) -> float | None:
     """Sim(GT): the mean cosine of the Hungarian-matched (generated face, target face) pairs; None unless both
     hold the same number of faces, at least one."""
-    g, t = _unit(generated, "generated"), _unit(target, "target")
-    if len(g) == 0 or len(g) != len(t):
-        return None
-    sim = g @ t.T
-    rows, cols = hungarian(sim)
-    return float(sim[rows, cols].mean())
+    return against_target(generated, target, None)[0]
 
 
 def copy_paste(generated: ArrayLike, target: ArrayLike, references: ArrayLike) -> list[float] | None:
@@ -112,16 +107,30 @@ def copy_paste(generated: ArrayLike, target: ArrayLike, references: ArrayLike) -
     >>> [round(v, 6) for v in copy_paste(at(0, 10), at(20, 40), at(5, 60))]
     [1.0, -1.0]
     """
-    g, t, r = _unit(generated, "generated"), _unit(target, "target"), _unit(references, "references")
-    if len(g) == 0 or not len(g) == len(t) == len(r):
-        return None
+    return against_target(generated, target, references)[1]
+
+
+def against_target(generated: ArrayLike, target: ArrayLike, references: ArrayLike | None
+                   ) -> tuple[float | None, list[float] | None]:
+    """(Sim(GT), CP per generated face) of one image, the (generated, target) assignment solved once for both;
+    each None where its counts disagree (see sim_gt, copy_paste). references None: Sim(GT) only."""
+    g, t = _unit(generated, "generated"), _unit(target, "target")
+    if len(g) == 0 or len(g) != len(t):
+        return None, None
+    sim = g @ t.T
+    # matched on cosine similarity, as every assignment in umo (the smallest total angle can pick other pairs)
+    rows, cols = hungarian(sim)
+    target_of = dict(zip(rows, cols))
+    score = float(sim[rows, cols].mean())
+    if references is None:
+        return score, None
+    r = _unit(references, "references")
+    if len(r) != len(g):
+        return score, None
     gt, gr, tr = angles(g, t), angles(g, r), angles(t, r)
-    # matched on cosine similarity, as every assignment in umo (the largest total cosine; the smallest total
-    # angle can pick other pairs)
-    target_of = dict(zip(*hungarian(g @ t.T)))
     reference_of = dict(zip(*hungarian(g @ r.T)))
     out = []
     for k in range(len(g)):
         j, i = target_of[k], reference_of[k]
         out.append(0.0 if tr[j, i] < ANGLE_EPS else float((gt[k, j] - gr[k, i]) / tr[j, i]))
-    return out
+    return score, out
