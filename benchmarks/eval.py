@@ -15,6 +15,12 @@ too: the toy detector costs about as much as the scoring, so end to end the gain
 
 Both produce the same ID-Sim (checked). Prints a table (median of repeats) and writes JSON
 (benchmarks/results/eval.json). Run: `.venv/bin/python benchmarks/eval.py`.
+
+`--held-out`: the whole `umo evaluate` of the held-out set (base and candidate generate, the judges score,
+the report is written), this checkout against the code of `--baseline` (default: the commit before Sim(GT),
+copy-paste, the matching pictures and the second judge came in), on the same generator, LoRA, manifest and face
+models, in alternating runs; each code reads its own params.yaml's defaults. Target: at most 1.2x the
+baseline's time. Writes benchmarks/results/eval_heldout.json. Needs the chain's artifacts (`make run`).
 """
 
 from __future__ import annotations
@@ -87,14 +93,74 @@ def per_pair(judge: Judge, items, dets):
     return out
 
 
+BASELINE = "0f973ec"  # the evaluation before Sim(GT), copy-paste, the matching pictures and the second judge
+HELD_OUT_TARGET = 1.2
+
+
+def held_out(args: argparse.Namespace) -> None:
+    """Wall time of `umo evaluate` on the held-out set: this checkout vs the baseline commit's code."""
+    import subprocess
+    import sys
+    import tempfile
+
+    lora = ROOT / "artifacts" / "train" / "lora"
+    if not lora.is_dir():
+        raise SystemExit(f"{lora}: no trained LoRA; run `make run` first")
+    with tempfile.TemporaryDirectory(prefix="umo-bench-") as tmp:
+        tmp = Path(tmp)
+        base = tmp / "baseline"
+        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(base), args.baseline], cwd=ROOT, check=True)
+        try:
+            codes = {"baseline": base, "this checkout": ROOT}
+            seconds: dict[str, list[float]] = {name: [] for name in codes}
+            for k in range(args.repeats):
+                for name, code in codes.items():
+                    out = tmp / f"report-{k}-{name.replace(' ', '_')}"
+                    cmd = [sys.executable, "-m", "umo.cli", "evaluate", "--params", str(code / "params.yaml"),
+                           "--lora", str(lora), "--out", str(out)]
+                    if args.max_items:
+                        cmd += ["-S", f"eval.max_items={args.max_items}"]
+                    t = time.perf_counter()
+                    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True,
+                                   env=os.environ | {"PYTHONPATH": str(code)})
+                    seconds[name].append(time.perf_counter() - t)
+                    print(f"run {k + 1}/{args.repeats} {name}: {seconds[name][-1]:.1f} s", flush=True)
+            metrics = json.loads(out.joinpath("metrics.json").read_text())
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False)
+    old, new = statistics.median(seconds["baseline"]), statistics.median(seconds["this checkout"])
+    ratio = new / old
+    result = {"machine": {"cpus": os.cpu_count(), "processor": platform.machine()}, "baseline": args.baseline,
+              "items": metrics["candidate"]["items"] + metrics["candidate"]["unscored"],
+              "images_per_item": metrics["images_per_item"], "judges": list(metrics.get("judges", {})),
+              "repeats": args.repeats, "seconds": {k: [round(v, 2) for v in vs] for k, vs in seconds.items()},
+              "baseline_s": round(old, 2), "this_checkout_s": round(new, 2), "ratio": round(ratio, 3),
+              "target": HELD_OUT_TARGET, "met": ratio <= HELD_OUT_TARGET}
+    print(f"\n{'umo evaluate, held-out set':<34}{'seconds (median)':>18}")
+    print(f"{'baseline ' + args.baseline:<34}{old:>18.1f}")
+    print(f"{'this checkout':<34}{new:>18.1f}")
+    print(f"\n{result['items']} items x {result['images_per_item']} images x 2 models, judges {result['judges']}: "
+          f"{ratio:.2f}x the baseline (target <= {HELD_OUT_TARGET}x: {'met' if result['met'] else 'MISSED'})")
+    path = args.out.with_name("eval_heldout.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--held-out", action="store_true", help="time `umo evaluate` on the held-out set against "
+                        "--baseline's code (see the module docstring)")
+    parser.add_argument("--baseline", default=BASELINE, help="the commit to compare with (default: %(default)s)")
+    parser.add_argument("--max-items", type=int, default=None, help="--held-out: the first N items only")
     parser.add_argument("--world", type=Path, default=ROOT / "artifacts" / "toyworld")
     parser.add_argument("--items", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "eval.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.held_out:
+        return held_out(args)
     from umo.toy.world.build import build_toyworld
 
     world = build_toyworld(args.world, load_config(ROOT / "params.yaml").section("toyworld")).world

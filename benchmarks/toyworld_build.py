@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from umo.config import load_config
-from umo.toy.world.build import MANIFEST_FILE, build_toyworld, quality_table
+from umo.toy.world.build import MANIFEST_FILE, build_toyworld, parts_of, quality_table
 
 
 def main() -> None:
@@ -34,10 +34,10 @@ def main() -> None:
         warm = build_toyworld(Path(tmp) / "world", cfg, workers=args.workers)
         manifest = json.loads((Path(tmp) / "world" / MANIFEST_FILE).read_text())
     # The model files' sha256, for comparing builds across machines (same pinned versions -> same bytes).
-    models = {rel: digest for part in ("detector", "embedders")
+    models = {rel: digest for part in ("detector", "embedders", "second_judge") if part in manifest["parts"]
               for rel, digest in manifest["parts"][part]["files"].items()}
     manifest_sha = hashlib.sha256(json.dumps(manifest["parts"], sort_keys=True).encode()).hexdigest()
-    assert cold.reused == () and set(warm.reused) == {"collection", "detector", "embedders"}
+    assert cold.reused == () and set(warm.reused) == set(parts_of(cfg))
     rows = [(part, f"{sec:.1f}") for part, sec in cold.seconds.items()]
     rows.append(("cached rebuild", f"{warm.seconds['total']:.1f}"))
     print(f"{'toy world build (s)':<22}{'wall':>8}")

@@ -17,6 +17,8 @@ with the stage, its exit code and its last lines.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from PIL import Image
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
@@ -135,6 +138,36 @@ def _publish_evaluation(cwd: Path, report: Path, key: str) -> None:
                                  description=f"{report}: base vs candidate (vs champion), judge-scored")
 
 
+def _publish_matching(cwd: Path, report: Path, key: str, height: int = 160) -> None:
+    """The pictures of the judge's matching for the items the report draws in grids/ (most improved, most
+    regressed; else its first two items), base and candidate, as one markdown artifact with the pictures inline (JPEG data URIs, so the
+    flow run shows them whatever the report folder's host)."""
+    folder = cwd / report
+    picks = [g.name.split("-", 2) for g in sorted((folder / "grids").glob("*.png"))]  # <label>-<k>-<item>.png
+    if not picks:  # nothing improved or regressed: the first items instead
+        picks = [("item", "", p.name) for p in sorted((folder / "matching" / "candidate").glob("*.png"))[:2]]
+    lines = [f"## Pictures of the matching: {report}", "",
+             "Each generated image with the judge's faces boxed, and the Hungarian pairs to the reference "
+             "thumbnails with their similarities; unmatched faces dashed, references without a face crossed.", ""]
+    shown = 0
+    for label, _, stem in picks:
+        for model in ("base", "candidate"):
+            picture = folder / "matching" / model / stem
+            if picture.is_file():
+                with Image.open(picture) as im:
+                    im = im.convert("RGB")
+                    im.thumbnail((10_000, height * 2))
+                    buf = io.BytesIO()
+                    im.save(buf, format="JPEG", quality=80)
+                data = base64.b64encode(buf.getvalue()).decode()
+                lines += [f"**{label}**, item `{stem[:-4]}`, {model}:", "", f"![{model} {stem}](data:image/jpeg;base64,"
+                          f"{data})", ""]
+                shown += 1
+    if shown:
+        create_markdown_artifact(key=key, markdown="\n".join(lines),
+                                 description=f"{report}/matching: what the judge matched ({shown} pictures)")
+
+
 def _publish_gate(cwd: Path) -> None:
     record = cwd / GATE_RECORD
     if not record.is_file():
@@ -187,6 +220,9 @@ def umo_pipeline(overrides: dict[str, Any] | None = None, stages: list[str] | No
         done[stage] = "skipped" if state.name == "Skipped" else "ran"
         if stage == "evaluate":
             _publish_evaluation(cwd, Path(config.eval.out), "umo-evaluation")
+            _publish_matching(cwd, Path(config.eval.out), "umo-matching")
+        elif stage == "evaluate_scaling":
+            _publish_evaluation(cwd, Path(config.eval.scaling.out), "umo-scaling")
         elif stage == "gate":
             _publish_gate(cwd)
     get_run_logger().info("stages: %s", ", ".join(f"{s} {r}" for s, r in done.items()))

@@ -39,12 +39,13 @@ class GeneratedFaces:
         return self.real.detect(images)
 
 
-def fixed_judge(config: Config) -> Judge:
+def fixed_judges(config: Config) -> dict[str, Judge]:
+    """Every judge of the config, each over the shared GeneratedFaces detector."""
     from umo.faces.detect import FaceDetector
     from umo.faces.embed import OnnxRecognizer
 
-    return Judge(GeneratedFaces(FaceDetector.from_config(config.faces.detector)),
-                 OnnxRecognizer.from_model_root(config.faces.judge.root, config.faces.judge.pack))
+    detector = GeneratedFaces(FaceDetector.from_config(config.faces.detector))
+    return {j.label: Judge(detector, OnnxRecognizer.from_model_root(j.root, j.pack)) for j in config.faces.judges}
 
 
 def random_lora(config: Config, out: Path, seed: int, scale: float = 0.3) -> Path:
@@ -72,7 +73,7 @@ def main(argv: list[str]) -> None:
 
     world_dir, generator_dir, manifest, lora, out, *overrides = argv
     config = eval_config(load_toyworld(Path(world_dir)), generator_dir, manifest, *overrides)
-    evaluate(config.eval, generator=config.generator, faces=config.faces, lora=lora, judge=fixed_judge(config),
+    evaluate(config.eval, generator=config.generator, faces=config.faces, lora=lora, judges=fixed_judges(config),
              out=out)
 
 

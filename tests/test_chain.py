@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 from flows.umo_pipeline import umo_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.slow
-STAGES = ("toyworld", "toybase", "prepare", "train", "evaluate", "register", "gate", "deploy")  # dvc.yaml's chain
+STAGES = ("toyworld", "toybase", "prepare", "train", "evaluate", "scaling", "evaluate_scaling", "register", "gate",
+          "deploy")  # dvc.yaml's chain
 
 FAST = {  # a chain of seconds per stage: a toy base of a few steps, a few training steps, two items, one image each
     "toyworld.collection.cast": [200, 216],  # held-out ids of the small world
@@ -41,6 +42,7 @@ FAST = {  # a chain of seconds per stage: a toy base of a few steps, a few train
     "train.sampler_steps": 4, "train.grad_step_range": [1, 2],
     "prepare.synthetic.count": 2, "prepare.synthetic.steps": 4,
     "eval.max_items": 2, "eval.images_per_item": 1, "eval.steps": 4, "eval.report_items": 1,
+    "toybase.scaling.identities": [2, 3], "toybase.scaling.items_per_count": 1, "eval.scaling.images_per_item": 1,
     "registry.gate.min_scored_references": 2,  # those two one-image items hold a few references, not params' 16
     # the small world's reward embedder is a toy_r10 (params.yaml's world: toy_r18)
     "faces.embedder.path": "artifacts/toyworld/models/faces/arcface_toy_r10.safetensors",
@@ -114,6 +116,9 @@ def test_dvc_repro_runs_the_chain_then_is_a_noop(project):
     assert "accelerate launch --config_file infra/accelerate/cpu.yaml -m umo.cli train" in out
     report = json.loads((project / "artifacts/reports/heldout/metrics.json").read_text())
     assert report["toy_world"] and set(report["models"]) >= {"base", "candidate"}
+    scaling = json.loads((project / "artifacts/reports/scaling/metrics.json").read_text())
+    assert scaling["benchmark"] == "xverse" and set(scaling["candidate"]["by_identities"]) == {"2", "3"}
+    assert (project / "artifacts/reports/scaling/by_identities.png").is_file()
     registered = json.loads((project / "artifacts/registry/registered.json").read_text())
     gate = json.loads((project / "artifacts/registry/gate.json").read_text())
     deployed = json.loads((project / "artifacts/registry/deployed.json").read_text())
@@ -152,7 +157,7 @@ def test_dvc_exp_run_with_another_learning_rate(project):
     git(project, "add", "-A")
     git(project, "commit", "-qm", "the chain's first run")
     out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.learning_rate=0.0003"], project).stdout
-    for stage in ("toyworld", "toybase", "prepare"):
+    for stage in ("toyworld", "toybase", "prepare", "scaling"):
         assert f"Stage '{stage}' didn't change, skipping" in out
     assert "Running stage 'train'" in out and "Running stage 'deploy'" in out
     registered = json.loads((project / "artifacts/registry/registered.json").read_text())
@@ -170,14 +175,19 @@ def test_flow_reruns_only_what_an_override_changes(project, prefect_harness):
 
     done = umo_pipeline(overrides={"train.learning_rate": 0.0002}, project_dir=str(project),
                         retry_delay_seconds=0)
-    assert done == {s: "skipped" for s in ("toyworld", "toybase", "prepare")} | {
-        s: "ran" for s in ("train", "evaluate", "register", "gate", "deploy")}
+    assert done == {s: "skipped" for s in ("toyworld", "toybase", "prepare", "scaling")} | {
+        s: "ran" for s in ("train", "evaluate", "evaluate_scaling", "register", "gate", "deploy")}
     assert "learning_rate: 0.0002       # paper: 5e-6 at rank 512" in (project / "params.yaml").read_text()
     registered = json.loads((project / "artifacts/registry/registered.json").read_text())
     assert int(registered["version"]) >= 2
 
     evaluation, decision = Artifact.get("umo-evaluation"), Artifact.get("umo-gate")
     assert "ID-Sim" in evaluation.data and "toy world" in evaluation.data.lower()
+    assert "by number of people" in Artifact.get("umo-scaling").data.lower()
+    matching = Artifact.get("umo-matching")  # the judge's matching of the items drawn in grids/, inline
+    grids = list((project / "artifacts/reports/heldout/grids").glob("*.png"))
+    shown = len(grids) or 2  # no item improved or regressed: the first two of eval.max_items
+    assert matching.data.count("](data:image/jpeg;base64,") == 2 * shown  # base and candidate
     assert f"version {registered['version']}: FAILED" in decision.data and "no faces scored" in decision.data
     assert umo_pipeline(project_dir=str(project)) == {s: "skipped" for s in STAGES}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from evalkit import EVAL, eval_config, fixed_judge, random_lora
+from evalkit import EVAL, eval_config, fixed_judges, random_lora
 from PIL import Image
 from servers import free_port
 from trainkit import make_manifest
@@ -45,7 +45,7 @@ def setup(toy_world, tiny_generator_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(setup):
     config = setup["config"]
-    return evaluate_with(config, lora=setup["candidate"], champion=setup["champion"], judge=fixed_judge(config),
+    return evaluate_with(config, lora=setup["candidate"], champion=setup["champion"], judges=fixed_judges(config),
                          out=setup["root"] / "report")
 
 
@@ -80,6 +80,14 @@ def test_the_report_holds_every_model_and_its_numbers_add_up(report):
 
     text = (out / "report.md").read_text()
     assert "| metric | base | candidate | Δ vs base | champion | Δ vs champion |" in text and "Toy world" in text
+    # every judge is reported; the first decides the gate, and the report says so
+    assert m["gate_judge"] == "toy_r10" and list(m["judges"]) == ["toy_r10", "toy_mbf"]
+    assert {k: m["judges"]["toy_r10"][k] for k in MODELS} == {k: m[k] for k in MODELS}
+    other = m["judges"]["toy_mbf"]
+    assert other["candidate"]["references_scored"] == m["candidate"]["references_scored"] == 8
+    assert other["candidate"]["id_sim"] != m["candidate"]["id_sim"]  # another network: other similarities
+    assert other["paired"]["candidate - base"]["id_sim"]["items"] == 4
+    assert "the gate decides on the first, `toy_r10`" in text and "| `toy_mbf` |" in text
     assert f"| ID-Sim | {m['base']['id_sim']:.4g} | {m['candidate']['id_sim']:.4g} |" in text
     plots = json.loads((out / "plots" / "by_identities.json").read_text())
     assert plots == [{"identities": 2, **{f"{name}_{k}": m[name]["by_identities"]["2"][k] for name in MODELS
@@ -105,7 +113,7 @@ def test_the_report_holds_every_model_and_its_numbers_add_up(report):
 
 
 def test_the_scores_are_those_of_the_saved_images(report, setup):
-    judge = fixed_judge(setup["config"])
+    judge = next(iter(fixed_judges(setup["config"]).values()))
     stored = read_scores(report.out)["candidate"]["s1"]
     grid = np.asarray(Image.open(report.out / "images" / "candidate" / "s1.png").convert("RGB"))
     assert grid.shape == (64, 128, 3)  # 2 images of 64 x 64: one row of two
@@ -122,7 +130,7 @@ def test_the_scores_are_those_of_the_saved_images(report, setup):
 def test_a_zero_lora_reproduces_the_base_images_exactly(setup):
     config = setup["config"]
     zero = random_lora(config, setup["root"] / "zero", 3, scale=0.0)
-    result = evaluate_with(config, lora=zero, judge=fixed_judge(config), out=setup["root"] / "zero-report")
+    result = evaluate_with(config, lora=zero, judges=fixed_judges(config), out=setup["root"] / "zero-report")
     for item in ("s0", "s1", "s2", "s3"):
         base = (result.out / "images" / "base" / f"{item}.png").read_bytes()
         assert (result.out / "images" / "candidate" / f"{item}.png").read_bytes() == base
@@ -131,41 +139,52 @@ def test_a_zero_lora_reproduces_the_base_images_exactly(setup):
 
 
 class StopAfter:
-    """The judge, failing (as a crash would) after `limit` generated batches; counts what it scores."""
+    """The gate's judge, failing (as a crash would) after `limit` generated batches; counts what it scores."""
 
     def __init__(self, judge, limit: int | None = None) -> None:
         self.judge, self.limit, self.calls = judge, limit, 0
+        self.detector = judge.detector
 
-    def references(self, images):
-        return self.judge.references(images)
+    def detect(self, images):
+        return self.judge.detect(images)
 
-    def target(self, image):
-        return self.judge.target(image)
+    def references(self, images, detections=None):
+        return self.judge.references(images, detections)
 
-    def faces(self, images):
+    def target(self, image, detections=None):
+        return self.judge.target(image, detections)
+
+    def faces(self, images, detections=None):
         self.calls += 1
         if self.limit is not None and self.calls > self.limit:
             raise KeyboardInterrupt("stopped")
-        return self.judge.faces(images)
+        return self.judge.faces(images, detections)
+
+
+def stopping(config, limit: int | None = None) -> tuple[dict, StopAfter]:
+    """Every judge, the first wrapped in StopAfter (the others are asked after it, so they stop with it)."""
+    (first, judge), *rest = fixed_judges(config).items()
+    stop = StopAfter(judge, limit)
+    return {first: stop, **dict(rest)}, stop
 
 
 def test_a_stopped_run_resumes_where_it_stopped_and_new_settings_start_over(setup, report, caplog):
     config, out = setup["config"], setup["root"] / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        evaluate_with(config, lora=setup["candidate"], champion=setup["champion"], judge=StopAfter(fixed_judge(config), 5),
+        evaluate_with(config, lora=setup["candidate"], champion=setup["champion"], judges=stopping(config, 5)[0],
                  out=out)
     assert not out.exists()
     assert len(list((out.parent / ".resumed.work" / "scores").rglob("*.json"))) == 5
-    judge = StopAfter(fixed_judge(config))
-    result = evaluate_with(config, lora=setup["candidate"], champion=setup["champion"], judge=judge, out=out)
+    judges, judge = stopping(config)
+    result = evaluate_with(config, lora=setup["candidate"], champion=setup["champion"], judges=judges, out=out)
     assert judge.calls == 3 * 4 - 5
     assert {k: result.metrics[k] for k in MODELS} == {k: report.metrics[k] for k in MODELS}
 
     with pytest.raises(KeyboardInterrupt):
-        evaluate_with(config, lora=setup["candidate"], judge=StopAfter(fixed_judge(config), 1), out=out)
+        evaluate_with(config, lora=setup["candidate"], judges=stopping(config, 1)[0], out=out)
     reseeded = setup["with"]("eval.seed=7")
-    judge = StopAfter(fixed_judge(config))
-    evaluate_with(reseeded, lora=setup["candidate"], judge=judge, out=out)
+    judges, judge = stopping(config)
+    evaluate_with(reseeded, lora=setup["candidate"], judges=judges, out=out)
     assert judge.calls == 2 * 4 and "starting over" in caplog.text
 
 
@@ -197,7 +216,7 @@ def test_an_xverse_set_is_generated_in_grids_of_four_and_faceless_people_are_cou
                                                   item(2, "object/cup.png")]))
     config = setup["with"]("eval.benchmark=xverse", f"eval.path={bench / 'multi.json'}",
                               "eval.images_per_item=4")
-    result = evaluate_with(config, lora=setup["candidate"], judge=fixed_judge(config), out=setup["root"] / "xverse")
+    result = evaluate_with(config, lora=setup["candidate"], judges=fixed_judges(config), out=setup["root"] / "xverse")
     m = result.metrics
     assert (m["base"]["items"], m["base"]["unscored"], m["base"]["scale"]) == (1, 1, 100)
     # item 2 has no person: left out, and the report says so (160 of 300 were once dropped silently)
@@ -236,7 +255,7 @@ def test_an_omnicontext_set_is_scored_on_the_tenth_scale_without_faceless_inputs
         {"key": "so/1", "task_type": "single_object", "instruction": "a cup", "input_images": [data(src / "robot.png")]},
     ]), root / "data" / "test-00000-of-00001.parquet")
     config = setup["with"]("eval.benchmark=omnicontext", f"eval.path={root}")
-    result = evaluate_with(config, lora=setup["candidate"], judge=fixed_judge(config), out=setup["root"] / "omni")
+    result = evaluate_with(config, lora=setup["candidate"], judges=fixed_judges(config), out=setup["root"] / "omni")
     m = result.metrics
     row = read_scores(result.out)["candidate"]["mc/1"]
     assert (m["candidate"]["items"], m["candidate"]["scale"], row["identities"]) == (1, 10, 2)
@@ -294,6 +313,7 @@ def test_dvc_reads_the_report_through_the_projects_dvc_yaml(report, tmp_path):
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({k: spec[k] for k in ("metrics", "plots")}))
     shutil.copytree(report.out, tmp_path / "artifacts" / "reports" / "heldout")
+    shutil.copytree(report.out, tmp_path / "artifacts" / "reports" / "scaling")  # the scaling set's, same layout
     env = os.environ | {"DVC_NO_ANALYTICS": "1"}
     subprocess.run([dvc, "init", "--no-scm", "-q"], check=True, cwd=tmp_path, env=env)
     shown = subprocess.run([dvc, "metrics", "show", "--json"], capture_output=True, text=True, cwd=tmp_path, env=env)

@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from evalkit import eval_config, fixed_judge, random_lora
+from browser import dump_dom
+from evalkit import eval_config, fixed_judges, random_lora
 from PIL import Image
 from servers import MotoServer
 from trainkit import fixed_reward, make_manifest, train_with
@@ -69,7 +70,7 @@ def world(toy_world, tiny_generator_dir, tmp_path_factory, mlflow_service):
                          tracking=short.tracking)
     full = config()
     report = evaluate(full.eval, generator=full.generator, faces=full.faces, lora=trained.lora,
-                      judge=fixed_judge(full), out=root / "report-v1")
+                      judges=fixed_judges(full), out=root / "report-v1")
     cli = [*toy_world.faces_overrides(), f"generator.path={tiny_generator_dir}", *settings]
     return {"root": root, "server": server, "config": config, "cli": sum((["-S", o] for o in cli), []),
             "train": root / "train", "report": report, "run_id": trained.run_id, "lora": trained.lora,
@@ -170,7 +171,7 @@ def test_gate_policy_champion_and_deployment_follow_each_other(world, s3, caplog
     # version 2: another LoRA, registered from an untracked run folder
     v2_train = world["root"] / "train-v2"
     lora2 = random_lora(config, v2_train / "lora", 5)
-    alone = evaluate(config.eval, generator=config.generator, faces=config.faces, lora=lora2, judge=fixed_judge(config), out=world["root"] / "report-v2-alone")
+    alone = evaluate(config.eval, generator=config.generator, faces=config.faces, lora=lora2, judges=fixed_judges(config), out=world["root"] / "report-v2-alone")
     assert register_from(config, train_dir=v2_train, report=alone.out).version == "2"
     world["server"].stop()  # the registry restarts between registration and gate: nothing lost, nothing doubled
     world["server"].start()
@@ -180,7 +181,7 @@ def test_gate_policy_champion_and_deployment_follow_each_other(world, s3, caplog
         next(r.detail for r in no_column.rules if r.name == "champion")
     champion = champion_lora(config.registry, config.tracking, world["root"] / "champion-download")
     assert champion is not None and champion.read_bytes() == world["lora"].read_bytes()
-    with_champion = evaluate(config.eval, generator=config.generator, faces=config.faces, lora=lora2, champion=champion, judge=fixed_judge(config),
+    with_champion = evaluate(config.eval, generator=config.generator, faces=config.faces, lora=lora2, champion=champion, judges=fixed_judges(config),
                              out=world["root"] / "report-v2")
     v2 = register_from(config, train_dir=v2_train, report=with_champion.out)  # new evidence, same version
     assert (v2.version, v2.created) == ("2", False)
@@ -306,29 +307,30 @@ def _ensure_champion(world, config) -> None:
 
 @pytest.mark.slow
 def test_the_registry_ui_shows_the_version_its_aliases_and_metrics(world, tmp_path):
-    """The MLflow UI, rendered by a real headless Chromium: the model version page a reviewer opens."""
-    import shutil
-    import subprocess
-
+    """The MLflow UI, rendered by a real headless Chromium: the model version page a reviewer opens, and its
+    run's picture of the matching."""
     config = world["config"](*LENIENT)
     _ensure_champion(world, config)
     import mlflow
 
-    mv = mlflow.MlflowClient(world["server"].uri).get_model_version_by_alias(NAME, CHAMPION)
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "Debian's chromium is required (scripts/setup.sh installs it)"
-    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--window-size=1400,1100"]
+    client = mlflow.MlflowClient(world["server"].uri)
+    mv = client.get_model_version_by_alias(NAME, CHAMPION)
     url = f"{world['server'].uri}/#/models/{NAME}/versions/{mv.version}"
     shot = tmp_path / "model_version.png"
-    subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
-    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
+    dom = dump_dom(url, tmp_path / "profile", screenshot=shot)
     (tmp_path / "model_version.html").write_text(dom)
     assert shot.stat().st_size > 10_000
     assert f"Version {mv.version}" in dom, dom[-3000:]
     assert "@&nbsp;champion" in dom and "@&nbsp;challenger" in dom  # the alias tags the page draws
     assert "ID-Sim" in dom and str(world["report"].metrics["candidate"]["id_sim"])[:4] in dom
+
+    # the run's page shows a picture of the matching (evaluation/matching/<model>/<item>.png), opened at it
+    run = client.get_run(mv.run_id)
+    pictures = [a.path for a in client.list_artifacts(mv.run_id, "evaluation/matching/candidate")]
+    assert pictures, "registration logged no picture of the matching"
+    url = f"{world['server'].uri}/#/experiments/{run.info.experiment_id}/runs/{mv.run_id}/artifacts/{pictures[0]}"
+    dom = dump_dom(url, tmp_path / "profile")
+    assert f'<img alt="{pictures[0]}"' in dom, dom[-3000:]
 
 
 def test_the_cli_commands_exit_with_what_happened(world, tmp_path, capsys, caplog):

@@ -234,6 +234,17 @@ def test_degenerate_landmarks_are_skipped_and_counted(reward_parts, references):
     rewards.sum().backward()
     assert torch.isfinite(rewards).all() and torch.isfinite(images.grad).all()
 
+    # compute() keeps the scored faces' boxes, in the similarity columns' order, without the degenerate ones
+    class Fixed:
+        def detect_tensor(self, images):
+            return [det, Detections(good.boxes[1:2] + 7, good.landmarks[1:2] + 7, good.scores[1:2])]
+
+    out = MatchingReward(Fixed(), embedder).compute(images.detach().repeat(2, 1, 1, 1), [references] * 2)
+    assert out.skipped["degenerate"] == 3 and out.faces.tolist() == [3, 1]
+    assert [b.shape for b in out.boxes] == [(3, 4), (1, 4)] and [s.shape[1] for s in out.similarities] == [3, 1]
+    np.testing.assert_allclose(out.boxes[0], good.boxes)
+    np.testing.assert_allclose(out.boxes[1], good.boxes[1:2] + 7)
+
 
 def test_from_config_loads_the_configured_files(tmp_path, references):
     """params.yaml -> MatchingReward: the detector pack and the embedder checkpoint through the real loaders."""

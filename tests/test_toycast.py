@@ -130,3 +130,33 @@ def test_mismatched_samples_get_another_samples_references():
     assert (out[swapped] == out[swapped][:, :1, :1]).all()
     assert (refs == 0).all()  # the input is kept
     assert (mismatch(refs, pool, 0.0, g) == 0).all()
+
+
+def test_the_scaling_set_holds_every_count_of_people_and_loads_as_xversebench(toy_world, tmp_path):
+    """2 to 5 people of the cast per item, each a new draw with a new portrait per person, in the XVerseBench JSON
+    format (every reference under human/, so every one is scored); deterministic; the cast bounds the counts."""
+    from umo.eval.sets import load_xverse
+    from umo.images import read_rgb
+    from umo.toy.scaling import write_scaling_set
+
+    data = json.loads(json.dumps(TINY_BASE)) | {"toyworld": str(toy_world.root),
+                                                "scaling": {"identities": [2, 5], "items_per_count": 2}}
+    cfg = from_dict(ToyBaseConfig, data, source="test")
+    stats = write_scaling_set(cfg, tmp_path / "a")
+    assert stats["items_by_identities"] == {"2": 2, "3": 2, "4": 2, "5": 2} and stats["references"] == 28
+    items = load_xverse(tmp_path / "a" / "scaling.json")
+    assert [i.n_identities for i in items] == [2, 2, 3, 3, 4, 4, 5, 5]
+    assert all(i.identities == tuple(range(i.n_identities)) for i in items)  # every reference is a person
+    raw = json.loads((tmp_path / "a" / "scaling.json").read_text())
+    assert all(len(set(r["identities"])) == len(r["identities"]) and set(r["identities"]) <= set(range(200, 216))
+               for r in raw)  # different people of the cast in each item
+    assert raw[0]["identities"] != raw[1]["identities"]
+    assert read_rgb(items[0].references[0]).shape == (64, 64, 3)  # the photos' reference crops
+    write_scaling_set(cfg, tmp_path / "b")
+    assert (tmp_path / "a" / "scaling.json").read_bytes() == (tmp_path / "b" / "scaling.json").read_bytes()
+    assert all((tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes()
+               for p in ("human/n05-001-4.png", "human/n02-000-0.png"))
+    data["scaling"]["identities"] = [2, 17]
+    with pytest.raises(ValueError, match=r"toybase.scaling.identities \[2, 17\]: the cast has only 16 people"):
+        write_scaling_set(from_dict(ToyBaseConfig, data, source="test"), tmp_path / "c")
+    assert not (tmp_path / "c").exists()

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from browser import dump_dom
 import torch
 from safetensors.torch import load_file
 from servers import free_port
@@ -199,6 +200,20 @@ def test_gradient_checkpointing_trains_the_same_lora(run):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
 
 
+def test_the_anchor_term_holds_the_lora_near_the_frozen_base(run, tmp_path):
+    """anchor_weight beta adds beta * MSE(v_LoRA, v_base) at the gradient step. At step 1 the fresh LoRA (B = 0)
+    IS the base: the anchor is exactly 0. Afterwards it measures how far the LoRA's velocity has moved, and with
+    the same draws a heavy anchor keeps it nearer than a negligible one; off (0), it is not computed at all."""
+    def anchors(name: str, weight: float) -> list[float]:
+        run(name, "train.max_steps=4", f"train.anchor_weight={weight}")
+        return [h["anchor_loss"] for h in json.loads((tmp_path / name / "history.json").read_text())]
+
+    off, light, heavy = anchors("off", 0.0), anchors("light", 1e-9), anchors("heavy", 1000.0)
+    assert off == [0.0] * 4
+    assert light[0] == heavy[0] == 0.0 and all(v > 0 for v in light[1:] + heavy[1:])
+    assert heavy[2] < light[2] and heavy[3] < light[3], (light, heavy)
+
+
 def test_a_run_refuses_to_mix_with_another_and_resume_checks_settings(run):
     run("x", "train.max_steps=2")
     with pytest.raises(ResumeError, match="earlier run"):
@@ -223,7 +238,8 @@ def test_training_logs_to_a_real_mlflow_server(run, mlflow_server, monkeypatch, 
     from mlflow import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "sentinel-secret-6f2a")
-    result = run("t", f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=train-test", tracking=True)
+    result = run("t", f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=train-test",
+                 "train.judge_every=2", tracking=True)
     client = MlflowClient(mlflow_server)
     data = client.get_run(result.run_id).data
     assert data.params["train.learning_rate"] == "0.003" and data.params["data.samples"] == "4"
@@ -232,9 +248,26 @@ def test_training_logs_to_a_real_mlflow_server(run, mlflow_server, monkeypatch, 
         assert [m.step for m in client.get_metric_history(result.run_id, key)] == [1, 2, 3, 4], key
     assert data.metrics["faces_per_sample"] == 2.0
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"samples", "train_metrics.json"} <= artifacts
-    assert {a.path for a in client.list_artifacts(result.run_id, "samples")} == {
-        "samples/step_000002.png", "samples/step_000004.png"}
+    assert {"images", "train_metrics.json"} <= artifacts
+    # MLflow's image series, keyed with the step (the UI's slider): the grid and each sample's matching picture
+    names = [a.path.split("/")[-1] for a in client.list_artifacts(result.run_id, "images")]
+    logged = sorted({(n.split("+")[0], int(n.split("+")[2])) for n in names if n.endswith(".png")})
+    assert logged == [("matching~0", 2), ("matching~0", 4), ("samples~grid", 2), ("samples~grid", 4)]
+    # ... and the run's page in the MLflow UI (a real headless Chromium) draws them with a slider over the steps
+    experiment = client.get_run(result.run_id).info.experiment_id
+    dom = dump_dom(f"{mlflow_server}/#/experiments/{experiment}/runs/{result.run_id}/model-metrics",
+                   tmp_path / "profile", height=3000)
+    assert "matching/0" in dom and "samples/grid" in dom, dom[-3000:]
+    assert 'role="slider" aria-label="Slider thumb" aria-valuemin="2" aria-valuemax="4"' in dom
+    # the judge's check of the reward on the same draws: the judge's detector finds no face in the tiny
+    # generator's images (the reward's fixed detector "finds" two), so the gap is the reward's whole ID-Sim
+    guard = {k: client.get_metric_history(result.run_id, f"guard/{k}") for k in
+             ("reward", "judge_reward", "reward_gap", "reward_id_sim", "judge_id_sim", "id_sim_gap", "samples")}
+    assert all([m.step for m in history] == [2, 4] for history in guard.values()), guard
+    last = {k: history[-1].value for k, history in guard.items()}
+    assert last["samples"] == 1 and last["judge_id_sim"] == 0 and last["reward_id_sim"] > 0
+    assert last["id_sim_gap"] == pytest.approx(last["reward_id_sim"] - last["judge_id_sim"])
+    assert last["reward_gap"] == pytest.approx(last["reward"] - last["judge_reward"])
     assert data.tags["umo.toy_world"] == "true"
     everything = str(data.params) + str(data.tags)
     assert "sentinel-secret-6f2a" not in everything

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -110,6 +111,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from umo.eval.run import evaluate
 
     config = load_config(args.params, args.overrides)
+    settings = config.eval
+    if args.scaling:  # the scaling set, with eval's other settings: compared with the base only
+        scaling = config.eval.scaling
+        if scaling.path is None:
+            raise ValueError("--scaling: eval.scaling.path is null (no scaling set to evaluate)")
+        settings = dataclasses.replace(config.eval, benchmark="xverse", path=scaling.path, root=None, max_items=None,
+                                       images_per_item=scaling.images_per_item, out=scaling.out)
+        if args.champion is not None:
+            raise ValueError("--scaling: compares the candidate with the base only (no --champion)")
     lora, champion = args.lora, args.champion
     if "registry" in (str(lora), str(champion)):  # the registry's current champion, if any
         # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
@@ -124,7 +134,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         else:
             champion = registered
     try:
-        result = evaluate(config.eval, generator=config.generator, faces=config.faces, lora=lora, champion=champion,
+        result = evaluate(settings, generator=config.generator, faces=config.faces, lora=lora, champion=champion,
                           out=args.out)
     finally:
         if dist.is_available() and dist.is_initialized():
@@ -154,7 +164,8 @@ def cmd_register(args: argparse.Namespace) -> int:
     # A RegistryError is a ValueError: main() reports it in one line and exits 2.
     config = load_config(args.params, args.overrides)
     result = register(config.registry, config.tracking, generator=config.generator, lora=config.lora,
-                      sampler_steps=config.eval.steps, train_dir=args.train, report=args.report)
+                      sampler_steps=config.eval.steps, train_dir=args.train, report=args.report,
+                      scaling=args.scaling_report)
     _record(args, {"model": result.name, "version": result.version, "run_id": result.run_id,
                    "created": result.created})
     return 0
@@ -251,13 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "`registry`: the registry's champion (its re-evaluation against the base)")
     p.add_argument("--champion", type=Path, default=None,
                    help="the current champion's LoRA, compared too; `registry`: the registry's champion, if any")
-    p.add_argument("--out", type=Path, default=None, help="report folder (default: eval.out)")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default: eval.out, or eval.scaling.out)")
+    p.add_argument("--scaling", action="store_true",
+                   help="evaluate eval.scaling's set (more and more people per item) instead of eval.benchmark")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("register", help="register a trained LoRA with its evaluation in the MLflow registry")
     add_config_args(p)
     p.add_argument("--train", type=Path, required=True, help="the training run folder (`umo train --out`)")
     p.add_argument("--report", type=Path, required=True, help="its evaluation report folder (`umo evaluate`)")
+    p.add_argument("--scaling-report", type=Path, default=None,
+                   help="its scaling set's report (`umo evaluate --scaling`), logged as evidence (never gated)")
     p.add_argument("--record", type=Path, default=None, help="also write the result JSON here")
     p.set_defaults(func=cmd_register)
 

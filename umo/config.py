@@ -69,23 +69,41 @@ class EmbedderConfig:
 
 @dataclass
 class JudgeConfig:
-    """Evaluation judge: an insightface ONNX recognizer, a different model from the reward embedder."""
+    """An evaluation judge: an insightface ONNX recognizer, a different model from the reward embedder."""
 
     root: str = "artifacts/toyworld/models/faces"
     pack: str | None = "toy_judge"
+    name: str | None = None
+    """How reports and MLflow name this judge; null = the pack's folder name (or the root's)."""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.pack or Path(self.root).name
 
 
 @dataclass
 class FacesConfig:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
-    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    judges: list[JudgeConfig] = field(default_factory=lambda: [
+        JudgeConfig(name="toy_r10"), JudgeConfig(pack="toy_judge_mbf", name="toy_mbf")])
+    """The evaluation judges, each reported; the FIRST decides the approval gate. All share the detector."""
     min_face_size: float = 0.0
     """Faces whose shorter box side is below this many pixels are ignored (0 = keep all)."""
 
     def __post_init__(self) -> None:
         if self.min_face_size < 0:
             raise ConfigError(f"min_face_size: expected >= 0, got {self.min_face_size}")
+        if not self.judges:
+            raise ConfigError("judges: expected at least one judge (the first decides the gate)")
+        labels = [j.label for j in self.judges]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"judges: two judges are named alike ({labels}); give each a `name`")
+
+    @property
+    def judge(self) -> JudgeConfig:
+        """The gate's judge: the first of `judges`."""
+        return self.judges[0]
 
 
 @dataclass
@@ -171,6 +189,9 @@ class TrainConfig:
     reward_weight: float = 1.0
     """w: weight of the reward term (paper: 1). 0 = supervised flow matching alone (the ablation's SFT arm); the
     reward is still measured and logged, without gradient."""
+    anchor_weight: float = 0.0
+    """beta: weight of the anchor, MSE between the LoRA model's velocity and the frozen base's at the gradient
+    step (the "KL to the pretrained model" of RL peers; a guard against reward hacking). 0 = off."""
     learning_rate: float = 1e-3
     """AdamW on the LoRA (paper: 5e-6 at rank 512)."""
     weight_decay: float = 0.0
@@ -197,7 +218,13 @@ class TrainConfig:
     log_every: int = 1
     """Log scalars to MLflow every N optimizer steps."""
     sample_every: int = 50
-    """Log the decoded x0_hat images of the step as a grid to MLflow every N optimizer steps (0 = never)."""
+    """Log the step's decoded x0_hat images to MLflow every N optimizer steps (0 = never): a grid of references
+    and images, and the pictures of the matching (the reward's faces, assignment and similarities), with the
+    step, so that the MLflow UI's slider steps through them."""
+    judge_every: int = 50
+    """Every N optimizer steps, the gate's judge (faces.judges' first) scores the last micro-batch's images
+    too: the reward's ID-Sim and the judge's on the same draws, and their gap, go to MLflow (guard/*): a reward
+    that rises while the judge does not is being gamed. 0 = never."""
     max_nonfinite_steps: int = 5
     """A non-finite loss or gradient skips the step (counted); this many in a row abort the run."""
     accelerate_config: str = "infra/accelerate/cpu.yaml"
@@ -216,7 +243,8 @@ class TrainConfig:
         if self.diff_weight < 0 or self.reward_weight < 0 or not (self.diff_weight or self.reward_weight):
             raise ConfigError(f"diff_weight, reward_weight: expected >= 0 and not both 0 (nothing would be "
                               f"trained), got {self.diff_weight}, {self.reward_weight}")
-        for name in ("learning_rate", "max_grad_norm", "warmup_steps", "sample_every", "weight_decay"):
+        for name in ("learning_rate", "max_grad_norm", "warmup_steps", "sample_every", "weight_decay",
+                     "judge_every", "anchor_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: expected >= 0, got {getattr(self, name)}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
@@ -314,6 +342,22 @@ class PrepareConfig:
 
 
 @dataclass
+class ScalingSetConfig:
+    """A set of items with more and more people, evaluated by `umo evaluate --scaling` with eval's other settings
+    and reported per number of people (ID-Sim, ID-Conf, face count and collapse against it; docs/evaluation.md)."""
+
+    path: str | None = "artifacts/scaling/scaling.json"
+    """An XVerseBench JSON file (the embedded default: `umo toybase scaling`, 2 to 10 people); null = none."""
+    images_per_item: int = 2
+    """Seeds per item and model."""
+    out: str = "artifacts/reports/scaling"
+
+    def __post_init__(self) -> None:
+        if self.images_per_item < 1:
+            raise ConfigError(f"images_per_item: expected >= 1, got {self.images_per_item}")
+
+
+@dataclass
 class EvalConfig:
     """Benchmark evaluation: base and candidate generate under the same seeds; the judge scores both."""
 
@@ -335,6 +379,8 @@ class EvalConfig:
     precision: Literal["fp32", "bf16"] = "bf16"
     """Generator weights on a GPU (a CPU always runs fp32)."""
     out: str = "artifacts/reports/heldout"
+    scaling: ScalingSetConfig = field(default_factory=lambda: ScalingSetConfig())
+    """The scaling set (`umo evaluate --scaling`): reported by number of people, never gated."""
 
     def __post_init__(self) -> None:
         if self.images_per_item < 1 or self.steps < 1 or self.report_items < 0:
@@ -508,6 +554,10 @@ def config_from_dict(data: dict[str, Any], *, source: str = "params") -> Config:
     """Validate params.yaml's plain data: the product's sections, then each extension's (defaults if absent)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {data!r}")
+    faces = data.get("faces")
+    if isinstance(faces, dict) and "judge" in faces:
+        raise ConfigError(f"{source}: faces.judge is now faces.judges, a list of judges whose first decides the "
+                          "gate: write `judges: [{root: ..., pack: ...}]`")
     sections = extension_sections()
     own = set(Config.__dataclass_fields__) - {"extensions"}
     unknown = sorted(set(data) - own - set(sections))

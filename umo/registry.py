@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -163,13 +164,18 @@ def _read_report(report: Path, lora_sha: str) -> dict:
 
 
 def register(registry: RegistryConfig, tracking: TrackingConfig, *, generator: GeneratorConfig, lora: LoraConfig,
-             sampler_steps: int, train_dir: str | Path, report: str | Path) -> Registered:
-    """Register the LoRA of a training run folder (`umo train --out`) with its evaluation report folder. The
-    generator, LoRA and sampler settings go into the version's config.json and model card."""
+             sampler_steps: int, train_dir: str | Path, report: str | Path,
+             scaling: str | Path | None = None) -> Registered:
+    """Register the LoRA of a training run folder (`umo train --out`) with its evaluation report folder (and its
+    scaling set's report, logged beside it as evidence; the gate never reads it). The generator, LoRA and
+    sampler settings go into the version's config.json and model card."""
     train_dir, report = Path(train_dir), Path(report)
     lora_path = lora_file(train_dir / "lora")
     sha = sha256_file(lora_path)
     metrics = _read_report(report, sha)
+    if scaling is not None:
+        scaling = Path(scaling)
+        _read_report(scaling, sha)  # the same LoRA, or a clear error
     name = registry.model_name
     client = client_for(tracking)
     run_id = _train_run_id(train_dir)
@@ -181,7 +187,7 @@ def register(registry: RegistryConfig, tracking: TrackingConfig, *, generator: G
                      existing.version, existing.run_id)
         else:  # a newer evaluation of the same LoRA (e.g. with the champion's column): refresh the evidence
             lineage = {k: v for k, v in existing.tags.items() if not k.startswith(("eval.", "gate."))}
-            _log_evidence(client, existing.run_id, metrics, report, {})
+            _log_evidence(client, existing.run_id, metrics, report, {}, scaling)
             for k, v in _metric_tags(metrics).items():
                 client.set_model_version_tag(name, existing.version, k, v)
             client.update_model_version(name, existing.version,
@@ -196,7 +202,7 @@ def register(registry: RegistryConfig, tracking: TrackingConfig, *, generator: G
     lineage = {"git_commit": git_commit(), **dvc_hashes(), "base_model": _base_model(generator),
                "toy_world": str(bool(metrics.get("toy_world"))).lower(), LORA_SHA_TAG: sha,
                "eval.benchmark": str(metrics.get("benchmark"))}
-    _log_evidence(client, run_id, metrics, report, lineage)
+    _log_evidence(client, run_id, metrics, report, lineage, scaling)
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = {"umo_version": __version__, "generator": to_dict(generator), "lora": to_dict(lora),
@@ -257,6 +263,17 @@ def _numeric(metrics: dict) -> dict[str, float]:
         for k, v in flatten(metrics.get(m) or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 out[f"eval.{m}.{k}"] = float(v)
+    for judge, r in (metrics.get("judges") or {}).items():  # eval.judge.<name>.candidate.id_sim ...: every judge
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", judge)
+        for m in ("base", "candidate", "champion"):
+            for k in ("id_sim", "id_conf", "face_count_accuracy", "collision_rate"):
+                if isinstance((r.get(m) or {}).get(k), (int, float)):
+                    out[f"eval.judge.{name}.{m}.{k}"] = float(r[m][k])
+        for pair, by_key in (r.get("paired") or {}).items():
+            for key, ci in by_key.items():
+                for part in ("lower", "upper"):
+                    if ci and ci.get(part) is not None:
+                        out[f"eval.judge.{name}.paired.{pair.replace(' - ', '_vs_')}.{key}.{part}"] = float(ci[part])
     for pair, by_key in (metrics.get("paired") or {}).items():  # eval.paired.candidate_vs_base.id_sim.lower ...
         for key, r in by_key.items():
             for part in ("difference", "lower", "upper"):
@@ -265,9 +282,17 @@ def _numeric(metrics: dict) -> dict[str, float]:
     return out
 
 
-def _log_evidence(client, run_id: str, metrics: dict, report: Path, lineage: dict[str, str]) -> None:
+def _log_evidence(client, run_id: str, metrics: dict, report: Path, lineage: dict[str, str],
+                  scaling: Path | None = None) -> None:
     now = int(time.time() * 1000)
     items = [Metric(k, v, now, 0) for k, v in _numeric(metrics).items()]
+    if scaling is not None:  # eval.scaling.<model>.by_identities.<n>.<metric>: the scaling curves
+        numbers = _numeric(json.loads((scaling / "metrics.json").read_text()))
+        items += [Metric(f"eval.scaling.{k[len('eval.'):]}", v, now, 0) for k, v in numbers.items()
+                  if ".by_identities." in k and not k.startswith("eval.delta")]
+        for f in ("report.md", "metrics.json", "by_identities.png"):
+            if (scaling / f).is_file():
+                client.log_artifact(run_id, str(scaling / f), "evaluation/scaling")
     for i in range(0, len(items), 500):
         client.log_batch(run_id, metrics=items[i:i + 500])
     if lineage:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -144,6 +144,8 @@ class RewardOutput:
     similarities: B detached (M_i, N_i) matrices, references x scored faces.
     skipped:      faces dropped in this batch, by reason: "degenerate" (landmarks unusable for alignment),
                   "small" (below min_face_size), "over_max" (beyond max_faces per image).
+    boxes:        B (N_i, 4) float arrays: the scored faces' boxes (x0, y0, x1, y1, pixels), in the order of the
+                  similarity matrices' columns (what the pictures of the matching draw).
     """
 
     rewards: torch.Tensor
@@ -152,6 +154,7 @@ class RewardOutput:
     faces: torch.Tensor
     similarities: list[torch.Tensor]
     skipped: dict[str, int]
+    boxes: list[np.ndarray] = field(default_factory=list)
 
 
 def check_images(images: torch.Tensor, name: str = "images") -> None:
@@ -243,6 +246,12 @@ class MatchingReward(nn.Module):
         """All usable faces of the batch as (K, 3, 112, 112) crops (differentiable), their owner image (K,), and
         the number of faces skipped for degenerate landmarks (collinear, coincident, non-finite). A face partly
         outside the image is usable: its crop has a black border (`CROP_FILL`), as the judge's has."""
+        faces, owner, valid = self._align(images, detections)
+        return faces, owner, int((~valid).sum())
+
+    def _align(self, images: torch.Tensor, detections: Sequence[Detections]
+               ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """`align`, returning which of the batch's detections (concatenated in order) were usable."""
         counts = [len(d) for d in detections]
         owner = np.repeat(np.arange(len(detections)), counts)
         landmarks = (
@@ -253,7 +262,7 @@ class MatchingReward(nn.Module):
         if skipped:
             log.debug("skipping %d face(s) with degenerate landmarks", skipped)
         owner_t = torch.as_tensor(owner[valid], dtype=torch.long, device=images.device)
-        return warp_faces(images, owner_t, matrices[valid], fill=CROP_FILL), owner_t, skipped
+        return warp_faces(images, owner_t, matrices[valid], fill=CROP_FILL), owner_t, valid
 
     def embed(self, faces: torch.Tensor) -> torch.Tensor:
         """(K, 3, 112, 112) in [-1, 1] -> (K, D) L2-normalized float32 embeddings, one forward."""
@@ -309,11 +318,14 @@ class MatchingReward(nn.Module):
         check_images(images)
         refs = self._check_references(references, images.shape[0], images.device)
         detections, skipped = self.detect(images)
-        faces, owner, degenerate = self.align(images, detections)
-        skipped["degenerate"] = degenerate
+        faces, owner, valid = self._align(images, detections)
+        skipped["degenerate"] = int((~valid).sum())
         embeddings = self.embed(faces) if faces.shape[0] else faces.new_zeros((0, 0))
         rewards, matched, unmatched, counts, sims = self.score(embeddings, owner, refs)
-        return RewardOutput(rewards, matched, unmatched, counts, sims, skipped)
+        boxes = (np.concatenate([d.boxes for d in detections]) if len(valid) else np.zeros((0, 4)))[valid]
+        kept = owner.cpu().numpy()
+        return RewardOutput(rewards, matched, unmatched, counts, sims, skipped,
+                            [boxes[kept == i].astype(np.float64) for i in range(images.shape[0])])
 
     @torch.no_grad()
     def embed_references(self, images: torch.Tensor, *, largest_only: bool = False) -> list[torch.Tensor]:

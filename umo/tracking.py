@@ -97,9 +97,9 @@ class Tracker:
         """The last step logged for metric `key` in this run (0: none)."""
         return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
 
-    def log_image(self, image: np.ndarray, artifact_file: str) -> None:
-        """image: (H, W, 3) uint8."""
-        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+    def log_image(self, image: np.ndarray, *, key: str, step: int) -> None:
+        """image: (H, W, 3) uint8, logged under `key` at `step` (MLflow's image series: the UI's step slider)."""
+        self.client.log_image(self.run_id, image, key=key, step=step)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)

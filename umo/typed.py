@@ -130,6 +130,15 @@ def json_schema(cls: type, *, extra: dict[str, type] | None = None, drop: tuple[
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **root, "$defs": dict(sorted(defs.items()))}
 
 
+def _plain_default(value: Any) -> Any:
+    """A field's default as params.yaml would hold it (dataclasses, also inside lists, as mappings)."""
+    if dataclasses.is_dataclass(value):
+        return to_dict(value)
+    if isinstance(value, list):
+        return [_plain_default(v) for v in value]
+    return value
+
+
 def _object_schema(cls: type, defs: dict[str, Any]) -> dict[str, Any]:
     hints, docs = typing.get_type_hints(cls), field_docs(cls)
     properties = {}
@@ -138,7 +147,7 @@ def _object_schema(cls: type, defs: dict[str, Any]) -> dict[str, Any]:
         default = (f.default if f.default is not dataclasses.MISSING else
                    f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
         if default is not dataclasses.MISSING:
-            prop["default"] = to_dict(default) if dataclasses.is_dataclass(default) else default
+            prop["default"] = _plain_default(default)
         if f.name in docs:
             prop["description"] = docs[f.name]
         properties[f.name] = prop

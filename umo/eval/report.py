@@ -7,6 +7,7 @@
     out/plots/by_identities.json  DVC plots: per number of people, <model>_<metric> for ID-Sim, ID-Conf,
                                   face-count accuracy and collapse rate
     out/plots/items.json          DVC plots: per item ID-Sim of base and candidate, sorted by the change
+    out/by_identities.png     the by-people metrics drawn against the number of people (sets of 2 or more sizes)
     out/grids/improved-<k>-<item>.png, regressed-<k>-<item>.png
                               references | base | candidate (| champion) for the items whose ID-Sim rose most
                               and fell most (candidate vs base)
@@ -38,6 +39,7 @@ from umo.images import decode_rgb, from_grid, to_grid
 from umo.io import atomic_dir, is_toy_world, sha256_file
 
 BASE, CANDIDATE, CHAMPION = "base", "candidate", "champion"
+JUDGE_PAIRED = ("id_sim", "id_conf")  # every judge's paired intervals (the gate's judge: all of PAIRED_KEYS)
 BY_IDENTITIES = ("id_sim", "id_conf", "face_count_accuracy", "collision_rate")  # per number of people
 MATCHING_HEIGHT = 192  # px of each generated image in the pictures of the matching
 METRICS = [("id_sim", "ID-Sim"), ("id_conf", "ID-Conf"), ("id_match", "ID-Match"),
@@ -64,11 +66,15 @@ def delta(new: dict, old: dict) -> dict:
     return out
 
 
-def write_report(out: Path, settings: EvalConfig, faces: FacesConfig, items: list[EvalItem], scores: dict[str, list[ItemScore]], *,
-                 images: Path, models: dict[str, Path | None], left_out: dict[str, int] | None = None) -> dict[str, Any]:
-    """Write the report folder (see the module docstring) and return metrics.json's content."""
+def write_report(out: Path, settings: EvalConfig, faces: FacesConfig, items: list[EvalItem],
+                 judged: dict[str, dict[str, list[ItemScore]]], *, images: Path, models: dict[str, Path | None],
+                 left_out: dict[str, int] | None = None) -> dict[str, Any]:
+    """Write the report folder (see the module docstring) and return metrics.json's content. judged: per judge
+    (the first decides the gate), per model, the item scores."""
     cfg = settings
     scale = SCALES[cfg.benchmark]
+    gate_judge = next(iter(judged))
+    scores = judged[gate_judge]
     results = {name: aggregate(s, scale) for name, s in scores.items()}
     metrics: dict[str, Any] = {"benchmark": cfg.benchmark, "toy_world": _toy_world(settings, faces),
                                "images_per_item": cfg.images_per_item, "steps": cfg.steps, "seed": cfg.seed,
@@ -83,6 +89,14 @@ def write_report(out: Path, settings: EvalConfig, faces: FacesConfig, items: lis
                          for other in (BASE, CHAMPION) if other in scores}
     metrics["models"] = {name: None if path is None else {"path": str(path), "sha256": sha256_file(path)}
                          for name, path in models.items()}
+    # Every judge's view (the gate's judge is the first, whose numbers are also the top-level ones above).
+    metrics["gate_judge"] = gate_judge
+    metrics["judges"] = {gate_judge: {**results, "paired": metrics["paired"]}}
+    for judge, by_model in list(judged.items())[1:]:
+        metrics["judges"][judge] = {name: aggregate(s, scale) for name, s in by_model.items()} | {
+            "paired": {f"{CANDIDATE} - {other}": {key: paired_interval(by_model[CANDIDATE], by_model[other], key,
+                                                                      scale=scale) for key in JUDGE_PAIRED}
+                       for other in (BASE, CHAMPION) if other in by_model}}
     changes = _item_changes(scores)
     with atomic_dir(out) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -97,6 +111,8 @@ def write_report(out: Path, settings: EvalConfig, faces: FacesConfig, items: lis
             [{"identities": n, **{f"{name}_{key}": r["by_identities"].get(str(n), {}).get(key)
                                   for name, r in results.items() for key in BY_IDENTITIES}}
              for n in sizes], indent=1))
+        if len(sizes) > 1:
+            _by_identities_figure(tmp / "by_identities.png", results, sizes, metrics["benchmark"])
         (tmp / "plots" / "items.json").write_text(json.dumps(
             [{"rank": k, "item": item, "base": b, "candidate": c, "change": round(c - b, 6)}
              for k, (item, b, c) in enumerate(changes)], indent=1))
@@ -134,9 +150,34 @@ def _matching_pictures(out: Path, items: list[EvalItem], scores: dict[str, list[
             Image.fromarray(to_grid(pictures)).save(out / "matching" / name / f"{file_stem(score.item)}.png")
 
 
+def _by_identities_figure(path: Path, results: dict[str, dict], sizes: list[int], benchmark: str) -> None:
+    """One PNG: ID-Sim, ID-Conf, face-count accuracy and collapse rate against the number of people, a line per
+    model (a point missing where a model has no value at that size)."""
+    import matplotlib  # lazy: pyplot must load after the Agg backend is chosen, and only a report draws
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # lazy: as above
+
+    labels = dict(METRICS)
+    fig, axes = plt.subplots(1, len(BY_IDENTITIES), figsize=(3.6 * len(BY_IDENTITIES), 3.0))
+    for ax, key in zip(axes, BY_IDENTITIES):
+        for name, r in results.items():
+            ys = [r["by_identities"].get(str(n), {}).get(key) for n in sizes]
+            ax.plot(sizes, [np.nan if y is None else y for y in ys], marker="o", label=name)
+        ax.set_title(labels[key])
+        ax.set_xlabel("people per item")
+        ax.set_xticks(sizes)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{benchmark}: by number of people (the gate's judge)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def _toy_world(settings: EvalConfig, faces: FacesConfig) -> bool:
     """True when the judge is a toy-world model (its pack folder says so) or the held-out set is toy data."""
-    if is_toy_world(Path(faces.judge.root) / faces.judge.pack):
+    if any(is_toy_world(Path(j.root) / (j.pack or "")) for j in faces.judges):
         return True
     if settings.benchmark == "heldout":
         return bool(read_manifest(settings.path).toy_world)
@@ -201,6 +242,7 @@ def _markdown(metrics: dict, models: list[str], changes: list[tuple[str, float, 
         if shown:
             items = next(r["items"] for r in by_key.values() if r)
             lines += ["", f"{pair}, paired item bootstrap 95% ({items} items): " + "; ".join(shown) + "."]
+    lines += _judges_markdown(metrics, models)
     labels = dict(METRICS)
     lines += ["", "## By number of people", "", "Base → candidate (Δ).", "",
               "| people | items | " + " | ".join(labels[k] for k in BY_IDENTITIES) + " |",
@@ -217,6 +259,45 @@ def _markdown(metrics: dict, models: list[str], changes: list[tuple[str, float, 
                   f"{len(changes) - better - worse} unchanged. The most improved and most regressed are drawn in "
                   "`grids/` (references | base | candidate" + (" | champion" if champion else "") + ")."]
     return "\n".join(lines) + "\n"
+
+
+def _judges_markdown(metrics: dict, models: list[str]) -> list[str]:
+    """The judges section: each judge's ID-Sim and ID-Conf, base -> candidate with the paired interval."""
+    judges = metrics.get("judges") or {}
+    lines = ["", "## Judges", "",
+             f"Scored by {len(judges)} judge{'s' if len(judges) != 1 else ''}, independent of the reward; **the gate "
+             f"decides on the first, `{metrics['gate_judge']}`**. Base → candidate, Δ [paired 95%].", "",
+             "| judge | ID-Sim | ID-Conf | faces found | references scored |", "|---|---|---|---|---|"]
+    for judge, r in judges.items():
+        pair = (r.get("paired") or {}).get(f"{CANDIDATE} - {BASE}") or {}
+        cells = []
+        for key in JUDGE_PAIRED:
+            ci = pair.get(key)
+            interval = f" [{_signed(ci['lower'])}, {_signed(ci['upper'])}]" if ci else ""
+            cells.append(f"{_fmt(r[BASE].get(key))} → {_fmt(r[CANDIDATE].get(key))} "
+                         f"({_signed(_minus(r[CANDIDATE].get(key), r[BASE].get(key)))}{interval})")
+        counts = [f"{r[BASE]['faces_scored']} / {r[CANDIDATE]['faces_scored']}",
+                  f"{r[BASE]['references_scored']} / {r[CANDIDATE]['references_scored']}"]
+        lines.append(f"| `{judge}`" + (" (gate)" if judge == metrics["gate_judge"] else "") + " | "
+                     + " | ".join(cells + counts) + " |")
+    if len(judges) > 1:
+        signs = {j: _sign(((r.get("paired") or {}).get(f"{CANDIDATE} - {BASE}") or {}).get("id_sim"))
+                 for j, r in judges.items()}
+        agree = len(set(signs.values())) == 1
+        lines += ["", ("The judges agree" if agree else "**The judges disagree**") + " on the ID-Sim change: "
+                  + ", ".join(f"`{j}` {s}" for j, s in signs.items()) + "."]
+    return lines
+
+
+def _minus(a: Any, b: Any) -> float | None:
+    return None if a is None or b is None else round(a - b, 4)
+
+
+def _sign(ci: dict | None) -> str:
+    """What a paired interval shows: a rise or a fall (it excludes 0), or no change it can tell."""
+    if not ci:
+        return "not measured"
+    return "up" if ci["lower"] > 0 else "down" if ci["upper"] < 0 else "no shown change"
 
 
 def _comparison(path: Path, item: EvalItem, models: list[str], images: Path, n: int) -> None:

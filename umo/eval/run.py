@@ -41,7 +41,7 @@ from PIL import Image
 
 from umo.config import EvalConfig, FacesConfig, GeneratorConfig, to_dict
 from umo.eval.report import write_report
-from umo.eval.score import SCORING_VERSION, ItemScore, Judge, score_item
+from umo.eval.score import SCORING_VERSION, ItemScore, Judge, judges_from_config, score_item
 from umo.eval.sets import EvalItem, file_stem, load_heldout, load_omnicontext, load_xverse
 from umo.images import decode_rgb, load_image, to_grid
 from umo.io import atomic_write_bytes, atomic_write_json, sha256_file
@@ -97,17 +97,17 @@ def fingerprint(settings: EvalConfig, generator: GeneratorConfig, faces: FacesCo
     listing = hashlib.sha256(json.dumps([[i.id, i.prompt, [str(p) for p in i.references], list(i.identities),
                                           str(i.target)] for i in items]).encode()).hexdigest()
     return {"eval": {k: cfg["eval"][k] for k in ("benchmark", "images_per_item", "steps", "seed", "precision")},
-            "generator": cfg["generator"], "judge": cfg["faces"]["judge"], "detector": cfg["faces"]["detector"],
+            "generator": cfg["generator"], "judges": cfg["faces"]["judges"], "detector": cfg["faces"]["detector"],
             "items": listing, "scoring": SCORING_VERSION,
             "models": {name: None if path is None else sha256_file(path) for name, path in models.items()}}
 
 
 def evaluate(settings: EvalConfig, *, generator: GeneratorConfig, faces: FacesConfig, lora: str | Path,
-             champion: str | Path | None = None, judge: Judge | None = None,
+             champion: str | Path | None = None, judges: dict[str, Judge] | None = None,
              out: str | Path | None = None) -> EvalResult:
     """Evaluate the base generator, the candidate LoRA (`lora`: a file or a folder holding one) and optionally the
-    current champion's LoRA on the `settings` benchmark, scored by the judge of `faces` (or `judge`); returns the
-    merged metrics (on every process)."""
+    current champion's LoRA on the `settings` benchmark, scored by every judge of `faces` (or `judges`, by name,
+    the gate's first); returns the merged metrics (on every process)."""
     cfg = settings
     out = Path(out or cfg.out)
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo across CPU processes
@@ -120,11 +120,10 @@ def evaluate(settings: EvalConfig, *, generator: GeneratorConfig, faces: FacesCo
         raise ValueError(f"{cfg.path}: the {cfg.benchmark} set has no items to evaluate (left out: "
                          f"{dict(left_out) or 'none'})")
     work = out.with_name(f".{out.name}.work")
-    score_models(settings, generator, faces, items, models, work, judge=judge, state=state)
+    score_models(settings, generator, faces, items, models, work, judges=judges, state=state)
 
     if state.is_main_process:
-        scores = read_scores(work, items, models)
-        write_report(out, settings, faces, items, scores, images=work / "images", models=models,
+        write_report(out, settings, faces, items, read_scores(work, items, models), images=work / "images", models=models,
                      left_out=dict(left_out))
         shutil.rmtree(work, ignore_errors=True)
     state.wait_for_everyone()
@@ -132,9 +131,11 @@ def evaluate(settings: EvalConfig, *, generator: GeneratorConfig, faces: FacesCo
 
 
 def score_models(settings: EvalConfig, generator: GeneratorConfig, faces: FacesConfig, items: list[EvalItem],
-                 models: dict[str, Path | None], work: Path, *, judge: Judge | None = None, state=None) -> None:
+                 models: dict[str, Path | None], work: Path, *, judges: dict[str, Judge] | None = None,
+                 state=None) -> None:
     """Generate and judge every (model, item) not yet in `work` (None = the base; else a LoRA file), this
-    process's share of the items; returns after every process is done (see the module docstring)."""
+    process's share of the items, with every judge (default: faces.judges); returns after every process is done
+    (see the module docstring)."""
     state = state or PartialState(cpu=not torch.cuda.is_available())
     stamp = fingerprint(settings, generator, faces, items, models)
     if state.is_main_process:
@@ -147,13 +148,17 @@ def score_models(settings: EvalConfig, generator: GeneratorConfig, faces: FacesC
              settings.benchmark, len(items), len(models), state.process_index, state.num_processes, len(todo),
              len(mine) - len(todo))
     if todo:
-        _run(settings, generator, todo, models, work, judge or Judge.from_config(faces), state.device)
+        _run(settings, generator, todo, models, work, judges or judges_from_config(faces), state.device)
     state.wait_for_everyone()
 
 
-def read_scores(work: Path, items: list[EvalItem], models: dict[str, Path | None]) -> dict[str, list[ItemScore]]:
-    """Every model's item scores from a finished work folder (the one merge); a missing one is an error."""
-    return {m: [_read_score(work, m, i) for i in items] for m in models}
+def read_scores(work: Path, items: list[EvalItem], models: dict[str, Path | None]
+                ) -> dict[str, dict[str, list[ItemScore]]]:
+    """Per judge (in faces.judges' order: the first decides the gate), every model's item scores, from a finished
+    work folder (the one merge); a missing one is an error."""
+    stored = {m: [_read_score(work, m, i) for i in items] for m in models}
+    names = next(iter(next(iter(stored.values())))) if items else []
+    return {j: {m: [s[j] for s in scores] for m, scores in stored.items()} for j in names}
 
 
 def _prepare_work(work: Path, stamp: dict) -> None:
@@ -173,15 +178,15 @@ def _done(work: Path, model: str, item: EvalItem) -> bool:
     return _score_path(work, model, item).is_file()
 
 
-def _read_score(work: Path, model: str, item: EvalItem) -> ItemScore:
+def _read_score(work: Path, model: str, item: EvalItem) -> dict[str, ItemScore]:
     path = _score_path(work, model, item)
     if not path.is_file():  # a process died without raising; never report a partial merge
         raise RuntimeError(f"{path}: missing: a process did not finish item {item.id!r} for {model}")
-    return ItemScore.from_dict(json.loads(path.read_text()))
+    return {e["judge"]: ItemScore.from_dict(e["score"]) for e in json.loads(path.read_text())["judges"]}
 
 
-def _run(settings: EvalConfig, generator: GeneratorConfig, todo: list[tuple[EvalItem, list[str]]], models: dict[str, Path | None], work: Path,
-         judge: Judge, device: torch.device) -> None:
+def _run(settings: EvalConfig, generator: GeneratorConfig, todo: list[tuple[EvalItem, list[str]]],
+         models: dict[str, Path | None], work: Path, judges: dict[str, Judge], device: torch.device) -> None:
     cfg, gen = settings, generator
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.precision == "bf16" else torch.float32
     model = load_generator(gen, dtype=dtype, device=device)
@@ -193,29 +198,59 @@ def _run(settings: EvalConfig, generator: GeneratorConfig, todo: list[tuple[Eval
         (work / "images" / name).mkdir(parents=True, exist_ok=True)
         (work / "scores" / name).mkdir(parents=True, exist_ok=True)
     height, width = gen.resolution
+    gate = next(iter(judges))  # the first judge: whether an item is generated at all depends on it
     start, total = time.monotonic(), sum(len(ms) for _, ms in todo)
     done = 0
     for item, names in todo:
-        refs, people, reason = _reference_faces(judge, item, drop_faceless=cfg.benchmark == "omnicontext")
+        refs = _reference_faces(judges, item, drop_faceless=cfg.benchmark == "omnicontext")
         seeds = image_seeds(cfg.seed, item.id, cfg.images_per_item)
-        if reason is None:
+        if refs[gate][2] is None:
             conditioning = [load_image(p, gen.reference_resolution) for p in item.references]
-            target = None if item.target is None else judge.target(decode_rgb(item.target, max_pixels=None)[0])
+            targets = _target_faces(judges, item)
         for name in names:
-            score = ItemScore(item.id, len(item.identities), unscored=reason)
-            if reason is None:
+            scores = {j: ItemScore(item.id, len(item.identities), unscored=refs[j][2]) for j in judges}
+            if refs[gate][2] is None:
                 _use(model.transformer, name)
                 images = generate_images(model, item.prompt, conditioning, seeds=seeds, steps=cfg.steps,
                                          height=height, width=width)
-                found = judge.faces(images)
-                score = score_item(item.id, refs, [emb for _, emb in found], target=target,
-                                   boxes=[b for b, _ in found])
-                score.seeds, score.people = seeds, people
+                found = _faces(judges, images)
+                for j, (emb, people, reason) in refs.items():
+                    if reason is None:
+                        scores[j] = score_item(item.id, emb, [e for _, e in found[j]], target=targets[j],
+                                               boxes=[b for b, _ in found[j]])
+                        scores[j].people = people
+                    scores[j].seeds = seeds
                 _write_grid(work / "images" / name / f"{file_stem(item.id)}.png", images)
-            atomic_write_json(_score_path(work, name, item), asdict(score))
+            # a list: the judges' order (the first decides the gate) survives the sorted keys of the file
+            atomic_write_json(_score_path(work, name, item),
+                              {"judges": [{"judge": j, "score": asdict(s)} for j, s in scores.items()]})
             done += 1
             rate = (time.monotonic() - start) / done
             log.info("%s %s: %d/%d done, about %.0f s left", name, item.id, done, total, rate * (total - done))
+
+
+def _detections(judges: dict[str, Judge], images: list[np.ndarray]) -> dict[str, list]:
+    """Each judge's detections of `images`, detected once per detector (judges from one config share it)."""
+    by_detector: dict[int, list] = {}
+    for judge in judges.values():
+        if id(judge.detector) not in by_detector:
+            by_detector[id(judge.detector)] = judge.detect(images)
+    return {j: by_detector[id(judge.detector)] for j, judge in judges.items()}
+
+
+def _faces(judges: dict[str, Judge], images: list[np.ndarray]) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """Per judge, per image (boxes, embeddings) of every alignable face: each face embedded once per judge."""
+    dets = _detections(judges, images)
+    return {j: judge.faces(images, dets[j]) for j, judge in judges.items()}
+
+
+def _target_faces(judges: dict[str, Judge], item: EvalItem) -> dict[str, np.ndarray | None]:
+    """Per judge, the ground-truth target's face embeddings (None without a target), embedded once per item."""
+    if item.target is None:
+        return dict.fromkeys(judges)
+    image = decode_rgb(item.target, max_pixels=None)[0]
+    dets = _detections(judges, [image])
+    return {j: judge.target(image, dets[j]) for j, judge in judges.items()}
 
 
 def _use(transformer: torch.nn.Module, name: str) -> None:
@@ -228,19 +263,23 @@ def _use(transformer: torch.nn.Module, name: str) -> None:
         transformer.set_adapter(name)
 
 
-def _reference_faces(judge: Judge, item: EvalItem, *,
-                     drop_faceless: bool) -> tuple[np.ndarray, list[int], str | None]:
-    """The identities' judge embeddings (M, D), which references they are (indices into item.references), and
-    why the item cannot be scored (None when it can)."""
+def _reference_faces(judges: dict[str, Judge], item: EvalItem, *,
+                     drop_faceless: bool) -> dict[str, tuple[np.ndarray, list[int], str | None]]:
+    """Per judge: the identities' embeddings (M, D), which references they are (indices into item.references),
+    and why the item cannot be scored by that judge (None when it can). References are detected once."""
     people = [decode_rgb(item.references[k], max_pixels=None)[0] for k in item.identities]
-    emb, missing = judge.references(people)
-    if missing and not drop_faceless:
-        names = ", ".join(item.references[item.identities[r]].name for r in missing)
-        return emb, list(item.identities), f"no face found in reference {names}"
-    keep = [r for r in range(len(people)) if r not in missing]
-    if not keep:
-        return emb[:0], [], "no face found in any input image"
-    return emb[keep], [item.identities[r] for r in keep], None
+    dets = _detections(judges, people)
+    out = {}
+    for j, judge in judges.items():
+        emb, missing = judge.references(people, dets[j])
+        if missing and not drop_faceless:
+            names = ", ".join(item.references[item.identities[r]].name for r in missing)
+            out[j] = (emb, list(item.identities), f"no face found in reference {names}")
+            continue
+        keep = [r for r in range(len(people)) if r not in missing]
+        out[j] = ((emb[keep], [item.identities[r] for r in keep], None) if keep
+                  else (emb[:0], [], "no face found in any input image"))
+    return out
 
 
 def _write_grid(path: Path, images: list[np.ndarray]) -> None:

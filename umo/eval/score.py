@@ -50,15 +50,16 @@ from umo.faces.align import similarity_transforms
 from umo.faces.detect import FaceDetector
 from umo.faces.embed import OnnxRecognizer
 from umo.faces.types import Detections
-from umo.metrics import copy_paste, id_conf, id_match, id_sim, sim_gt
+from umo.metrics import against_target, id_conf, id_match, id_sim
 
 SCALES = {"xverse": 100.0, "heldout": 100.0, "omnicontext": 10.0}
 
 
 # The rules behind a stored ImageScore: the face rule above and what the fields mean. A cached score of another
 # version (umo.eval.run's work folder) is recomputed. 2: degenerate faces are no longer counted as faces; 3: collision;
-# 4: Sim(GT) and copy-paste; 5: the faces' boxes, the similarities and the scored references are kept.
-SCORING_VERSION = 5
+# 4: Sim(GT) and copy-paste; 5: the faces' boxes, the similarities and the scored references are kept; 6: every
+# judge of faces.judges scores every image.
+SCORING_VERSION = 6
 
 
 @dataclass
@@ -137,8 +138,7 @@ def score_item(item: str, references: np.ndarray, generated: Sequence[np.ndarray
             score.boxes = np.round(np.asarray(boxes[k], np.float64).reshape(-1, 4), 2).tolist()
             score.sims = np.round(sim.astype(np.float64), 4).tolist()
         if target is not None:
-            cp = copy_paste(faces, target, references)
-            score.sim_gt = sim_gt(faces, target)
+            score.sim_gt, cp = against_target(faces, target, references)
             score.copy_paste = None if cp is None else float(np.mean(cp))
         out.images.append(score)
     return out
@@ -281,15 +281,15 @@ def alignable_only(det):
 
 
 class Judge:
-    """The evaluation face pipeline: the detector plus the judge recognizer (never the reward's embedder)."""
+    """The evaluation face pipeline: the detector plus a judge recognizer (never the reward's embedder)."""
 
     def __init__(self, detector, recognizer, *, batch: int = 16) -> None:
         self.detector, self.recognizer, self.batch = detector, recognizer, batch
 
     @classmethod
     def from_config(cls, faces) -> "Judge":
-        return cls(FaceDetector.from_config(faces.detector),
-                   OnnxRecognizer.from_model_root(faces.judge.root, faces.judge.pack))
+        """The gate's judge (the first of faces.judges)."""
+        return next(iter(judges_from_config(faces).values()))
 
     def detect(self, images: Sequence[np.ndarray]) -> list:
         """RGB uint8 images -> their `Detections` of alignable faces: one detector call per batch of same-size
@@ -309,19 +309,22 @@ class Judge:
         """Every given face of every image embedded once, all together: per image (K, D)."""
         return self.recognizer.embed([np.asarray(img) for img in images], detections)
 
-    def faces(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """RGB uint8 images -> per image (boxes (K, 4), embeddings (K, D)) of every alignable detected face."""
-        dets = self.detect(images)
+    def faces(self, images: Sequence[np.ndarray], detections: Sequence | None = None
+              ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """RGB uint8 images -> per image (boxes (K, 4), embeddings (K, D)) of every alignable detected face.
+        detections: this judge's `detect(images)`, when a caller already has them (judges sharing a detector)."""
+        dets = self.detect(images) if detections is None else detections
         return [(det.boxes, emb) for det, emb in zip(dets, self.embed(images, dets))]
 
-    def target(self, image: np.ndarray) -> np.ndarray:
+    def target(self, image: np.ndarray, detections: Sequence | None = None) -> np.ndarray:
         """A ground-truth image's (T, D) embeddings of every alignable face (Sim(GT), copy-paste)."""
-        return self.faces([image])[0][1]
+        return self.faces([image], detections)[0][1]
 
-    def references(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+    def references(self, images: Sequence[np.ndarray], detections: Sequence | None = None
+                   ) -> tuple[np.ndarray, list[int]]:
         """Each reference image's largest alignable face embedding (R, D), and the indices of images with no
         such face (their rows are zero). Only the largest face of each image is embedded."""
-        largest = [largest_only(det) for det in self.detect(images)]
+        largest = [largest_only(det) for det in (self.detect(images) if detections is None else detections)]
         missing = [r for r, det in enumerate(largest) if len(det) == 0]
         emb = self.embed(images, largest)
         dim = next((e.shape[1] for e in emb if len(e)), 0)
@@ -330,3 +333,9 @@ class Judge:
             if len(e):
                 out[r] = e[0]
         return out, missing
+
+
+def judges_from_config(faces) -> dict[str, Judge]:
+    """Every judge of faces.judges by name, in order (the first decides the gate), sharing one detector."""
+    detector = FaceDetector.from_config(faces.detector)
+    return {j.label: Judge(detector, OnnxRecognizer.from_model_root(j.root, j.pack)) for j in faces.judges}

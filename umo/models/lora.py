@@ -13,7 +13,8 @@ import json
 import logging
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -69,6 +70,17 @@ def add_lora(model: nn.Module, *, rank: int, alpha: float, target_modules: Seque
     n = sum(p.numel() for p in lora_parameters(model))
     log.info("LoRA rank %d alpha %g on %d layers: %.2fM trainable parameters", rank, alpha, len(targets), n / 1e6)
     return targets
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Within the block, `model` computes as its frozen base (every LoRA off); on again afterwards, also when the
+    block raises. The anchor term's base velocity (umo.train.rerefl) uses it."""
+    model.disable_adapters()
+    try:
+        yield
+    finally:
+        model.enable_adapters()
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -146,7 +146,7 @@ def evaluate_all(config: Config) -> dict[str, Any]:
     items = load_items(config.eval, p["eval"])
     work = p["eval"].with_name(f".{p['eval'].name}.work")
     score_models(config.eval, config.generator, config.faces, items, models, work)
-    scores = read_scores(work, items, models)
+    scores = next(iter(read_scores(work, items, models).values()))  # the gate's judge
     metrics = {"items": len(items), "images_per_item": config.eval.images_per_item, "steps": config.eval.steps,
                "models": {name: {**aggregate(s, 100.0), "lora_sha256": None if models[name] is None
                                  else sha256_file(models[name])} for name, s in scores.items()}}

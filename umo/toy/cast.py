@@ -250,7 +250,7 @@ def run_gate(cfg: ToyBaseConfig, root: Path, *, models: dict[str, Path | None] |
     items = load_items(config.eval, work)
     models = models or {"base": None}
     score_models(config.eval, config.generator, config.faces, items, models, work)
-    scores = read_scores(work, items, models)
+    scores = next(iter(read_scores(work, items, models).values()))  # the gate's judge
     result = {name: aggregate(s, 100.0) for name, s in scores.items()}
     decision = check_gate(result["base"], cfg)
     decision["items"], decision["images_per_item"] = len(items), cfg.gate.images_per_item

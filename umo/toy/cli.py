@@ -75,6 +75,16 @@ def cmd_toybase_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_toybase_scaling(args: argparse.Namespace) -> int:
+    """Write the scaling set: items of 2 to 10 people of the toy base's cast (XVerseBench JSON)."""
+    # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
+    from umo.toy.scaling import write_scaling_set
+
+    stats = write_scaling_set(load_config(args.params, args.overrides).section("toybase"), args.out)
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
 def cmd_generator_tiny(args: argparse.Namespace) -> int:
     """Write the tiny seeded FLUX.2 [klein] pipeline folder (a tiny test generator)."""
     # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
@@ -138,6 +148,10 @@ def add_commands(sub) -> None:
                    help="a refused base still exits 0 (the refusal is printed and recorded in gate.json): the main "
                    "chain's stage, so that make run completes and reports it; the ablation never trains from it")
     p.set_defaults(func=cmd_toybase_build)
+    p = base_sub.add_parser("scaling", help="the scaling set: items of 2 to 10 people of the cast (XVerseBench JSON)")
+    add_config_args(p)
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: toybase.scaling.out)")
+    p.set_defaults(func=cmd_toybase_scaling)
 
     gen = sub.add_parser("generator", help="generator utilities")
     gen_sub = gen.add_subparsers(dest="generator_command", metavar="ACTION", required=True)

@@ -77,7 +77,8 @@ class TrainData:
             references=[[load_image(self.manifest.path(r.path), self.reference_resolution) for r in s.references]
                         for s in samples],
             reference_embeddings=[self.embeddings[s.id] for s in samples],
-            targets=torch.stack([load_image(self.manifest.path(s.target), self.resolution) for s in samples]))
+            targets=torch.stack([load_image(self.manifest.path(s.target), self.resolution) for s in samples]),
+            reference_files=[[self.manifest.path(r.path) for r in s.references] for s in samples])
 
     def batches_per_epoch(self, batch_size: int, world_size: int) -> int:
         """Per process (the same on every process)."""

@@ -52,6 +52,7 @@ from umo.config import (
     to_dict,
 )
 from umo.data.manifest import Manifest, load_embeddings, read_manifest
+from umo.eval.score import Judge
 from umo.images import signed_to_rgb
 from umo.io import atomic_write_bytes, atomic_write_json, save_safetensors, sha256_file
 from umo.models import load_generator
@@ -60,6 +61,7 @@ from umo.models.lora import LORA_FILE, add_lora, load_lora, lora_parameters, sav
 from umo.reward import MatchingReward
 from umo.tracking import Tracker, flatten, tracking_uri
 from umo.train.data import TrainData, epoch_batches, shard
+from umo.train.guard import JudgeCheck, matching_pictures
 from umo.train.rerefl import METRICS, SUMMARY_METRICS, Batch, StepOutput, rerefl_step
 
 if TYPE_CHECKING:  # type hints only: accelerate is imported lazily, by setup_accelerator
@@ -73,7 +75,7 @@ EMA_FILE = "ema.safetensors"
 LATEST = "latest"
 # Settings a resumed run may change; any other difference from the checkpoint is an error.
 RESUMABLE_CHANGES = {"train.max_steps", "train.checkpoint_every", "train.checkpoints_total_limit",
-                     "train.log_every", "train.sample_every", "train.max_nonfinite_steps"}
+                     "train.log_every", "train.sample_every", "train.max_nonfinite_steps", "train.judge_every"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -167,6 +169,7 @@ class Run:
     tracker: Tracker | None = None  # main process, when tracking
     logged: int = 0  # the last step MLflow already has (see `resume_run`)
     order: tuple[int, list[list[int]]] | None = None  # (epoch, this process's batches of it)
+    judge_check: JudgeCheck | None = None  # made at the first check (main process): the gate's judge, its cache
 
     @property
     def main(self) -> bool:
@@ -464,7 +467,9 @@ def train_loop(run: Run) -> None:
             if state.step % tc.log_every == 0 or state.step == tc.max_steps:
                 log_step(run, parts, grad_norm, progress)
             if tracker and last and tc.sample_every and state.step % tc.sample_every == 0:
-                tracker.log_image(sample_grid(last[0], last[1].images), f"samples/step_{state.step:06d}.png")
+                log_samples(tracker, *last, state.step)
+            if run.main and last and tc.judge_every and state.step % tc.judge_every == 0:
+                check_with_judge(run, *last)
             if state.step % tc.checkpoint_every == 0 or state.step == tc.max_steps:
                 save_checkpoint(run.accelerator, run.out, state, run.ema, keep=tc.checkpoints_total_limit,
                                 history=run.history)
@@ -473,6 +478,29 @@ def train_loop(run: Run) -> None:
         progress.close()
         if tracker:
             tracker.end(status)
+
+
+def log_samples(tracker: Tracker, batch: Batch, output: StepOutput, step: int) -> None:
+    """The step's images in MLflow, keyed with the step (the UI's slider walks through them): `samples/grid`, a grid
+    of each sample's references and x0_hat; `matching/<k>`, sample k's picture of the reward's matching."""
+    tracker.log_image(sample_grid(batch, output.images), key="samples/grid", step=step)
+    for k, picture in enumerate(matching_pictures(batch, output)):
+        tracker.log_image(picture, key=f"matching/{k}", step=step)
+
+
+def check_with_judge(run: Run, batch: Batch, output: StepOutput) -> None:
+    """The judge's check of the reward on this step's last micro-batch (umo.train.guard), main process only:
+    into MLflow (guard/*) and the step's history entry."""
+    if run.judge_check is None:
+        rc = run.config.reward
+        run.judge_check = JudgeCheck(Judge.from_config(run.config.faces), kind=rc.kind,
+                                     matched_weight=rc.matched_weight, unmatched_weight=rc.unmatched_weight)
+    guard = run.judge_check(batch, output)
+    log.info("step %d: judge check %s", run.state.step, {k: round(v, 4) for k, v in guard.items()})
+    if run.history and run.history[-1]["step"] == run.state.step:
+        run.history[-1].update(guard)
+    if run.tracker:
+        run.tracker.log_metrics(guard, run.state.step)
 
 
 def optimizer_step(run: Run) -> tuple[list[dict[str, float]], tuple[Batch, StepOutput] | None, float]:
@@ -519,7 +547,8 @@ def accumulate(run: Run) -> tuple[list[dict[str, float]], tuple[Batch, StepOutpu
         with (nullcontext() if sync else acc.no_sync(run.model)), acc.autocast():
             output = rerefl_step(run.gen, run.reward, batch, sampler_steps=tc.sampler_steps,
                                  grad_step_range=tc.grad_step_range, diff_weight=tc.diff_weight,
-                                 reward_weight=tc.reward_weight, height=height, width=width, generator=rng)
+                                 reward_weight=tc.reward_weight, anchor_weight=tc.anchor_weight, height=height,
+                                 width=width, generator=rng)
             finite = torch.isfinite(output.loss.detach()).float().reshape(1)
             if acc.reduce(finite, reduction="sum").item() < run.world:
                 return parts, last, False

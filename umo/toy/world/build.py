@@ -6,12 +6,15 @@ Layout of the output folder (every name says toy):
     toy_raw_truth.jsonl           its ground truth (boxes, landmarks, identities), kept apart
     models/faces/toy_detector/    an insightface-style pack: det_toy_scrfd.onnx (SCRFD layout)
     models/faces/toy_judge/       judge_<arch>.onnx (insightface recognizer): the evaluation judge
+    models/faces/toy_judge_mbf/   judge_toy_mbf.onnx: the second judge (another architecture, other people)
     models/faces/arcface_<arch>.safetensors   the reward embedder (arcface_torch state dict)
     toy_quality.json              held-out quality and the gates it was held to
     toyworld_build.json           the manifest, written last: config, cache keys, sha256 of every file
 
-The build has three parts, each run in its own spawned process (two at a time by default): the raw
-collection, the detector (train, export, measure) and the embedders (train both, save, measure).
+The build has four parts, each run in its own spawned process (two at a time by default): the raw
+collection, the detector (train, export, measure), the embedders (train the reward and the judge, save,
+measure) and the second judge (train, export, measure; only when configured). When both judges are there,
+one more short step in the same processes measures how alike they score the held-out pairs.
 
 Determinism. Every part runs single-threaded with deterministic algorithms, in a pinned numeric
 environment (`portable_numerics_env`): ATen kernels at their AVX2 level, oneDNN capped at AVX2, MKL in
@@ -54,7 +57,7 @@ from umo.io import TOY_WORLD_FILE, atomic_write_bytes, sha256_file
 from umo.toy.config import ToyWorldConfig
 from umo.toy.world.collection import write_raw_collection
 from umo.toy.world.detector import DETECTOR_FILE, build_detector, evaluate_detector
-from umo.toy.world.embedders import build_embedders, judge_file, reward_file
+from umo.toy.world.embedders import build_embedders, build_second_judge, judge_file, judges_agreement, reward_file
 from umo.typed import from_dict
 
 log = logging.getLogger(__name__)
@@ -70,7 +73,7 @@ MODELS_DIR = "models/faces"
 DETECTOR_PACK = "toy_detector"
 JUDGE_PACK = "toy_judge"
 FORMAT_VERSION = 1
-PARTS = ("embedders", "detector", "collection")  # submission order: longest first
+PARTS = ("embedders", "second_judge", "detector", "collection")  # submission order: longest first
 
 
 class ToyWorldError(RuntimeError):
@@ -141,15 +144,28 @@ def _part_settings(name: str, cfg: ToyWorldConfig) -> dict[str, Any]:
     if name == "embedders":
         return common | {k: c[k] for k in ("n_train_identities", "faces_per_identity", "test_faces_per_identity",
                                            "reward", "judge")}
+    if name == "second_judge":
+        return common | {k: c[k] for k in ("n_train_identities", "faces_per_identity", "test_faces_per_identity",
+                                           "second_judge")}
     raise ValueError(f"unknown toy world part {name!r}")
 
 
+def parts_of(cfg: ToyWorldConfig) -> tuple[str, ...]:
+    """The parts `cfg` builds, in submission order (the second judge only when configured)."""
+    return tuple(n for n in PARTS if n != "second_judge" or cfg.second_judge is not None)
+
+
 def part_keys(cfg: ToyWorldConfig) -> dict[str, str]:
-    """Cache key of each part: sha256 of its settings, the sources, library versions and numerics."""
+    """Cache key of each part of `cfg`: sha256 of its settings, the sources, library versions and numerics."""
     shared = {"format": FORMAT_VERSION, "sources": sources_hash(), "versions": _versions(),
               "numerics": portable_numerics_env()}
     return {name: hashlib.sha256(json.dumps(shared | {"part": name, "settings": _part_settings(name, cfg)},
-                                            sort_keys=True).encode()).hexdigest() for name in PARTS}
+                                            sort_keys=True).encode()).hexdigest() for name in parts_of(cfg)}
+
+
+def _agreement_key(keys: dict[str, str]) -> str:
+    """The judges' agreement depends on exactly the two parts that made them."""
+    return hashlib.sha256(f"{keys['embedders']}\0{keys['second_judge']}".encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -189,6 +205,26 @@ class ToyWorld:
     def judge_path(self) -> Path:
         return self.models / JUDGE_PACK / judge_file(self.config.judge)
 
+    def judge_packs(self) -> list[tuple[str, str]]:
+        """The evaluation judges in order, (name, pack folder under `models`): the judge (e.g. ("toy_r10",
+        "toy_judge")), then the second judge when configured (e.g. ("toy_mbf", "toy_judge_mbf")).
+
+        A judge's name is its arch; a second judge of the first one's arch (another seed) is named
+        <arch>_seed<seed>, so that names stay unique. Its pack is toy_judge_<name without "toy_">."""
+        packs = [(self.config.judge.arch, JUDGE_PACK)]
+        second = self.config.second_judge
+        if second is not None:
+            name = second.arch if second.arch != self.config.judge.arch else f"{second.arch}_seed{second.seed}"
+            packs.append((name, f"toy_judge_{name.removeprefix('toy_')}"))
+        return packs
+
+    @property
+    def second_judge_path(self) -> Path | None:
+        """The second judge's ONNX (judge_<arch>.onnx in its pack folder), or None when not configured."""
+        if self.config.second_judge is None:
+            return None
+        return self.models / self.judge_packs()[1][1] / judge_file(self.config.second_judge)
+
     def part_files(self, name: str) -> list[Path]:
         """Every file a part wrote (sorted), for hashing."""
         if name == "collection":
@@ -198,6 +234,8 @@ class ToyWorld:
             return [self.detector_path]
         if name == "embedders":
             return [self.reward_path, self.judge_path]
+        if name == "second_judge" and self.second_judge_path is not None:
+            return [self.second_judge_path]
         raise ValueError(f"unknown toy world part {name!r}")
 
     def faces_overrides(self) -> list[str]:
@@ -205,7 +243,8 @@ class ToyWorld:
         return [
             f"faces.detector.root={self.models}", f"faces.detector.pack={DETECTOR_PACK}",
             f"faces.embedder.path={self.reward_path}", f"faces.embedder.arch={self.config.reward.arch}",
-            f"faces.judge.root={self.models}", f"faces.judge.pack={JUDGE_PACK}",
+            "faces.judges=" + json.dumps([{"name": name, "root": str(self.models), "pack": pack}
+                                          for name, pack in self.judge_packs()], separators=(",", ":")),
         ]
 
 
@@ -246,11 +285,32 @@ def _run_part(name: str, root: str, cfg_data: dict[str, Any]) -> dict[str, Any]:
                                  test_ids=test_ids, per_id=cfg.faces_per_identity,
                                  per_test_id=cfg.test_faces_per_identity, metadata=TOY_METADATA)
         metrics = {k: v for k, v in result.items() if not k.endswith("_s")}
-        flag = {"toy_world": True, "note": NOTICE}  # what the product reads (umo.io.is_toy_world)
-        atomic_write_bytes(world.judge_path.parent / TOY_WORLD_FILE, (json.dumps(flag, indent=2) + "\n").encode())
+        _flag_toy_pack(world.judge_path.parent)
+    elif name == "second_judge" and cfg.second_judge is not None:
+        path = world.second_judge_path
+        result = build_second_judge(cfg.world_seed, judge=cfg.second_judge, judge_path=path, test_ids=test_ids,
+                                    per_id=cfg.faces_per_identity, per_test_id=cfg.test_faces_per_identity,
+                                    metadata=TOY_METADATA)
+        metrics = {k: v for k, v in result.items() if not k.endswith("_s")}
+        _flag_toy_pack(path.parent)
     else:
         raise ValueError(f"unknown toy world part {name!r}")
     return {"metrics": metrics, "seconds": time.perf_counter() - t0}
+
+
+def _flag_toy_pack(folder: Path) -> None:
+    """The flag file the product reads in a model pack (umo.io.is_toy_world)."""
+    flag = {"toy_world": True, "note": NOTICE}
+    atomic_write_bytes(folder / TOY_WORLD_FILE, (json.dumps(flag, indent=2) + "\n").encode())
+
+
+def _run_agreement(root: str, cfg_data: dict[str, Any]) -> dict[str, float]:
+    """The judges' agreement on the held-out pairs (`judges_agreement`), in a build process like the parts."""
+    torch.set_num_threads(1)
+    cfg = from_dict(ToyWorldConfig, cfg_data, source="toyworld build")
+    world = ToyWorld(Path(root), cfg, {})
+    return judges_agreement(cfg.world_seed, [world.judge_path, world.second_judge_path],
+                            range(cfg.n_train_identities, cfg.n_identities), cfg.test_faces_per_identity)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -258,8 +318,10 @@ def _run_part(name: str, root: str, cfg_data: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def assess_quality(parts: dict[str, dict[str, Any]], cfg: ToyWorldConfig) -> dict[str, Any]:
-    """Gather the held-out metrics of the detector and embedders and check them against cfg.quality."""
+def assess_quality(parts: dict[str, dict[str, Any]], cfg: ToyWorldConfig,
+                   agreement: dict[str, float] | None = None) -> dict[str, Any]:
+    """Gather the held-out metrics of the detector, embedders and second judge (with the judges' `agreement`,
+    when there is one) and check them against cfg.quality."""
     det, emb = parts["detector"]["metrics"], parts["embedders"]["metrics"]
     q = cfg.quality
     measured = {
@@ -279,6 +341,12 @@ def assess_quality(parts: dict[str, dict[str, Any]], cfg: ToyWorldConfig) -> dic
         "detector_precision": q.min_precision, "detector_recall": q.min_recall,
         "reward_tar_at_far_1e-3": q.min_tar, "judge_tar_at_far_1e-3": q.min_tar,
     }
+    if cfg.second_judge is not None:
+        second = parts["second_judge"]["metrics"]
+        measured |= {"second_judge_tar_at_far_1e-3": second["tar@far1e-3"], "second_judge_eer": second["eer"],
+                     "judges_score_correlation": (agreement or {}).get("score_corr"),
+                     "judges_impostor_correlation": (agreement or {}).get("impostor_score_corr")}
+        gates["second_judge_tar_at_far_1e-3"] = q.min_tar
     # nan (e.g. too few impostor pairs for FAR 1e-3) is stored as null and fails its gate
     measured = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in measured.items()}
     failures = [f"{k} {_fmt(measured[k])} < {v}" for k, v in gates.items()
@@ -295,8 +363,12 @@ def quality_table(quality: dict[str, Any]) -> str:
     m, gates = quality["measured"], quality["gates"]
     rows = [("metric (held-out)", "value", "gate", "")]
     for key in ("detector_precision", "detector_recall", "detector_landmark_error_px",
-                "reward_tar_at_far_1e-3", "judge_tar_at_far_1e-3", "reward_eer", "judge_eer",
-                "reward_judge_score_correlation", "reward_judge_impostor_correlation"):
+                "reward_tar_at_far_1e-3", "judge_tar_at_far_1e-3", "second_judge_tar_at_far_1e-3",
+                "reward_eer", "judge_eer", "second_judge_eer",
+                "reward_judge_score_correlation", "reward_judge_impostor_correlation",
+                "judges_score_correlation", "judges_impostor_correlation"):
+        if key not in m:  # the second judge's rows, in a world without one
+            continue
         gate = gates.get(key)
         ok = "" if gate is None else ("ok" if m[key] is not None and m[key] >= gate else "FAIL")
         rows.append((key, _fmt(m[key]), "" if gate is None else f">= {gate}", ok))
@@ -355,15 +427,23 @@ def build_toyworld(out: str | Path, cfg: ToyWorldConfig, *, workers: int = 2, fo
     world = ToyWorld(root, cfg, {})
     keys = part_keys(cfg)
     manifest = None if force else _read_manifest(root)
-    reused = tuple(n for n in PARTS if _cached(world, n, keys[n], manifest))
+    reused = tuple(n for n in keys if _cached(world, n, keys[n], manifest))
     parts: dict[str, dict[str, Any]] = {n: manifest["parts"][n] for n in reused} if manifest else {}
-    todo = [n for n in PARTS if n not in reused]
+    todo = [n for n in keys if n not in reused]
     for name in reused:
         log.info("toy world: %s reused from the cache (%s)", name, root)
+    # The judges' agreement (measured on the files of two parts) is kept while both parts are reused under the
+    # keys it was measured with; otherwise it is measured again once both are built.
+    agreement_key = _agreement_key(keys) if cfg.second_judge is not None else None
+    kept = (manifest or {}).get("agreement") or {}
+    both_reused = {"embedders", "second_judge"} <= set(reused)
+    agreement = kept.get("metrics") if both_reused and kept.get("key") == agreement_key else None
+    measure_agreement = agreement_key is not None and agreement is None
     seconds: dict[str, float] = {}
     error: BaseException | None = None
-    if todo:
-        log.info("toy world: building %s in %s (%d processes)", ", ".join(todo), root, min(workers, len(todo)))
+    if todo or measure_agreement:
+        log.info("toy world: building %s in %s (%d processes)", ", ".join(todo) or "the judges' agreement", root,
+                 min(workers, max(1, len(todo))))
         with _environment(portable_numerics_env()), ProcessPoolExecutor(
                 max(1, min(workers, len(todo))), mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_process, initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
@@ -379,12 +459,22 @@ def build_toyworld(out: str | Path, cfg: ToyWorldConfig, *, workers: int = 2, fo
                 files = {p.relative_to(root).as_posix(): sha256_file(p) for p in world.part_files(name)}
                 parts[name] = {"key": keys[name], "files": files, "metrics": out_part["metrics"]}
                 log.info("toy world: %s built in %.0f s", name, out_part["seconds"])
-    quality = assess_quality(parts, cfg) if error is None else None
+            if measure_agreement and error is None:
+                t0 = time.perf_counter()
+                try:
+                    agreement = pool.submit(_run_agreement, str(root), to_dict(cfg)).result()
+                except BaseException as err:
+                    log.error("toy world: the judges' agreement failed: %s", err)
+                    error = err
+                seconds["agreement"] = time.perf_counter() - t0
+    quality = assess_quality(parts, cfg, agreement) if error is None else None
     manifest = {
         "world": "toy", "notice": NOTICE, "format_version": FORMAT_VERSION, "umo_version": __version__,
         "config": to_dict(cfg), "versions": _versions(), "numerics": portable_numerics_env(),
         "parts": dict(sorted(parts.items())), "quality": quality,
     }
+    if agreement is not None:
+        manifest["agreement"] = {"key": agreement_key, "metrics": agreement}
     if quality is not None:
         _atomic_json(root / QUALITY_FILE, quality)
     _atomic_json(root / MANIFEST_FILE, manifest)  # the pointer: written last
@@ -431,11 +521,11 @@ def load_toyworld(root: str | Path, *, verify: bool = False) -> ToyWorld:
         raise ToyWorldError(f"{root}: no toy world here ({MANIFEST_FILE} missing or unreadable); "
                             f"run `umo toyworld build --out {root}`")
     quality = manifest.get("quality")
-    if not quality or set(manifest.get("parts", {})) != set(PARTS):
+    cfg = from_dict(ToyWorldConfig, manifest["config"], source=str(root / MANIFEST_FILE))
+    if not quality or set(manifest.get("parts", {})) != set(parts_of(cfg)):
         raise ToyWorldError(f"{root}: toy world build is incomplete; run `umo toyworld build --out {root}` again")
     if not quality["passed"]:
         raise ToyWorldError(f"{root}: toy world below its quality gates: {'; '.join(quality['failures'])}")
-    cfg = from_dict(ToyWorldConfig, manifest["config"], source=str(root / MANIFEST_FILE))
     world = ToyWorld(root, cfg, quality)
     for name, entry in manifest["parts"].items():
         for rel, digest in entry["files"].items():

@@ -1,11 +1,13 @@
-"""Train the toy world's two face embedders: the reward's ArcFace backbone and the evaluation judge.
+"""Train the toy world's face embedders: the reward's ArcFace backbone and the evaluation judges.
 
-Both are IResNets trained from scratch with an ArcFace (additive angular margin) loss on aligned crops of
-identities 0..n_train-1, with different seeds and depths, and saved in the real formats:
+The reward and the judge are IResNets trained from scratch with an ArcFace (additive angular margin) loss on
+aligned crops of identities 0..n_train-1, with different seeds and depths, and saved in the real formats:
 - the REWARD: an arcface_torch state dict (`arcface_<arch>.safetensors`, e.g. arcface_toy_r18), read by
   `load_arcface`;
 - the JUDGE: an insightface-routable recognizer ONNX (`judge_<arch>.onnx`, e.g. judge_toy_r10), read by
   `OnnxRecognizer`.
+An optional SECOND JUDGE (`build_second_judge`) is another architecture, by default a MobileFaceNet
+(`umo.toy.world.mobileface`, judge_toy_mbf.onnx), trained the same way on people nobody else learns.
 Crops are made exactly as the pipeline makes them: a rendered scene, its 5 true landmarks, the arcface
 template fit (`similarity_transforms`) and cv2.warpAffine to 112x112.
 
@@ -34,11 +36,16 @@ from umo.io import save_safetensors
 from umo.toy.config import ToyEmbedderConfig
 from umo.toy.onnx_export import export_recognizer_onnx
 from umo.toy.world.identity import make_identity
+from umo.toy.world.mobileface import ARCHS as MOBILEFACE_ARCHS
+from umo.toy.world.mobileface import mobilefacenet
 from umo.toy.world.render import render_scene
 
 log = logging.getLogger(__name__)
 
 CROP = 112
+# Render streams of `aligned_faces` (its `seed`): every model's held-out crops are the same faces, so their
+# verification numbers and score correlations compare like with like.
+TRAIN_RENDERS, HELD_OUT_RENDERS, SECOND_JUDGE_RENDERS = 0, 1, 2
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -115,9 +122,17 @@ class ArcFaceHead(nn.Module):
         return self.s * cos.scatter(1, labels[:, None], with_margin)
 
 
+def backbone(arch: str, num_features: int) -> nn.Module:
+    """A fresh embedder of `arch` (random init, train mode): toy_mbf is a MobileFaceNet, the rest IResNets."""
+    if arch in MOBILEFACE_ARCHS:
+        return mobilefacenet(arch, num_features=num_features)
+    return iresnet(arch, num_features=num_features)
+
+
 def train_embedder(crops: np.ndarray, labels: np.ndarray, cfg: ToyEmbedderConfig, *,
-                   max_steps: int | None = None) -> tuple[IResNet, list[float]]:
-    """Train an IResNet with an ArcFace head on aligned crops; returns (backbone in eval mode, step losses).
+                   max_steps: int | None = None) -> tuple[nn.Module, list[float]]:
+    """Train `cfg.arch` (`backbone`) with an ArcFace head on aligned crops; returns (backbone in eval mode,
+    step losses).
 
     crops: (N, 112, 112, 3) uint8 RGB; labels: (N,) any integer ids (remapped to 0..C-1).
     Augmentation: random horizontal flip (identity-preserving; the crop template is left-right symmetric).
@@ -129,7 +144,7 @@ def train_embedder(crops: np.ndarray, labels: np.ndarray, cfg: ToyEmbedderConfig
     classes, y_all = np.unique(labels, return_inverse=True)
     x_all = to_input(crops).contiguous(memory_format=torch.channels_last)
     y_all = torch.from_numpy(y_all.astype(np.int64))
-    model = iresnet(cfg.arch, num_features=cfg.num_features).to(memory_format=torch.channels_last)
+    model = backbone(cfg.arch, cfg.num_features).to(memory_format=torch.channels_last)
     head = ArcFaceHead(cfg.num_features, len(classes), s=cfg.s, m=cfg.m, easy_margin=cfg.easy_margin)
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -270,8 +285,8 @@ def build_embedders(
     written, through the real loaders (`load_arcface` + `ArcFaceEmbedder`, `OnnxRecognizer`). Returns
     verification_metrics(reward, judge) plus train times.
     """
-    train_x, train_y = aligned_faces(world_seed, train_ids, per_id, seed=0)
-    test_x, test_y = aligned_faces(world_seed, test_ids, per_test_id, seed=1)
+    train_x, train_y = aligned_faces(world_seed, train_ids, per_id, seed=TRAIN_RENDERS)
+    test_x, test_y = aligned_faces(world_seed, test_ids, per_test_id, seed=HELD_OUT_RENDERS)
 
     def own(cfg: ToyEmbedderConfig) -> tuple[np.ndarray, np.ndarray]:
         if cfg.identities is None:
@@ -295,3 +310,48 @@ def build_embedders(
     result = verification_metrics(emb_reward, test_y, emb_judge) | times
     log.info("toy embedders: %s", result)
     return result
+
+
+def build_second_judge(
+    world_seed: int,
+    *,
+    judge: ToyEmbedderConfig,
+    judge_path: Path,
+    test_ids: range,
+    per_id: int,
+    per_test_id: int,
+    metadata: dict[str, str] | None = None,
+) -> dict:
+    """Train a second judge on its own people, save it as an ONNX recognizer and measure it on `test_ids`.
+
+    Its people are `judge.identities` (required; e.g. ids past the identity pool, whom no other model learns),
+    `per_id` crops each from their own render stream. It is written to judge_path and measured through
+    `OnnxRecognizer` on the very held-out crops `build_embedders` measures the first judge on (the same
+    world_seed, test_ids and per_test_id give the same faces). Returns verification_metrics(second judge)
+    plus "train_s" (rendering included).
+    """
+    if judge.identities is None:
+        raise ValueError("the second judge needs its own identities [first, last)")
+    t0 = time.perf_counter()
+    train_x, train_y = aligned_faces(world_seed, range(*judge.identities), per_id, seed=SECOND_JUDGE_RENDERS)
+    model, _ = train_embedder(train_x, train_y, judge)
+    export_recognizer_onnx(model, judge_path, metadata=metadata)
+    train_s = time.perf_counter() - t0
+    del model, train_x
+
+    test_x, test_y = aligned_faces(world_seed, test_ids, per_test_id, seed=HELD_OUT_RENDERS)
+    result = verification_metrics(OnnxRecognizer(judge_path).embed_aligned(test_x), test_y) | {"train_s": train_s}
+    log.info("toy second judge: %s", result)
+    return result
+
+
+def judges_agreement(world_seed: int, judge_paths: Sequence[Path], test_ids: range, per_test_id: int) -> dict:
+    """How alike two ONNX judges score the held-out pairs (the crops both builds measure on).
+
+    Returns {"score_corr": Pearson correlation of their cosines over all pairs, "impostor_score_corr": the same
+    over impostor pairs only}: the lower, the less an image made to please one judge pleases the other for free.
+    """
+    test_x, test_y = aligned_faces(world_seed, test_ids, per_test_id, seed=HELD_OUT_RENDERS)
+    first, second = (OnnxRecognizer(path).embed_aligned(test_x) for path in judge_paths)
+    result = verification_metrics(first, test_y, second)
+    return {k: result[k] for k in ("score_corr", "impostor_score_corr")}
