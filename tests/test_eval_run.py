@@ -327,3 +327,12 @@ def test_dvc_reads_the_report_through_the_projects_dvc_yaml(report, tmp_path):
     assert not json.loads(text).get("errors"), text[:2000]
     assert "base_id_sim" in text and "candidate_id_conf" in text and '"rank"' in text
     assert "improved-1-" in text and "regressed-1-" in text  # the comparison grids, as image plots
+
+
+def test_evaluate_scaling_needs_a_set_and_compares_with_the_base_only(caplog):
+    from umo.cli import main
+
+    assert main(["evaluate", "--lora", "x", "--scaling", "-S", "eval.scaling.path=null"]) == 2
+    assert "--scaling: eval.scaling.path is null" in caplog.text
+    assert main(["evaluate", "--lora", "x", "--scaling", "--champion", "registry"]) == 2
+    assert "compares the candidate with the base only" in caplog.text

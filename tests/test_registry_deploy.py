@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import boto3
@@ -88,7 +89,8 @@ def test_registration_carries_the_evidence_and_is_not_repeated(world, monkeypatc
 
     config = world["config"]()
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    first = register_from(config, train_dir=world["train"], report=world["report"].out)
+    # the held-out report stands in for the scaling set's (the same LoRA, the same layout)
+    first = register_from(config, train_dir=world["train"], report=world["report"].out, scaling=world["report"].out)
     # mlflow.set_tracking_uri exports the URI to child processes: registering leaves the process as it was
     assert "MLFLOW_TRACKING_URI" not in os.environ and mlflow.get_tracking_uri() != world["server"].uri
     assert (first.version, first.run_id, first.created) == ("1", world["run_id"], True)
@@ -108,6 +110,13 @@ def test_registration_carries_the_evidence_and_is_not_repeated(world, monkeypatc
     run = client.get_run(world["run_id"])
     assert run.data.metrics["eval.candidate.id_sim"] == pytest.approx(metrics["candidate"]["id_sim"])
     assert run.data.metrics["eval.delta.id_sim"] == pytest.approx(metrics["delta"]["id_sim"])
+    for judge in ("toy_r10", "toy_mbf"):  # every judge's numbers
+        assert run.data.metrics[f"eval.judge.{judge}.candidate.id_sim"] == pytest.approx(
+            metrics["judges"][judge]["candidate"]["id_sim"])
+    assert run.data.metrics["eval.scaling.candidate.by_identities.2.id_sim"] == pytest.approx(
+        metrics["candidate"]["by_identities"]["2"]["id_sim"])
+    assert {a.path for a in client.list_artifacts(world["run_id"], "evaluation/scaling")} >= {
+        "evaluation/scaling/report.md", "evaluation/scaling/metrics.json"}
     logged = {a.path for a in client.list_artifacts(world["run_id"], "evaluation")}
     assert {"evaluation/report.md", "evaluation/metrics.json", "evaluation/grids", "evaluation/matching"} <= logged
     # the matching pictures of the items drawn in grids/, for every model of the report
@@ -124,6 +133,13 @@ def test_registration_carries_the_evidence_and_is_not_repeated(world, monkeypatc
     other = random_lora(config, world["root"] / "other-train" / "lora", 9)
     with pytest.raises(RegistryError, match="evaluated another LoRA"):
         register_from(config, train_dir=other.parent.parent, report=world["report"].out)
+    foreign = world["root"] / "foreign-scaling"  # a scaling report of another LoRA is refused too
+    shutil.copytree(world["report"].out, foreign)
+    m = json.loads((foreign / "metrics.json").read_text())
+    m["models"]["candidate"]["sha256"] = "0" * 64
+    (foreign / "metrics.json").write_text(json.dumps(m))
+    with pytest.raises(RegistryError, match=r"foreign-scaling/metrics.json: the report evaluated another LoRA"):
+        register_from(config, train_dir=world["train"], report=world["report"].out, scaling=foreign)
 
 
 def test_the_registered_pyfunc_generates_from_a_prompt_and_references(world, monkeypatch):

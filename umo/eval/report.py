@@ -1,7 +1,8 @@
 """The evaluation report: one folder a person, DVC, the approval gate and the MLflow run all read.
 
     out/metrics.json          DVC metrics: per model the set metrics (umo.eval.score.aggregate), deltas vs the
-                              base (and vs the champion), the toy-world flag and the settings
+                              base (and vs the champion), the toy-world flag and the settings: the gate's judge
+                              (the first of faces.judges); every judge's under `judges`
     out/report.md             base | candidate | delta (| champion | delta) tables, overall and per number of people
     out/scores.jsonl          one line per item and model: every image's scores and seeds
     out/plots/by_identities.json  DVC plots: per number of people, <model>_<metric> for ID-Sim, ID-Conf,

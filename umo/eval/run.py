@@ -1,5 +1,5 @@
 """`umo evaluate`: generate with the base generator and with LoRA checkpoints under identical seeds, score every
-image with the judge, merge the shards once, write the report.
+image with every judge (faces.judges; the first decides the gate), merge the shards once, write the report.
 
 Processes. One per device (`accelerate launch`, `torchrun`; a plain `python` call is one process). Items are
 sorted by id and dealt round-robin (`items[rank::world]`); each process generates and scores only its own.
@@ -16,7 +16,9 @@ When every process is done (a barrier), the main process reads all the score fil
 `out` in a temporary sibling renamed into place (umo.eval.report); the work folder is then removed.
 
 Scoring (umo.eval.score): each reference image's largest judge face is its identity, and the faces of a
-ground-truth target (held-out set) are embedded once per item; a benchmark item with a reference the judge
+ground-truth target (held-out set) are embedded once per item; every image, reference and target is detected
+once (judges from one config share the detector) and each face embedded once per judge. Whether an item is
+generated depends on the first judge; a benchmark item with a reference the judge
 finds no face in is `unscored` (counted, reason kept) and not generated, except on OmniContext, whose inputs
 may be non-human characters: there faceless inputs are left out of the identities.
 """
