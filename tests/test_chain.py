@@ -153,18 +153,22 @@ def approve_by_hand(project: Path, version: str) -> None:
     client.set_model_version_tag("umo-flux2-klein-lora", version, DECISION_TAG, "passed")
 
 
-def test_dvc_exp_run_with_another_learning_rate(project):
+def test_dvc_exp_run_with_another_deployment_setting(project):
+    """An experiment (`dvc exp run -S`) runs only what its setting reaches, and `dvc exp show` lists it. (A
+    retraining override: the flow's test below. A stricter gate here would re-decide version 1, which the first
+    test approved by hand, and leave `champion` on a failed decision: deploy refuses that, rightly.)"""
     git(project, "add", "-A")
     git(project, "commit", "-qm", "the chain's first run")
-    out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.learning_rate=0.0003"], project).stdout
-    for stage in ("toyworld", "toybase", "prepare", "scaling"):
-        assert f"Stage '{stage}' didn't change, skipping" in out
-    assert "Running stage 'train'" in out and "Running stage 'deploy'" in out
-    registered = json.loads((project / "artifacts/registry/registered.json").read_text())
-    assert registered["version"] == "2"
+    out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "deploy.multipart_chunk_mb=8.5"], project).stdout
+    for stage in ("toyworld", "toybase", "prepare", "train", "evaluate", "scaling", "evaluate_scaling", "register",
+                  "gate"):
+        assert f"Stage '{stage}' didn't change, skipping" in out, stage
+    assert "Running stage 'deploy'" in out
+    deployed = json.loads((project / "artifacts/registry/deployed.json").read_text())
+    assert deployed["version"] == "1"  # the hand-approved champion, already in place
     shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], project).stdout
-    assert "0.0003" in shown
-    # back to the committed workspace (params 1e-4), as the flow's test expects it
+    assert "8.5" in shown
+    # back to the committed workspace, as the flow's test expects it
     git(project, "checkout", "--", "params.yaml", "dvc.lock")
     # dvc.yaml: the main chain (a bare `dvc checkout` also takes ablation/dvc.yaml, whose outputs never ran here)
     run([sys.executable, "-m", "dvc", "checkout", "-q", "dvc.yaml"], project)

@@ -84,7 +84,7 @@ def test_the_report_holds_every_model_and_its_numbers_add_up(report):
     assert m["gate_judge"] == "toy_r10" and list(m["judges"]) == ["toy_r10", "toy_mbf"]
     assert {k: m["judges"]["toy_r10"][k] for k in MODELS} == {k: m[k] for k in MODELS}
     other = m["judges"]["toy_mbf"]
-    assert other["candidate"]["references_scored"] == m["candidate"]["references_scored"] == 8
+    assert other["candidate"]["references_scored"] == m["candidate"]["references_scored"] == 16
     assert other["candidate"]["id_sim"] != m["candidate"]["id_sim"]  # another network: other similarities
     assert other["paired"]["candidate - base"]["id_sim"]["items"] == 4
     assert "the gate decides on the first, `toy_r10`" in text and "| `toy_mbf` |" in text

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from browser import dump_dom
+from browser import dump_dom, dump_dom_showing
 from evalkit import eval_config, fixed_judges, random_lora
 from PIL import Image
 from servers import MotoServer
@@ -345,8 +345,7 @@ def test_the_registry_ui_shows_the_version_its_aliases_and_metrics(world, tmp_pa
     pictures = [a.path for a in client.list_artifacts(mv.run_id, "evaluation/matching/candidate")]
     assert pictures, "registration logged no picture of the matching"
     url = f"{world['server'].uri}/#/experiments/{run.info.experiment_id}/runs/{mv.run_id}/artifacts/{pictures[0]}"
-    dom = dump_dom(url, tmp_path / "profile")
-    assert f'<img alt="{pictures[0]}"' in dom, dom[-3000:]
+    dump_dom_showing(url, tmp_path / "profile", [f'<img alt="{pictures[0]}"'])
 
 
 def test_the_cli_commands_exit_with_what_happened(world, tmp_path, capsys, caplog):

@@ -594,6 +594,7 @@ def write_overrides(path: str | Path, overrides: list[str] | tuple[str, ...]) ->
     rt = YAML()  # round trip: comments, order and quoting survive
     rt.preserve_quotes = True
     rt.width = 4096
+    rt.indent(mapping=2, sequence=4, offset=2)  # block lists as params.yaml writes them: "    - name: ..."
     rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     data = rt.load(path.read_text())
     for item in overrides:
