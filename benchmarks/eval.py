@@ -110,6 +110,7 @@ def held_out(args: argparse.Namespace) -> None:
         tmp = Path(tmp)
         base = tmp / "baseline"
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(base), args.baseline], cwd=ROOT, check=True)
+        (base / "artifacts").symlink_to(ROOT / "artifacts")  # the same generator, LoRA, manifest and face models
         try:
             codes = {"baseline": base, "this checkout": ROOT}
             seconds: dict[str, list[float]] = {name: [] for name in codes}
@@ -121,9 +122,12 @@ def held_out(args: argparse.Namespace) -> None:
                     if args.max_items:
                         cmd += ["-S", f"eval.max_items={args.max_items}"]
                     t = time.perf_counter()
-                    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True,
-                                   env=os.environ | {"PYTHONPATH": str(code)})
+                    # run in the code's own folder: `python -m` puts it first on sys.path (before the editable
+                    # install's umo)
+                    done = subprocess.run(cmd, cwd=code, capture_output=True, text=True)
                     seconds[name].append(time.perf_counter() - t)
+                    if done.returncode:
+                        raise SystemExit(f"{name}: `{' '.join(cmd)}` exited {done.returncode}:\n{done.stderr[-3000:]}")
                     print(f"run {k + 1}/{args.repeats} {name}: {seconds[name][-1]:.1f} s", flush=True)
             metrics = json.loads(out.joinpath("metrics.json").read_text())
         finally:

@@ -148,7 +148,9 @@ def _matching_pictures(out: Path, items: list[EvalItem], scores: dict[str, list[
             generated = from_grid(np.asarray(Image.open(grid).convert("RGB")), n)
             pictures = [matching_picture(img, np.asarray(s.boxes).reshape(-1, 4), np.asarray(s.sims).reshape(
                 len(people), -1), thumbs[score.item], height=MATCHING_HEIGHT) for img, s in zip(generated, score.images)]
-            Image.fromarray(to_grid(pictures)).save(out / "matching" / name / f"{file_stem(score.item)}.png")
+            # fast zlib: a third of the default level's time (measured: 21 vs 59 ms a picture), 20% more bytes
+            Image.fromarray(to_grid(pictures)).save(out / "matching" / name / f"{file_stem(score.item)}.png",
+                                                    compress_level=1)
 
 
 def _by_identities_figure(path: Path, results: dict[str, dict], sizes: list[int], benchmark: str) -> None:

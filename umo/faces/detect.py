@@ -22,6 +22,7 @@ from insightface.model_zoo import get_model
 from insightface.model_zoo.scrfd import SCRFD, distance2bbox, distance2kps
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf, NoSuchFile
 
+from umo.faces.runtime import session_options
 from umo.faces.types import Detections
 from umo.images import signed_to_rgb
 
@@ -79,7 +80,8 @@ class FaceDetector:
         if not 0.0 <= det_thresh <= 1.0 or not 0.0 <= nms_thresh <= 1.0:
             raise ValueError(f"det_thresh and nms_thresh must lie in [0, 1], got {det_thresh}, {nms_thresh}")
         try:
-            model = get_model(str(path), providers=list(providers or ["CPUExecutionProvider"]))
+            model = get_model(str(path), providers=list(providers or ["CPUExecutionProvider"]),
+                              sess_options=session_options())
         except AssertionError as exc:
             # insightface asserts (with or without a message) where a model file is missing or unusable.
             raise ValueError(f"insightface could not load detector {path}: {exc or 'assertion failed'}; "

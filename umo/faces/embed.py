@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from umo.faces.align import similarity_transforms
+from umo.faces.runtime import session_options
 from umo.faces.types import Detections
 
 log = logging.getLogger(__name__)
@@ -495,7 +496,8 @@ class OnnxRecognizer:
         self.model_file = Path(model_file)
         if not self.model_file.is_file():
             raise FileNotFoundError(f"recognizer ONNX not found: {self.model_file}")
-        model = get_model(str(self.model_file), providers=list(providers or ["CPUExecutionProvider"]))
+        model = get_model(str(self.model_file), providers=list(providers or ["CPUExecutionProvider"]),
+                          sess_options=session_options())
         if not isinstance(model, ArcFaceONNX):
             routed = "no model type" if model is None else type(model).__name__
             raise ValueError(
