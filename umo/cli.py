@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from umo import __version__
+from umo import __version__, failures
 from umo.config import ConfigError, extensions, load_config, params_schema, to_dict
 from umo.io import atomic_write_json
 
@@ -179,9 +179,23 @@ def cmd_gate(args: argparse.Namespace) -> int:
     config = load_config(args.params, args.overrides)
     decision = gate(config.registry, config.tracking, version=args.version)  # RegistryError: exit 2
     _record(args, {"model": decision.name, "version": decision.version, "passed": decision.passed,
+                   "approval": "pending" if decision.pending else config.registry.approval,
                    "champion_before": decision.previous_champion,
                    "rules": {r.name: ("pass: " if r.passed else "FAIL: ") + r.detail for r in decision.rules}})
     return 0 if decision.passed or args.exit_zero else 1
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    """A person's answer on a version that passed the gate (registry.approval: human)."""
+    # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
+    from umo.registry import approve
+
+    config = load_config(args.params, args.overrides)
+    result = approve(config.registry, config.tracking, version=args.version, approved=args.decision == "approve",
+                     reason=args.reason, approver=args.approver)
+    _record(args, {"model": result.name, "version": result.version, "approved": result.approved,
+                   "reason": result.reason, "approver": result.approver, "champion": result.champion})
+    return 0
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -250,8 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--manifest", type=Path, required=True, help="train manifest written by `umo prepare`")
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoints/, lora/, train_metrics.json")
-    p.add_argument("--resume", default=None, metavar="latest|CHECKPOINT",
-                   help="continue from the newest checkpoint in --out (latest) or from a checkpoint folder")
+    p.add_argument("--resume", default=None, metavar="auto|latest|CHECKPOINT",
+                   help="auto: continue the newest checkpoint in --out when it was trained on the same inputs "
+                        "(settings, data, generator, reward models, code), else delete it and start over (the "
+                        "DVC stage's); latest: continue the newest checkpoint in --out; or a checkpoint folder")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=cmd_train)
 
@@ -284,6 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "output; for pipelines that go on to deploy whatever is champion)")
     p.set_defaults(func=cmd_gate)
 
+    p = sub.add_parser("approve", help="a person's answer on a version the gate passed (registry.approval: human)")
+    add_config_args(p)
+    p.add_argument("--version", required=True, help="the model version (the gate passed it)")
+    p.add_argument("--decision", required=True, choices=("approve", "reject"))
+    p.add_argument("--reason", required=True, help="why (kept as the version's tag approval.reason)")
+    p.add_argument("--approver", default=os.environ.get("USER", "unknown"), help="who (default: $USER)")
+    p.add_argument("--record", type=Path, default=None, help="also write the answer JSON here")
+    p.set_defaults(func=cmd_approve)
+
     p = sub.add_parser("deploy", help="deploy the approved champion to deploy.target (S3 or a folder)")
     add_config_args(p)
     p.add_argument("--version", default=None, help="must be the champion (default: the champion)")
@@ -308,12 +333,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    failures.raise_on_sigterm()
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         # Bad input is the user's to fix: one clear line, no traceback.
+        failures.record(err)
         log.error("%s", err)
         return 2
+    except BaseException as err:
+        # The orchestrator decides a retry from this record (umo.failures), never from the log's words.
+        if not isinstance(err, (SystemExit, KeyboardInterrupt)):
+            failures.record(err)
+        raise
 
 
 if __name__ == "__main__":

@@ -440,6 +440,9 @@ class RegistryConfig:
 
     model_name: str = "umo-flux2-klein-lora"
     gate: GateConfig = field(default_factory=GateConfig)
+    approval: Literal["auto", "human"] = "auto"
+    """auto: a version that passes the gate becomes `champion`; human: it waits for a person (`umo approve`, or
+    the Prefect flow's approval form), and only an approved version becomes `champion`."""
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.model_name):
@@ -474,6 +477,41 @@ class TrackingConfig:
 
 
 @dataclass
+class StageTimeout:
+    stage: str
+    """a stage of dvc.yaml"""
+    minutes: float
+
+
+@dataclass
+class OrchestrationConfig:
+    """How the Prefect flow (flows/umo_pipeline.py) runs the stages; no stage reads it."""
+
+    timeout_minutes: float = 120.0
+    """A stage that runs longer is stopped (its process group: SIGTERM, then SIGKILL) and fails, not retried."""
+    timeouts: list[StageTimeout] = field(default_factory=lambda: [StageTimeout("train", 1440.0)])
+    """Per-stage timeouts that replace timeout_minutes, e.g. [{stage: train, minutes: 1440}]."""
+    retries: int = 2
+    """Retries of a stage that failed transiently (connection, timeout, HTTP 5xx, SIGTERM; umo.failures)."""
+    retry_delay_seconds: float = 60.0
+    approval_timeout_hours: float = 72.0
+    """registry.approval human: how long the flow waits for a person's answer before it fails."""
+
+    def __post_init__(self) -> None:
+        minutes = [self.timeout_minutes, *(t.minutes for t in self.timeouts)]
+        if min(minutes) <= 0 or self.retries < 0 or self.retry_delay_seconds < 0 or self.approval_timeout_hours <= 0:
+            raise ConfigError(f"orchestration: timeouts and approval_timeout_hours must be > 0, retries and "
+                              f"retry_delay_seconds >= 0 (got {self})")
+        stages = [t.stage for t in self.timeouts]
+        if len(set(stages)) != len(stages):
+            raise ConfigError(f"orchestration.timeouts: a stage is listed twice ({stages})")
+
+    def timeout_for(self, stage: str) -> float:
+        """Seconds."""
+        return 60.0 * next((t.minutes for t in self.timeouts if t.stage == stage), self.timeout_minutes)
+
+
+@dataclass
 class Config:
     """Everything in params.yaml."""
 
@@ -488,6 +526,7 @@ class Config:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
     extensions: dict[str, Any] = field(default_factory=lambda: {n: c() for n, c in extension_sections().items()})
     """Sections that installed extensions register (`extension_sections`), by name: the toy world's, for one."""
 

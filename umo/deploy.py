@@ -41,7 +41,7 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 from safetensors import safe_open
 
 from umo.config import DeployConfig, RegistryConfig, TrackingConfig
-from umo.io import atomic_write_bytes, sha256_file
+from umo.io import atomic_write_bytes, sha256_file, shared_path
 from umo.registry import CHAMPION, DECISION_TAG, RegistryError, approved_champion, client_for, version_files
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def parse_target(target: str, settings: DeployConfig | None = None, *, s3_client
                        chunk=int(settings.multipart_chunk_mb * 2**20))
     if "://" in target:
         raise DeployError(f"{target}: unsupported target (s3://bucket/prefix or a local folder)")
-    return LocalStore(Path(target))
+    return LocalStore(shared_path(target))
 
 
 class LocalStore:

@@ -13,6 +13,20 @@ from pathlib import Path
 from typing import Any
 
 
+def shared_path(path: str | Path) -> Path:
+    """A path to state that a project shares between its workspaces (the default MLflow store, a local
+    deployment folder): a relative one is resolved against $DVC_ROOT, the checkout that DVC runs the stage for
+    (an experiment's workspace sets it to the checkout, as `dvc exp run`'s queue does), else the working folder.
+
+    >>> os.environ["DVC_ROOT"] = "/srv/umo"; str(shared_path("artifacts/deploy")), str(shared_path("/abs"))
+    ('/srv/umo/artifacts/deploy', '/abs')
+    >>> del os.environ["DVC_ROOT"]
+    """
+    path = Path(path)
+    root = os.environ.get("DVC_ROOT")
+    return path if path.is_absolute() or not root else Path(root) / path
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to a hidden temporary sibling, then rename it over `path` (atomic on POSIX)."""
     path = Path(path)

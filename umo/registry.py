@@ -14,7 +14,9 @@ Registering the same LoRA from the same run again returns the existing version (
 images the judge found no face in, fewer scored references than `min_scored_references`, or a metric the report
 lacks for either side of a rule fails (`rules`). The decision and each rule's outcome are version tags
 (`gate.decision`, `gate.rule.<name>`); on pass the alias `champion` moves to the version and the version that held
-it gets `previous`. The gate is the only code that sets `champion` (`_promote`).
+it gets `previous`. With `registry.approval: human` a passed version waits (`approval.status` = pending) until a
+person answers (`approve`: the answer, reason and approver become version tags, and an approval moves
+`champion`). The gate and `approve` are the only code that sets `champion` (`_promote`).
 
 mlflow is imported here and in umo.tracking only. Credentials stay in the environment (MLFLOW_TRACKING_TOKEN,
 ..., read by MLflow itself); URIs are logged without them.
@@ -63,6 +65,7 @@ MODEL_ARTIFACT = "umo_lora"
 CONFIG_FILE, CARD_FILE = "config.json", "MODEL_CARD.md"
 LORA_SHA_TAG = "umo.lora_sha256"
 DECISION_TAG = "gate.decision"
+APPROVAL_TAG = "approval.status"  # registry.approval human: pending, approved or rejected (a person's answer)
 
 
 class RegistryError(ValueError):
@@ -91,6 +94,7 @@ class GateDecision:
     passed: bool
     rules: list[Rule] = field(default_factory=list)
     previous_champion: str | None = None
+    pending: bool = False  # passed, and waits for a person's approval (registry.approval: human)
 
 
 def client_for(tracking: TrackingConfig):
@@ -459,11 +463,53 @@ def gate(registry: RegistryConfig, tracking: TrackingConfig, *, version: str | N
                                      f"{'pass' if r.passed else 'fail'}: {r.detail}"[:5000])
     client.set_model_version_tag(name, mv.version, "gate.policy", json.dumps(to_dict(registry.gate)))
     client.set_model_version_tag(name, mv.version, DECISION_TAG, "passed" if decision.passed else "failed")
-    if decision.passed:
+    if decision.passed and registry.approval == "human":
+        decision.pending = mv.tags.get(APPROVAL_TAG) not in ("approved", "rejected")
+        if decision.pending:
+            client.set_model_version_tag(name, mv.version, APPROVAL_TAG, "pending")
+        elif mv.tags.get(APPROVAL_TAG) == "approved":  # a person approved this version before: it stays approved
+            _promote(client, name, mv.version, champion)
+    elif decision.passed:
         _promote(client, name, mv.version, champion)
     log.info("gate %s version %s: %s (%s)", name, mv.version, "PASSED" if decision.passed else "FAILED",
              "; ".join(f"{r.name} {'ok' if r.passed else 'FAILED'}: {r.detail}" for r in decision.rules))
     return decision
+
+
+@dataclass
+class Approval:
+    name: str
+    version: str
+    approved: bool
+    reason: str
+    approver: str
+    champion: str | None  # the version holding `champion` afterwards
+
+
+def approve(registry: RegistryConfig, tracking: TrackingConfig, *, version: str, approved: bool, reason: str,
+            approver: str) -> Approval:
+    """A person's answer on a version the gate passed (registry.approval: human). The answer, the reason and the
+    approver become version tags (approval.status, approval.reason, approval.approver, approval.time); an
+    approval moves `champion` to the version. A version the gate did not pass cannot be approved."""
+    if not reason.strip():
+        raise RegistryError("an approval needs a reason (it is kept on the model version)")
+    client = client_for(tracking)
+    name = registry.model_name
+    mv = client.get_model_version(name, str(version))
+    if mv.tags.get(DECISION_TAG) != "passed":
+        raise RegistryError(f"{name} version {mv.version}: the gate did not pass it ({DECISION_TAG} = "
+                            f"{mv.tags.get(DECISION_TAG)}); only a version that passed can be approved")
+    status = "approved" if approved else "rejected"
+    tags = {APPROVAL_TAG: status, "approval.reason": reason.strip()[:5000], "approval.approver": approver or "unknown",
+            "approval.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, mv.version, key, value)
+    if approved:
+        _promote(client, name, mv.version, _alias_version(client, name, CHAMPION))
+    champion = _alias_version(client, name, CHAMPION)
+    log.info("%s version %s %s by %s: %s", name, mv.version, status, tags["approval.approver"], tags["approval.reason"])
+    return Approval(name, str(mv.version), approved, tags["approval.reason"], tags["approval.approver"],
+                    None if champion is None else str(champion.version))
 
 
 def rules(policy, metrics: dict, *, champion_sha: str | None) -> list[Rule]:
