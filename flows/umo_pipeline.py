@@ -56,10 +56,14 @@ from prefect.input import RunInput
 from prefect.states import Completed
 from pydantic import Field
 
-from umo.config import Config, load_config
-from umo.experiments import Experiment
-from umo.failures import FAILURE_DIR_ENV, read_records
-from umo.progress import PROGRESS_EVERY_ENV, PROGRESS_FILE_ENV
+# The umo of this checkout, whatever else the interpreter has installed: a worker that runs a pinned clone
+# (infra/prefect-pinned.yaml) must import the clone's code, not the image's.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from umo.config import Config, load_config  # noqa: E402
+from umo.experiments import Experiment  # noqa: E402
+from umo.failures import FAILURE_DIR_ENV, read_records  # noqa: E402
+from umo.progress import PROGRESS_EVERY_ENV, PROGRESS_FILE_ENV  # noqa: E402
 
 # The gate stage's record in dvc.yaml, turned into the `umo-gate` artifact; register's and deploy's, for links.
 GATE_RECORD = "artifacts/registry/gate.json"
@@ -69,7 +73,8 @@ REGISTRY_STAGES = ("register", "gate", "deploy", "approve")  # they write the re
 REGISTRY_LIMIT = "umo-registry"
 TAIL_LINES = 40
 PROGRESS_LINE_EVERY = 30.0  # seconds between two log lines of a redrawn progress bar
-TERMINATE_GRACE = 30.0  # seconds between SIGTERM and SIGKILL of a stage past its timeout
+TERMINATE_GRACE = 30.0
+APPROVAL_POLL_SECONDS = 5  # how often a paused flow looks for the person's answer  # seconds between SIGTERM and SIGKILL of a stage past its timeout
 
 
 class StageFailed(RuntimeError):
@@ -394,7 +399,7 @@ def _ask_approval(cwd: Path, config: Config, timeout_s: float, env: dict[str, st
                         + ", ".join(f"{k}: {v}" for k, v in gate["rules"].items())
                         + "). Approve it to make it champion and deploy it, or reject it.",
             decision="reject", reason=""),
-        timeout=int(timeout_s), key=f"approval-{gate['model']}-{gate['version']}")
+        timeout=int(timeout_s), poll_interval=APPROVAL_POLL_SECONDS, key=f"approval-{gate['model']}-{gate['version']}")
     approver = answer.approver or os.environ.get("USER", "unknown")
     cmd = [sys.executable, "-m", "umo.cli", "approve", "--version", str(gate["version"]), "--decision",
            answer.decision, "--reason", answer.reason, "--approver", approver]

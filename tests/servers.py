@@ -104,3 +104,44 @@ class PrefectServer(_Server):
         db = f"sqlite+aiosqlite:///{self.root / 'prefect.db'}"
         self._launch(cmd, "server.log", "/api/health", self.env(PREFECT_API_DATABASE_CONNECTION_URL=db))
         return self
+
+
+class WebhookSink:
+    """An HTTP server on 127.0.0.1 (a thread of this process) that keeps every request's JSON body: the
+    receiving end of an alert."""
+
+    def __init__(self) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.received: list[dict] = []
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                try:
+                    received.append(json.loads(body))
+                except ValueError:
+                    received.append({"raw": body.decode(errors="replace")})
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):  # quiet
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def wait(self, timeout: float = 60.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while not self.received and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return self.received
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

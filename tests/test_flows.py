@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -238,50 +239,92 @@ def api(server, path: str, body: dict | None = None):
     request = urllib.request.Request(f"{server.uri}/api{path}", data=json.dumps(body or {}).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
     with urllib.request.urlopen(request, timeout=30) as r:
-        return json.loads(r.read())
+        text = r.read()
+        return json.loads(text) if text else None
 
 
-def test_prefect_server_worker_deploy_and_run(initialized, tmp_path):
-    """`prefect deploy --all` of prefect.yaml against a real server; a process worker runs the on-demand
-    deployment in a project (UMO_PROJECT_DIR: here the tiny one, with its `ok` stage) to completion; the worker
-    is stopped by its PID, with its flow-run children."""
-    from servers import PrefectServer, stop
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server start` for this module's tests (deployments, a worker, an automation, a pause)."""
+    from servers import PrefectServer
 
+    server = PrefectServer(tmp_path_factory.mktemp("prefect")).start()
+    yield server
+    server.stop()
+
+
+def cli_env(server, **extra: str) -> dict[str, str]:
+    return server.env(**extra) | {"PATH": f"{Path(PY).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def git_commit(root: Path, message: str) -> str:
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "-c", "user.name=umo-test", "-c", "user.email=test@umo.invalid", "commit", "-qm", message],
+                   cwd=root, check=True)
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+
+
+def test_prefect_server_worker_deploy_and_run_pinned(initialized, prefect_server, tmp_path):
+    """`prefect deploy --all` of prefect.yaml and of infra/prefect-pinned.yaml against a real server; a process
+    worker runs the pinned on-demand deployment: a clone of the repository at the deployed commit (here the tiny
+    project, with its `ok` stage), even after the repository moved on. The worker is stopped by its PID, with its
+    flow-run children."""
+    from servers import stop
+
+    server = prefect_server
     project = shutil.copytree(initialized, tmp_path / "project", symlinks=True)
     dvc_yaml = yaml.safe_load((project / "dvc.yaml").read_text())
     (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"ok": dvc_yaml["stages"]["ok"]}}, width=10_000))
     shutil.copy(ROOT / "prefect.yaml", project / "prefect.yaml")  # its entrypoints: flows/umo_pipeline.py
     shutil.copytree(ROOT / "flows", project / "flows", ignore=shutil.ignore_patterns("__pycache__"))
-    server = PrefectServer(tmp_path / "prefect").start()
+    (project / "infra").mkdir()
+    for name in ("prefect-pinned.yaml", "worker_checkout.sh"):
+        shutil.copy(ROOT / "infra" / name, project / "infra" / name)
+    pinned = git_commit(project, "deployable")
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
     worker, children = None, []
     try:
-        cli_env = server.env() | {"PATH": f"{Path(PY).parent}{os.pathsep}{os.environ['PATH']}"}
+        env = cli_env(server)
         prefect = [PY, "-m", "prefect", "--no-prompt"]
-        for cmd in (["work-pool", "create", "umo-process", "--type", "process"], ["deploy", "--all"]):
-            done = subprocess.run([*prefect, *cmd], cwd=project, env=cli_env, capture_output=True, text=True)
+        for cmd in (["work-pool", "create", "umo-process", "--type", "process", "--overwrite"], ["deploy", "--all"],
+                    ["deploy", "--all", "--prefect-file", "infra/prefect-pinned.yaml"]):
+            done = subprocess.run([*prefect, *cmd], cwd=project, env=env, capture_output=True, text=True)
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         deployments = {d["name"]: d for d in api(server, "/deployments/filter")}
-        assert set(deployments) == {"nightly-retrain", "weekly-champion-reevaluation", "on-demand"}
+        assert set(deployments) == {"nightly-retrain", "weekly-champion-reevaluation", "on-demand",
+                                    "nightly-retrain-pinned", "on-demand-pinned"}
         crons = {name: [s["schedule"]["cron"] for s in d["schedules"]] for name, d in deployments.items()}
-        assert crons == {"nightly-retrain": ["0 2 * * *"], "weekly-champion-reevaluation": ["0 4 * * 0"],
-                         "on-demand": []}
-        assert all(d["work_pool_name"] == "umo-process" for d in deployments.values())
-        # the checkout is the worker host's, resolved when the run starts there (not at deploy time)
+        assert crons["nightly-retrain"] == crons["nightly-retrain-pinned"] == ["0 2 * * *"]
+        assert crons["weekly-champion-reevaluation"] == ["0 4 * * 0"] and crons["on-demand"] == []
+        for d in deployments.values():  # one run at a time per deployment; a second one waits
+            assert d["work_pool_name"] == "umo-process" and d["global_concurrency_limit"]["limit"] == 1, d["name"]
+            assert d["concurrency_options"]["collision_strategy"] == "ENQUEUE", d["name"]
+        # the plain deployments: the worker host's checkout, resolved when the run starts there
         assert deployments["on-demand"]["pull_steps"] == [
             {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $UMO_PROJECT_DIR }}"}}]
+        # the pinned ones: the commit, resolved at deploy time
+        (clone,) = [step["prefect.deployments.steps.git_clone"] for step in deployments["on-demand-pinned"]["pull_steps"]
+                    if "prefect.deployments.steps.git_clone" in step]
+        assert clone["commit_sha"] == pinned and clone["repository"] == "{{ $UMO_GIT_URL }}"
 
+        (project / "ok.py").write_text("raise SystemExit('the repository moved on: not the deployed commit')\n")
+        git_commit(project, "a later commit, never deployed")
         log = open(tmp_path / "worker.log", "wb")
         worker = subprocess.Popen([*prefect, "worker", "start", "--pool", "umo-process", "--limit", "1"],
-                                  cwd=tmp_path, env=cli_env | {"UMO_PROJECT_DIR": str(project)},
-                                  stdout=log, stderr=subprocess.STDOUT)
-        out = subprocess.run([*prefect, "deployment", "run", "umo-pipeline/on-demand", "--watch",
-                              "--watch-timeout", "300"], cwd=tmp_path, env=cli_env, capture_output=True, text=True)
-        runs = api(server, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployments["on-demand"]["id"]]}}})
+                                  cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                  env=env | {"UMO_GIT_URL": str(project), "UMO_RUNS_DIR": str(runs_dir)})
+        out = subprocess.run([*prefect, "deployment", "run", "umo-pipeline/on-demand-pinned", "--watch",
+                              "--watch-timeout", "300"], cwd=tmp_path, env=env, capture_output=True, text=True)
+        runs = api(server, "/flow_runs/filter",
+                   {"deployments": {"id": {"any_": [deployments["on-demand-pinned"]["id"]]}}})
         assert len(runs) == 1 and runs[0]["state_type"] == "COMPLETED", (
             out.stdout[-2000:] + (tmp_path / "worker.log").read_text()[-4000:])
         tasks = api(server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [runs[0]["id"]]}}})
         assert [(t["name"], t["state_name"]) for t in tasks if t["name"] == "ok"] == [("ok", "Completed")]
-        assert (project / "ok.out").read_text() == "done" and attempts(project, "ok") == 1  # in the project
+        checkout = runs_dir / f"umo-{pinned}"  # the clone at the deployed commit ran the stage
+        assert (checkout / "ok.out").read_text() == "done" and attempts(checkout, "ok") == 1
+        assert not (project / "ok.out").exists()
     finally:
         if worker is not None:  # Ctrl-C, then SIGTERM if it lingers (then SIGKILL), its flow-run children too
             children = psutil.Process(worker.pid).children(recursive=True)
@@ -289,5 +332,101 @@ def test_prefect_server_worker_deploy_and_run(initialized, tmp_path):
             for child in children:
                 if child.is_running():
                     child.kill()
-        server.stop()
     assert not [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def run_flow_process(server, project: Path, log: Path, **kwargs) -> subprocess.Popen:
+    """umo_pipeline(project_dir=project, **kwargs) in its own process, against the real server."""
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from flows.umo_pipeline import umo_pipeline; "
+            f"umo_pipeline(project_dir={str(project)!r}, **{kwargs!r})")
+    return subprocess.Popen([PY, "-c", code], cwd=project, env=cli_env(server), stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT)
+
+
+def test_a_failed_flow_run_calls_the_alert_webhook(project, prefect_server, tmp_path):
+    """flows/alerts.py's automation on the real server: a failed umo-pipeline run POSTs to the webhook."""
+    from servers import WebhookSink
+
+    sink = WebhookSink()
+    try:
+        out = subprocess.run([PY, str(ROOT / "flows/alerts.py"), "--webhook-url", sink.url, "--allow-private-urls"],
+                             env=cli_env(prefect_server), capture_output=True, text=True)
+        assert out.returncode == 0 and "automation umo-flow-run-failed" in out.stdout, out.stderr[-3000:]
+        flow_run = run_flow_process(prefect_server, project, tmp_path / "flow.log", stages=["broken"])
+        assert flow_run.wait(timeout=300) != 0
+        (alert,) = sink.wait(timeout=90)
+    finally:
+        sink.stop()
+    assert alert["flow"] == "umo-pipeline" and alert["state"] == "Failed", alert
+    assert "stage 'broken' failed" in alert["message"] and alert["flow_run_id"]
+    assert alert["url"].startswith("http") and alert["flow_run_id"] in alert["url"]
+
+
+def wait_paused(server, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-4000:]
+        paused = api(server, "/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}}})
+        if paused:
+            return paused[0]
+        time.sleep(1)
+    raise TimeoutError(log.read_text()[-4000:])
+
+
+def test_human_approval_pauses_the_flow_then_deploys_or_stops(initialized, prefect_server, tmp_path):
+    """registry.approval human: the gate passed a version; the flow pauses with the approval form, the answer
+    comes through the server's API, and the run goes on to deploy (approve) or stops before it (reject). The
+    answer, its reason and the approver are tags of the MLflow model version."""
+    from mlflow import MlflowClient
+
+    from flows.umo_pipeline import GATE_RECORD as GATE
+
+    project = shutil.copytree(initialized, tmp_path / "project", symlinks=True)
+    store = f"sqlite:///{project / 'mlflow.db'}"
+    # gate: records a passed decision on the version in version.txt (as `umo gate` does when a person must answer);
+    # deploy: records what holds `champion` (as `umo deploy` deploys the champion)
+    (project / "gate.py").write_text(
+        "import json, os; v = open('version.txt').read().strip(); os.makedirs('artifacts/registry', exist_ok=True)\n"
+        "json.dump({'model': 'umo-flux2-klein-lora', 'version': v, 'passed': True, 'approval': 'pending', "
+        "'champion_before': None, 'rules': {'id_sim': 'pass: +2.1 [+0.4, +3.9]'}}, "
+        "open('artifacts/registry/gate.json', 'w'))\n")
+    (project / "deploy.py").write_text(
+        "import json, sys; from mlflow import MlflowClient\n"
+        f"v = MlflowClient({store!r}, {store!r}).get_model_version_by_alias('umo-flux2-klein-lora', 'champion')\n"
+        "json.dump({'version': str(v.version)}, open('deployed.json', 'w'))\n")
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "gate": {"cmd": f"{PY} gate.py", "deps": ["version.txt"], "outs": [{GATE: {"cache": False}}]},
+        "deploy": {"cmd": f"{PY} deploy.py", "deps": [GATE], "outs": [{"deployed.json": {"cache": False}}]},
+    }}, width=10_000, sort_keys=False))
+    write_overrides(project / "params.yaml", ["registry.approval=human", f"tracking.tracking_uri={store}"])
+    client = MlflowClient(store, store)
+    client.create_registered_model("umo-flux2-klein-lora")
+    for v in ("1", "2"):
+        client.create_model_version("umo-flux2-klein-lora", source=str(project), tags={"gate.decision": "passed"})
+
+    def answer(version: str, run_input: dict) -> subprocess.Popen:
+        (project / "version.txt").write_text(version)
+        log = tmp_path / f"flow-{version}.log"
+        proc = run_flow_process(prefect_server, project, log)
+        paused = wait_paused(prefect_server, proc, log)
+        bad = urllib.request.Request(f"{prefect_server.uri}/api/flow_runs/{paused['id']}/resume", method="POST",
+                                     data=json.dumps({"run_input": {"decision": "maybe", "reason": "x"}}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(bad, timeout=30) as r:  # the form's types are checked: refused, still paused
+            assert json.loads(r.read())["status"] == "REJECT"
+        assert api(prefect_server, f"/flow_runs/{paused['id']}/resume", {"run_input": run_input})["status"] == "ACCEPT"
+        assert proc.wait(timeout=180) == 0, log.read_text()[-4000:]
+        return proc
+
+    answer("1", {"decision": "approve", "reason": "faces hold on the held-out set", "approver": "alice"})
+    tags = client.get_model_version("umo-flux2-klein-lora", "1").tags
+    assert (tags["approval.status"], tags["approval.reason"], tags["approval.approver"]) == (
+        "approved", "faces hold on the held-out set", "alice")
+    assert str(client.get_model_version_by_alias("umo-flux2-klein-lora", "champion").version) == "1"
+    assert json.loads((project / "deployed.json").read_text()) == {"version": "1"}  # deployed after the answer
+
+    answer("2", {"decision": "reject", "reason": "a regression on crowded scenes", "approver": "bob"})
+    tags = client.get_model_version("umo-flux2-klein-lora", "2").tags
+    assert (tags["approval.status"], tags["approval.reason"]) == ("rejected", "a regression on crowded scenes")
+    assert str(client.get_model_version_by_alias("umo-flux2-klein-lora", "champion").version) == "1"
+    assert json.loads((project / "deployed.json").read_text()) == {"version": "1"}  # no deployment of version 2

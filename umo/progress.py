@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from umo.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -94,12 +96,8 @@ class LoggedProgress:
 def progress(*, total: int | None, desc: str, unit: str = "it", initial: int = 0, disable: bool = False):
     """tqdm at a terminal; a LoggedProgress elsewhere or when an orchestrator asked for a progress file."""
     if disable:
-        from tqdm.auto import tqdm
-
         return tqdm(total=total, desc=desc, unit=unit, initial=initial, disable=True)
     file = os.environ.get(PROGRESS_FILE_ENV)
     if sys.stderr.isatty() and not file:
-        from tqdm.auto import tqdm
-
         return tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True)
     return LoggedProgress(total=total, desc=desc, unit=unit, initial=initial, file=file)
