@@ -19,6 +19,7 @@ raises an `MlflowException` from requests' `ConnectionError`.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -49,11 +50,14 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 
 def _one_is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, (ConnectionError, TimeoutError, Interrupted)):  # ConnectionRefused/Reset/Aborted too
-        return True
+    if isinstance(exc, (ConnectionError, TimeoutError, http.client.HTTPException, Interrupted)):
+        return True  # ConnectionRefused/Reset/Aborted, RemoteDisconnected, IncompleteRead
     requests = sys.modules.get("requests")
-    if requests is not None and isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+    if requests is not None and isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                                                 requests.exceptions.RetryError)):  # RetryError: 5xx until give-up
         return True
+    if requests is not None and isinstance(exc, requests.exceptions.HTTPError) and exc.response is not None:
+        return exc.response.status_code >= 500
     urllib3 = sys.modules.get("urllib3")
     if urllib3 is not None and isinstance(exc, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.TimeoutError,
                                                 urllib3.exceptions.ProtocolError, urllib3.exceptions.MaxRetryError)):
@@ -70,6 +74,10 @@ def _one_is_transient(exc: BaseException) -> bool:
     mlflow = sys.modules.get("mlflow.exceptions")
     if mlflow is not None and isinstance(exc, mlflow.RestException):  # an answer of the server: its status says
         return exc.get_http_status_code() >= 500
+    if mlflow is not None and isinstance(exc, mlflow.MlflowException):
+        # A server's non-JSON 503 / 504 (a proxy) comes as these codes; a bare MlflowException defaults to
+        # INTERNAL_ERROR whatever its cause, so that code alone proves nothing (its cause chain decides).
+        return exc.error_code in ("TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED")
     return False
 
 

@@ -52,10 +52,10 @@ from PIL import Image
 from umo import __version__
 from umo.config import GeneratorConfig, LoraConfig, RegistryConfig, TrackingConfig, to_dict
 from umo.images import load_image
-from umo.io import sha256_file
+from umo.io import sha256_file, shared_path
 from umo.models import generate_images, load_generator
 from umo.models.lora import LORA_FILE, attach_lora_file, lora_file
-from umo.tracking import flatten, redact_uri, tracking_uri
+from umo.tracking import DEFAULT_SPOOL, flatten, redact_uri, replay_spool, tracking_uri
 from umo.typed import from_dict
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,12 @@ def register(registry: RegistryConfig, tracking: TrackingConfig, *, generator: G
     name = registry.model_name
     client = client_for(tracking)
     run_id = _train_run_id(train_dir)
+    if run_id is not None:  # what training logged while the server was away, sent before the run is read
+        left = replay_spool(client.tracking_uri, shared_path(DEFAULT_SPOOL) / f"{run_id}.jsonl")
+        if left:
+            # a ConnectionError: transient (umo.failures), the orchestrator retries the stage later
+            raise ConnectionError(f"run {run_id}: {left} tracking record(s) of its training could not be sent to "
+                                  f"{redact_uri(client.tracking_uri)} yet (is the server up?); register again later")
 
     existing = _find_version(client, name, sha, run_id)
     if existing is not None:
