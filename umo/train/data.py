@@ -8,10 +8,13 @@ position saved in a checkpoint (epoch, global batches consumed) resumes exactly 
   batches of `batch_size` (an incomplete last batch of a bucket is dropped) and the batches shuffled;
 - the batch list is truncated to a multiple of the number of processes, and process r takes batches
   r, r + W, r + 2W ... so every process runs the same number of steps and no sample is seen twice per epoch.
+
+`manifest_fingerprint` says whether two runs read the same data (`resume="auto"` in `umo.train.loop`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +25,7 @@ import torch
 from umo import images
 from umo.data.manifest import Manifest, ManifestError
 from umo.images import BadImage
+from umo.io import sha256_file
 from umo.train.rerefl import Batch
 
 
@@ -40,6 +44,16 @@ def shard(batches: list[list[int]], rank: int, world_size: int) -> list[list[int
     """Process `rank`'s batches: every world_size-th, after truncating to a multiple of world_size."""
     usable = len(batches) - len(batches) % world_size
     return batches[rank:usable:world_size]
+
+
+def manifest_fingerprint(manifest: Manifest, file: str | Path) -> str:
+    """sha256 over the manifest file and its embeddings file (whole) and the name and size of every image it
+    names: a stat per image, no image read (data prep rewrites the manifest or the embeddings when it changes
+    what an image shows; a same-named image of the same size and other content goes unnoticed)."""
+    h = hashlib.sha256(f"{sha256_file(file)} {sha256_file(manifest.path(manifest.embeddings))}".encode())
+    for rel in sorted({rel for s in manifest.samples for rel in (s.target, *(r.path for r in s.references))}):
+        h.update(f"\n{rel} {manifest.path(rel).stat().st_size}".encode())
+    return h.hexdigest()
 
 
 def load_image(path: Path, size: Sequence[int]) -> torch.Tensor:

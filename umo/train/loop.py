@@ -26,6 +26,7 @@ summary) and `out/history.json` (every logged step's metrics, those before a res
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+import umo
 from umo.config import (
     FacesConfig,
     GeneratorConfig,
@@ -60,7 +62,7 @@ from umo.models.base import Generator
 from umo.models.lora import LORA_FILE, add_lora, load_lora, lora_parameters, save_lora
 from umo.reward import MatchingReward
 from umo.tracking import Tracker, flatten, tracking_uri
-from umo.train.data import TrainData, epoch_batches, shard
+from umo.train.data import TrainData, epoch_batches, manifest_fingerprint, shard
 from umo.train.guard import JudgeCheck, matching_pictures
 from umo.train.rerefl import METRICS, SUMMARY_METRICS, Batch, StepOutput, rerefl_step
 
@@ -73,9 +75,18 @@ STATE_FILE = "train_state.json"
 HISTORY_FILE = "history.json"  # every logged step's metrics (the curves of MLflow, as a file)
 EMA_FILE = "ema.safetensors"
 LATEST = "latest"
+AUTO = "auto"
 # Settings a resumed run may change; any other difference from the checkpoint is an error.
 RESUMABLE_CHANGES = {"train.max_steps", "train.checkpoint_every", "train.checkpoints_total_limit",
                      "train.log_every", "train.sample_every", "train.max_nonfinite_steps", "train.judge_every"}
+# LR schedules that do not depend on max_steps: with these, a run resumed with more steps equals a fresh one.
+FLAT_SCHEDULES = {"constant", "constant_with_warmup"}
+# umo's sources a LoRA depends on (the DVC stage's code deps), relative to the package.
+CODE = ("train", "models", "reward.py")
+# Files up to SMALL_FILE bytes are hashed whole; larger ones (weights) by size, safetensors header and SAMPLES
+# evenly spaced chunks of SAMPLE_BYTES: a multi-GB generator costs a few MB of reads.
+SMALL_FILE = 4 << 20
+SAMPLES, SAMPLE_BYTES = 16, 64 << 10
 
 
 class NonFiniteLossError(RuntimeError):
@@ -98,6 +109,9 @@ class TrainState:
     world_size: int = 1
     mlflow_run_id: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, str] | None = None
+    """`input_fingerprint` of the inputs every step so far trained on; None when unknown (a checkpoint of an
+    older umo) or mixed (a `resume="latest"` over changed inputs)."""
 
 
 @dataclass
@@ -230,7 +244,7 @@ def train(settings: TrainConfig, *, generator: GeneratorConfig, lora: LoraConfig
     module docstring lists the steps; `resume_run` states the resume rules).
 
     generator: the base (frozen); lora: the adapter; reward and faces: the reward and its detector and
-    embedder; seed: data order, draws and LoRA init. resume: "latest" or a checkpoint folder (see
+    embedder; seed: data order, draws and LoRA init. resume: "auto", "latest" or a checkpoint folder (see
     `resume_run`); None starts a new run. tracking: where to log (MLflow, main process only); None: nowhere.
     reward_model: a ready `MatchingReward` (tests inject one) instead of the one `reward` and `faces` describe.
     """
@@ -250,7 +264,7 @@ def train(settings: TrainConfig, *, generator: GeneratorConfig, lora: LoraConfig
 def setup(config: Sections, *, manifest: str | Path, out: Path, reward=None) -> Run:
     """Everything a run needs, in this order: the accelerator (and the global seed, which LoRA dropout draws
     from), the data, the reward (built from the config when None), the model + LoRA, AdamW and the LR schedule,
-    the EMA (when train.ema_decay > 0) and a fresh `TrainState`."""
+    the EMA (when train.ema_decay > 0) and a fresh `TrainState` (this run's settings, `input_fingerprint`)."""
     accelerator, precision = setup_accelerator(config)
     data = setup_data(config, manifest, accelerator.num_processes)
     if reward is None:
@@ -258,7 +272,8 @@ def setup(config: Sections, *, manifest: str | Path, out: Path, reward=None) -> 
     reward = reward.to(accelerator.device)
     gen, model, params, optimizer, scheduler = setup_model(config, accelerator, precision)
     ema = LoraEMA(params, config.train.ema_decay) if config.train.ema_decay else None
-    state = TrainState(world_size=accelerator.num_processes, settings=resume_settings(config))
+    state = TrainState(world_size=accelerator.num_processes, settings=resume_settings(config),
+                       inputs=input_fingerprint(config, manifest, data))
     return Run(config, out, accelerator, data, reward, gen, model, params, optimizer, scheduler, ema, state)
 
 
@@ -352,19 +367,106 @@ def _load_lora_only(accelerator: Accelerator, models: list, input_dir: str) -> N
     models.clear()
 
 
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def input_fingerprint(config: Sections, manifest: str | Path, data: TrainData) -> dict[str, str]:
+    """What a run's LoRA depends on, one sha256 (hex) per input; `resume="auto"` resumes only when every one
+    equals the checkpoint's:
+
+    settings   `resume_settings` less RESUMABLE_CHANGES (train.max_steps stays unless the LR schedule is flat:
+               cosine and linear bend at another max_steps), and the faces section's detector and embedder;
+    data       the manifest (`umo.train.data.manifest_fingerprint`);
+    generator  the generator folder (`path_fingerprint`: weights by size, header and sampled bytes);
+    reward     the reward embedder file and the detector's model folder;
+    code       umo's version and its sources under CODE (the DVC stage's code deps).
+
+    No modification times: a `dvc checkout` or a copy changes them, not the content.
+    """
+    tc, faces = config.train, config.faces
+    settings = {k: v for k, v in resume_settings(config).items() if k not in RESUMABLE_CHANGES}
+    if tc.lr_scheduler not in FLAT_SCHEDULES:
+        settings["train.max_steps"] = tc.max_steps
+    settings |= flatten({"faces": {"detector": to_dict(faces.detector), "embedder": to_dict(faces.embedder),
+                                   "min_face_size": faces.min_face_size}})
+    detector = Path(faces.detector.root) / (faces.detector.pack or "")
+    return {"settings": _sha(json.dumps(settings, sort_keys=True, default=str)),
+            "data": manifest_fingerprint(data.manifest, manifest),
+            "generator": path_fingerprint(config.generator.path),
+            "reward": _sha(path_fingerprint(faces.embedder.path), path_fingerprint(detector)),
+            "code": code_fingerprint()}
+
+
+def _sha(*parts: str) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def file_fingerprint(path: Path) -> str:
+    """sha256 of a file up to SMALL_FILE bytes; of a larger one, of its size, its safetensors header (names,
+    dtypes, shapes, offsets) and SAMPLES evenly spaced chunks: a retrained model of the same shapes differs in
+    the sampled bytes, and a multi-GB file costs about 1 MB of reads."""
+    size = path.stat().st_size
+    if size <= SMALL_FILE:
+        return sha256_file(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if path.suffix == ".safetensors":
+            header = int.from_bytes(f.read(8), "little")
+            h.update(f.read(min(header, size - 8)))
+        for k in range(SAMPLES):
+            f.seek((size - SAMPLE_BYTES) * k // (SAMPLES - 1))
+            h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def path_fingerprint(path: str | Path) -> str:
+    """`file_fingerprint` of a file, or of every file under a folder with its relative name (hidden files and
+    folders, such as a download tool's .cache, left out); "absent" when there is nothing at `path`."""
+    path = Path(path)
+    if path.is_file():
+        return file_fingerprint(path)
+    if not path.is_dir():
+        return "absent"
+    files = sorted(f for f in path.rglob("*")
+                   if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    return _sha(*(f"{f.relative_to(path).as_posix()} {file_fingerprint(f)}" for f in files))
+
+
+def code_fingerprint() -> str:
+    """sha256 of umo's version and its Python sources under CODE (names and contents)."""
+    root = Path(umo.__file__).parent
+    files = sorted(f for name in CODE
+                   for f in ([root / name] if name.endswith(".py") else (root / name).rglob("*.py")))
+    return _sha(umo.__version__, *(f"{f.relative_to(root).as_posix()} {sha256_file(f)}" for f in files))
+
+
+def changed_inputs(saved: dict[str, str] | None, now: dict[str, str]) -> list[str]:
+    """The names of the inputs that differ (all of them when `saved` is None: unknown or mixed)."""
+    if saved is None:
+        return sorted(now)
+    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+
+
 # ------------------------------------------------------------------------------------------------ resume
 
 
 def resume_run(run: Run, resume: str | None) -> Path | None:
     """Continue from a checkpoint; returns it (None: the run starts at step 0). The resume rules:
 
-    - Which: `resume` = "latest" (out/checkpoints/latest; none there: start at step 0) or a checkpoint folder
-      (`find_checkpoint`; one without train_state.json is a ResumeError). resume=None into a folder that has
-      checkpoints is a ResumeError too: runs never mix.
+    - Which: `resume` = "auto" (below), "latest" (out/checkpoints/latest; none there: start at step 0) or a
+      checkpoint folder (`find_checkpoint`; one without train_state.json is a ResumeError). resume=None into a
+      folder that has checkpoints is a ResumeError too: runs never mix.
+    - "auto" (the DVC stage's; `auto_checkpoint`): the latest checkpoint when its `input_fingerprint` (the
+      settings that may not change, the data, the generator, the reward's models, the code) and its number of
+      processes equal this run's and its step is within max_steps; otherwise the log says why, the earlier
+      run's outputs in `out` are deleted and the run starts at step 0. A checkpoint at max_steps is only
+      exported again. So the result is always the LoRA a run from step 0 would train.
     - What must match: every setting of `resume_settings` (seed, generator, lora, reward, train) except those
       in RESUMABLE_CHANGES (max_steps, the checkpoint / log / sample cadences, max_nonfinite_steps); any
       other difference is a ResumeError. With a larger max_steps the LR schedule, defined over max_steps,
-      bends from the resume point on.
+      bends from the resume point on (unless it is constant; "auto" starts over instead). Other inputs that
+      changed (data, generator, reward models, code) are a warning with "latest" or a folder, and the run's
+      fingerprint is then unknown (None): a later "auto" starts over.
     - What is restored: the LoRA, the optimizer and LR-scheduler states and every process's RNG states
       (accelerate's load_state; the base model is never saved, it comes from the generator section), the EMA's
       averages (ema.safetensors), and from train_state.json the step, the data position (epoch, global batches
@@ -384,23 +486,76 @@ def resume_run(run: Run, resume: str | None) -> Path | None:
       their sample images are written again under the same names.
     """
     out = run.out
-    checkpoint = find_checkpoint(out, resume) if resume else None
-    if resume and checkpoint is None:
-        log.info("resume=%s: no checkpoint in %s, starting from step 0", resume, out / "checkpoints")
+    if resume == AUTO:
+        checkpoint = auto_checkpoint(run)
+    else:
+        checkpoint = find_checkpoint(out, resume) if resume else None
+        if resume and checkpoint is None:
+            log.info("resume=%s: no checkpoint in %s, starting from step 0", resume, out / "checkpoints")
     if checkpoint is None:
         if (out / "checkpoints" / LATEST).exists():
-            raise ResumeError(f"{out}: holds checkpoints of an earlier run; pass resume='latest' (--resume "
-                              "latest) to continue it, or choose another output folder")
+            raise ResumeError(f"{out}: holds checkpoints of an earlier run; pass resume='auto' or 'latest' "
+                              "(--resume auto|latest) to continue it, or choose another output folder")
         return None
     saved = read_train_state(checkpoint, run.state.settings, run.world)
+    changed = None if saved.inputs is None else changed_inputs(saved.inputs, run.state.inputs)
+    if changed:  # "auto" never gets here with a change
+        log.warning("%s: trained on other inputs (%s) than this run's; resuming as asked, a later "
+                    "resume='auto' starts over", checkpoint, ", ".join(changed))
     run.accelerator.load_state(str(checkpoint))
     if run.ema is not None:
         run.ema.shadow = load_file(str(checkpoint / EMA_FILE))
-    run.state = TrainState(**{**asdict(saved), "world_size": run.world, "settings": run.state.settings})
+    run.state = TrainState(**{**asdict(saved), "world_size": run.world, "settings": run.state.settings,
+                              "inputs": run.state.inputs if changed == [] else None})
     run.history = read_history(checkpoint, out, run.state.step)
     log.info("resumed from %s at step %d (epoch %d, %d batches in)", checkpoint, run.state.step,
              run.state.epoch, run.state.consumed)
     return checkpoint
+
+
+def auto_checkpoint(run: Run) -> Path | None:
+    """resume="auto": the latest checkpoint when it continues this very run (same `input_fingerprint` and
+    number of processes, step within max_steps); else None, once the log has said why and `clear_run` has
+    deleted the earlier run's outputs (main process; every process decides alike from the same files)."""
+    root, max_steps = run.out / "checkpoints", run.config.train.max_steps
+    checkpoint, why = None, None
+    if not (root / LATEST).is_file():
+        why = f"no checkpoint in {root}"
+    else:
+        try:
+            checkpoint = find_checkpoint(run.out, LATEST)
+        except ResumeError as err:
+            why = str(err)
+        else:
+            saved = TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))
+            changed = changed_inputs(saved.inputs, run.state.inputs)
+            if saved.inputs is None:
+                why = f"{checkpoint} records no input fingerprint (an older umo, or resumed over changes)"
+            elif changed:
+                why = f"{checkpoint} was trained on other inputs: {', '.join(changed)} changed"
+            elif saved.world_size != run.world:
+                why = f"{checkpoint} ran on {saved.world_size} processes, this run on {run.world}"
+            elif saved.step > max_steps:
+                why = f"{checkpoint} is past train.max_steps={max_steps}"
+    if why is None:
+        log.info("resume=auto: %s continues this run (same inputs): resuming", checkpoint)
+        return checkpoint
+    earlier = root.exists() or (run.out / "lora").exists()
+    log.log(logging.WARNING if earlier else logging.INFO, "resume=auto: %s; starting from step 0%s", why,
+            f" (deleting the earlier run's checkpoints and outputs in {run.out})" if earlier else "")
+    run.accelerator.wait_for_everyone()  # every process has read the checkpoint before it goes
+    if run.main and earlier:
+        clear_run(run.out)
+    run.accelerator.wait_for_everyone()
+    return None
+
+
+def clear_run(out: Path) -> None:
+    """Delete an earlier run's outputs from `out`: checkpoints/, lora/, history.json, train_metrics.json."""
+    for name in ("checkpoints", "lora"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in (HISTORY_FILE, "train_metrics.json"):
+        (out / name).unlink(missing_ok=True)
 
 
 def read_train_state(checkpoint: Path, settings: dict[str, Any], world: int) -> TrainState:
