@@ -328,7 +328,7 @@ def _publish_links(cwd: Path, config: Config) -> None:
                              key="umo-model-version", description="the model version this run registered")
     if deployed and deployed.get("location"):
         location = deployed["location"]
-        link = location if "://" in location else Path(location).resolve().as_uri()
+        link = location if "://" in location else (cwd / location).resolve().as_uri()
         create_link_artifact(link, link_text=f"{deployed['model']} version {deployed['version']}: {location}",
                              key="umo-deployment", description="what current.json points at after this run")
 

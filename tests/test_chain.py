@@ -154,24 +154,23 @@ def approve_by_hand(project: Path, version: str) -> None:
 
 
 def test_dvc_exp_run_with_another_deployment_setting(project):
-    """An experiment (`dvc exp run -S`) runs only what its setting reaches, and `dvc exp show` lists it. (A
-    retraining override: the flow's test below. A stricter gate here would re-decide version 1, which the first
-    test approved by hand, and leave `champion` on a failed decision: deploy refuses that, rightly.)"""
+    """An experiment (`dvc exp run --temp -S`, in a temporary workspace: the checkout stays as committed) runs only
+    what its setting reaches, into the checkout's registry and deployment ($DVC_ROOT), and `dvc exp show` lists
+    it. (A retraining override: the flow's test below. A stricter gate here would re-decide version 1, which the
+    first test approved by hand, and leave `champion` on a failed decision: deploy refuses that, rightly.)"""
     git(project, "add", "-A")
     git(project, "commit", "-qm", "the chain's first run")
-    out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "deploy.multipart_chunk_mb=8.5"], project).stdout
+    before = (project / "params.yaml").read_bytes(), (project / "dvc.lock").read_bytes()
+    out = run([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-S", "deploy.multipart_chunk_mb=8.5"],
+              project).stdout
     for stage in ("toyworld", "toybase", "prepare", "train", "evaluate", "scaling", "evaluate_scaling", "register",
                   "gate"):
         assert f"Stage '{stage}' didn't change, skipping" in out, stage
     assert "Running stage 'deploy'" in out
-    deployed = json.loads((project / "artifacts/registry/deployed.json").read_text())
-    assert deployed["version"] == "1"  # the hand-approved champion, already in place
+    assert '"version": "1"' in out and f'"location": "{project}/artifacts/deploy"' in out  # the champion, in place
+    assert ((project / "params.yaml").read_bytes(), (project / "dvc.lock").read_bytes()) == before
     shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], project).stdout
     assert "8.5" in shown
-    # back to the committed workspace, as the flow's test expects it
-    git(project, "checkout", "--", "params.yaml", "dvc.lock")
-    # dvc.yaml: the main chain (a bare `dvc checkout` also takes ablation/dvc.yaml, whose outputs never ran here)
-    run([sys.executable, "-m", "dvc", "checkout", "-q", "dvc.yaml"], project)
 
 
 def test_flow_override_is_a_dvc_experiment_that_reruns_only_what_it_changes(project, prefect_harness):

@@ -97,7 +97,12 @@ class Experiment:
             log.info("experiment %s: continuing in %s (an earlier run of these overrides did not finish)", name,
                      workspace)
         else:
-            exp._make()
+            try:
+                exp._make()
+            except BaseException:  # a half-made workspace is never continued
+                if workspace.exists():
+                    exp.remove()
+                raise
         write_overrides(workspace / "params.yaml", overrides)
         return exp
 
@@ -123,11 +128,8 @@ class Experiment:
             if src.is_file() and not dst.exists():
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dst)
-        targets = ["dvc.yaml", *(p.name for p in self.workspace.glob("*.dvc"))]
-        out = subprocess.run(_dvc("checkout", "--allow-missing", "-q", *targets), cwd=self.workspace,
-                             capture_output=True, text=True)
-        if out.returncode != 0:  # a missing cache entry: that stage runs again in the experiment
-            log.warning("experiment %s: dvc checkout: %s", self.name, (out.stderr or out.stdout).strip()[-500:])
+        targets = ["dvc.yaml", *(p.name for p in self.workspace.glob("*.dvc") if p.is_file())]  # data.dvc, ...
+        _run(_dvc("checkout", "--allow-missing", "-q", *targets), self.workspace)  # missing in the cache: rerun
         log.info("experiment %s: workspace %s (HEAD %s, shared cache)", self.name, self.workspace, self.baseline[:8])
 
     def env(self) -> dict[str, str]:

@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 import umo
 from umo.config import (
@@ -60,6 +59,7 @@ from umo.io import atomic_write_bytes, atomic_write_json, save_safetensors, sha2
 from umo.models import load_generator
 from umo.models.base import Generator
 from umo.models.lora import LORA_FILE, add_lora, load_lora, lora_parameters, save_lora
+from umo.progress import progress as umo_progress
 from umo.reward import MatchingReward
 from umo.tracking import Tracker, flatten, tracking_uri
 from umo.train.data import TrainData, epoch_batches, manifest_fingerprint, shard
@@ -607,8 +607,8 @@ def train_loop(run: Run) -> None:
     steps and at the last, sample images every sample_every, a checkpoint every checkpoint_every and at the last.
     Ends the MLflow run: FINISHED, or FAILED when an exception leaves the loop."""
     tc, state, tracker = run.config.train, run.state, run.tracker
-    progress = tqdm(total=tc.max_steps, initial=state.step, desc="train", unit="step", disable=not run.main,
-                    dynamic_ncols=True)
+    # a bar at a terminal; elsewhere a line every 30 s and the orchestrator's progress file (umo.progress)
+    progress = umo_progress(total=tc.max_steps, initial=state.step, desc="train", unit="step", disable=not run.main)
     status = "FAILED"
     try:
         while state.step < tc.max_steps:
@@ -729,7 +729,7 @@ def next_batch(run: Run) -> list[int]:
         state.epoch, state.consumed = state.epoch + 1, 0
 
 
-def log_step(run: Run, parts: list[dict[str, float]], grad_norm: float, progress: tqdm) -> None:
+def log_step(run: Run, parts: list[dict[str, float]], grad_norm: float, progress) -> None:
     """Reduce this step's metrics (a collective: every process calls it) into the history; the main process
     shows METRICS[0] on the progress bar and logs the finite ones to MLflow (unless it has the step already)."""
     state = run.state
