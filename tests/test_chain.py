@@ -154,23 +154,30 @@ def approve_by_hand(project: Path, version: str) -> None:
 
 
 def test_dvc_exp_run_with_another_deployment_setting(project):
-    """An experiment (`dvc exp run --temp -S`, in a temporary workspace: the checkout stays as committed) runs only
-    what its setting reaches, into the checkout's registry and deployment ($DVC_ROOT), and `dvc exp show` lists
-    it. (A retraining override: the flow's test below. A stricter gate here would re-decide version 1, which the
-    first test approved by hand, and leave `champion` on a failed decision: deploy refuses that, rightly.)"""
+    """An experiment (`dvc exp run -S`) runs only what its setting reaches, and `dvc exp show` lists it. (A
+    retraining override: the flow's test below. A stricter gate here would re-decide version 1, which the first
+    test approved by hand, and leave `champion` on a failed decision: deploy refuses that, rightly.) It runs in the
+    workspace, as `dvc exp run` does without --temp: --temp's workspace is made from git alone and lacks the
+    outputs that DVC does not cache (stats.json, the records), so it reruns data prep and the gate, which is why
+    the flow makes its experiments' workspaces itself (umo.experiments)."""
     git(project, "add", "-A")
     git(project, "commit", "-qm", "the chain's first run")
-    before = (project / "params.yaml").read_bytes(), (project / "dvc.lock").read_bytes()
-    out = run([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-S", "deploy.multipart_chunk_mb=8.5"],
-              project).stdout
+    record = project / "artifacts/registry/deployed.json"
+    kept = record.read_bytes()
+    out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "deploy.multipart_chunk_mb=8.5"], project).stdout
     for stage in ("toyworld", "toybase", "prepare", "train", "evaluate", "scaling", "evaluate_scaling", "register",
                   "gate"):
         assert f"Stage '{stage}' didn't change, skipping" in out, stage
     assert "Running stage 'deploy'" in out
-    assert '"version": "1"' in out and f'"location": "{project}/artifacts/deploy"' in out  # the champion, in place
-    assert ((project / "params.yaml").read_bytes(), (project / "dvc.lock").read_bytes()) == before
+    deployed = json.loads(record.read_text())
+    assert deployed["version"] == "1"  # the hand-approved champion, already in place
     shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], project).stdout
     assert "8.5" in shown
+    # back to the committed workspace, as the flow's test expects it: settings, lock and the deploy record
+    git(project, "checkout", "--", "params.yaml", "dvc.lock")
+    record.write_bytes(kept)
+    # dvc.yaml: the main chain (a bare `dvc checkout` also takes ablation/dvc.yaml, whose outputs never ran here)
+    run([sys.executable, "-m", "dvc", "checkout", "-q", "dvc.yaml"], project)
 
 
 def test_flow_override_is_a_dvc_experiment_that_reruns_only_what_it_changes(project, prefect_harness):
@@ -178,6 +185,8 @@ def test_flow_override_is_a_dvc_experiment_that_reruns_only_what_it_changes(proj
     from prefect.artifacts import Artifact
 
     before = (project / "params.yaml").read_bytes()
+    # what the checkout's own pipeline would run now (the first test deployed by hand, outside DVC: deploy)
+    pending = set(json.loads(run([sys.executable, "-m", "dvc", "status", "--json", "dvc.yaml"], project).stdout))
     done = umo_pipeline(overrides={"train.learning_rate": 0.0002}, project_dir=str(project),
                         retry_delay_seconds=0)
     assert done == {s: "skipped" for s in ("toyworld", "toybase", "prepare", "scaling")} | {
@@ -202,7 +211,9 @@ def test_flow_override_is_a_dvc_experiment_that_reruns_only_what_it_changes(proj
     assert f"version {newest.version}: FAILED" in decision.description
     assert rules["faces_scored"]["result"] == "FAIL" and "no faces scored" in rules["faces_scored"]["numbers"]
     assert Artifact.get("umo-deployment") is not None  # the link to what current.json points at
-    # the next default run reads the committed settings: nothing changed for it
+    # the next default run reads the committed settings: the experiment changed nothing for it
+    assert pending <= {"deploy"}
+    assert umo_pipeline(project_dir=str(project)) == {s: "ran" if s in pending else "skipped" for s in STAGES}
     assert umo_pipeline(project_dir=str(project)) == {s: "skipped" for s in STAGES}
 
 
