@@ -74,7 +74,8 @@ REGISTRY_LIMIT = "umo-registry"
 TAIL_LINES = 40
 PROGRESS_LINE_EVERY = 30.0  # seconds between two log lines of a redrawn progress bar
 TERMINATE_GRACE = 30.0
-APPROVAL_POLL_SECONDS = 5  # how often a paused flow looks for the person's answer  # seconds between SIGTERM and SIGKILL of a stage past its timeout
+# How often a paused flow looks for the person's answer (Prefect's default: 10 s).
+APPROVAL_POLL_SECONDS = int(os.environ.get("UMO_APPROVAL_POLL_SECONDS", "10"))  # seconds between SIGTERM and SIGKILL of a stage past its timeout
 
 
 class StageFailed(RuntimeError):
@@ -334,14 +335,15 @@ def _publish_links(cwd: Path, config: Config) -> None:
 
 
 def _publish_matching_image(cwd: Path, report: Path, config: Config) -> None:
-    """The evaluation's first matching picture as an image artifact, when the MLflow server serves it (the run's
-    evaluation/ artifacts, by URL); with a local store the `umo-matching` markdown artifact holds it inline."""
+    """The evaluation's first comparison grid (references | base | candidate, with the judge's matching) as an
+    image artifact, when an MLflow server serves it (the registered run's evaluation/grids, by URL); with a local
+    store the `umo-matching` markdown artifact holds the pictures inline."""
     ui, registered = _ui_base(config), _read(cwd, REGISTERED_RECORD)
-    pictures = sorted((cwd / report / "matching" / "candidate").glob("*.png"))
-    if ui and registered and pictures:
-        path = f"evaluation/matching/candidate/{pictures[0].name}"
+    grids = sorted((cwd / report / "grids").glob("*.png"))
+    if ui and registered and grids:
+        path = f"evaluation/grids/{grids[0].name}"
         create_image_artifact(f"{ui}/get-artifact?path={path}&run_uuid={registered['run_id']}",
-                              key="umo-matching-image", description=f"the judge's matching: {pictures[0].stem}")
+                              key="umo-matching-image", description=f"the evaluation's grid {grids[0].stem}")
 
 
 def create_image_artifact(url: str, key: str, description: str) -> None:

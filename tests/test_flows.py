@@ -369,7 +369,7 @@ def wait_paused(server, proc: subprocess.Popen, log: Path, timeout: float = 180.
         paused = api(server, "/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}}})
         if paused:
             return paused[0]
-        time.sleep(1)
+        time.sleep(0.5)
     raise TimeoutError(log.read_text()[-4000:])
 
 
@@ -404,10 +404,14 @@ def test_human_approval_pauses_the_flow_then_deploys_or_stops(initialized, prefe
     for v in ("1", "2"):
         client.create_model_version("umo-flux2-klein-lora", source=str(project), tags={"gate.decision": "passed"})
 
-    def answer(version: str, run_input: dict) -> subprocess.Popen:
-        (project / "version.txt").write_text(version)
-        log = tmp_path / f"flow-{version}.log"
-        proc = run_flow_process(prefect_server, project, log)
+    # one process runs both flows (version 1, then version 2), each pausing for its answer
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from flows.umo_pipeline import umo_pipeline\n"
+            f"for v in ('1', '2'):\n    open('version.txt', 'w').write(v); umo_pipeline(project_dir={str(project)!r})\n")
+    log = tmp_path / "flows.log"
+    proc = subprocess.Popen([PY, "-c", code], cwd=project, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            env=cli_env(prefect_server, UMO_APPROVAL_POLL_SECONDS="1"))
+
+    def answer(run_input: dict) -> None:
         paused = wait_paused(prefect_server, proc, log)
         bad = urllib.request.Request(f"{prefect_server.uri}/api/flow_runs/{paused['id']}/resume", method="POST",
                                      data=json.dumps({"run_input": {"decision": "maybe", "reason": "x"}}).encode(),
@@ -415,18 +419,49 @@ def test_human_approval_pauses_the_flow_then_deploys_or_stops(initialized, prefe
         with urllib.request.urlopen(bad, timeout=30) as r:  # the form's types are checked: refused, still paused
             assert json.loads(r.read())["status"] == "REJECT"
         assert api(prefect_server, f"/flow_runs/{paused['id']}/resume", {"run_input": run_input})["status"] == "ACCEPT"
-        assert proc.wait(timeout=180) == 0, log.read_text()[-4000:]
-        return proc
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and api(prefect_server, "/flow_runs/filter", {"flow_runs": {
+                "id": {"any_": [paused["id"]]}}})[0]["state_type"] not in ("COMPLETED", "FAILED", "CRASHED"):
+            time.sleep(0.5)
 
-    answer("1", {"decision": "approve", "reason": "faces hold on the held-out set", "approver": "alice"})
+    answer({"decision": "approve", "reason": "faces hold on the held-out set", "approver": "alice"})
     tags = client.get_model_version("umo-flux2-klein-lora", "1").tags
     assert (tags["approval.status"], tags["approval.reason"], tags["approval.approver"]) == (
         "approved", "faces hold on the held-out set", "alice")
     assert str(client.get_model_version_by_alias("umo-flux2-klein-lora", "champion").version) == "1"
     assert json.loads((project / "deployed.json").read_text()) == {"version": "1"}  # deployed after the answer
 
-    answer("2", {"decision": "reject", "reason": "a regression on crowded scenes", "approver": "bob"})
+    answer({"decision": "reject", "reason": "a regression on crowded scenes", "approver": "bob"})
+    assert proc.wait(timeout=120) == 0, log.read_text()[-4000:]
     tags = client.get_model_version("umo-flux2-klein-lora", "2").tags
     assert (tags["approval.status"], tags["approval.reason"]) == ("rejected", "a regression on crowded scenes")
     assert str(client.get_model_version_by_alias("umo-flux2-klein-lora", "champion").version) == "1"
     assert json.loads((project / "deployed.json").read_text()) == {"version": "1"}  # no deployment of version 2
+
+
+def test_links_and_the_matching_image_point_at_the_mlflow_server_and_the_deployment(tmp_path, prefect_harness):
+    """With tracking on an MLflow server, the flow links the model version's page and shows the evaluation's
+    matching picture as an image artifact served by that server; the deployment's link is its location."""
+    from prefect import flow
+    from prefect.artifacts import Artifact
+
+    from flows.umo_pipeline import DEPLOYED_RECORD, REGISTERED_RECORD, _publish_links, _publish_matching_image
+
+    (tmp_path / REGISTERED_RECORD).parent.mkdir(parents=True)
+    (tmp_path / REGISTERED_RECORD).write_text(json.dumps({"model": "umo-x", "version": "7", "run_id": "abc123"}))
+    (tmp_path / DEPLOYED_RECORD).write_text(json.dumps({"model": "umo-x", "version": "7",
+                                                         "location": "s3://models/umo", "changed": True}))
+    (tmp_path / "report/grids").mkdir(parents=True)
+    (tmp_path / "report/grids/improved-0-item-3.png").write_bytes(b"png")
+    config = load_config(None, ["tracking.tracking_uri=http://127.0.0.1:5999"])
+
+    @flow
+    def publish():
+        _publish_links(tmp_path, config)
+        _publish_matching_image(tmp_path, Path("report"), config)
+
+    publish()
+    assert Artifact.get("umo-model-version").data == "[umo-x version 7 (MLflow)](http://127.0.0.1:5999/#/models/umo-x/versions/7)"
+    assert Artifact.get("umo-deployment").data == "[umo-x version 7: s3://models/umo](s3://models/umo)"
+    assert Artifact.get("umo-matching-image").data == (
+        "http://127.0.0.1:5999/get-artifact?path=evaluation/grids/improved-0-item-3.png&run_uuid=abc123")
