@@ -87,7 +87,7 @@ def attempts(project: Path, stage: str) -> int:
     return int(f.read_text()) if f.exists() else 0
 
 
-def test_stages_run_then_skip_by_dvc_hashes(project, prefect_harness):
+def test_stages_run_then_skip_by_dvc_hashes(project, prefect_here):
     assert umo_pipeline(stages=["ok"], project_dir=str(project)) == {"ok": "ran"}
     assert (project / "ok.out").read_text() == "done"
     assert umo_pipeline(stages=["ok"], project_dir=str(project)) == {"ok": "skipped"}
@@ -97,13 +97,13 @@ def test_stages_run_then_skip_by_dvc_hashes(project, prefect_harness):
     assert attempts(project, "ok") == 2
 
 
-def test_a_recorded_connection_failure_is_retried(project, prefect_harness):
+def test_a_recorded_connection_failure_is_retried(project, prefect_here):
     result = umo_pipeline(stages=["flaky", "ok"], project_dir=str(project), retry_delay_seconds=0)
     assert result == {"ok": "ran", "flaky": "ran"}  # in dvc.yaml's order
     assert attempts(project, "flaky") == 2
 
 
-def test_a_value_error_fails_at_once_whatever_the_log_says(project, prefect_harness):
+def test_a_value_error_fails_at_once_whatever_the_log_says(project, prefect_here):
     with pytest.raises(StageFailed) as err:
         umo_pipeline(stages=["broken"], project_dir=str(project), retry_delay_seconds=0)
     assert attempts(project, "broken") == 1  # not retried, though a line of its log names a ConnectionError
@@ -166,7 +166,7 @@ def test_umo_records_a_real_mlflow_outage_as_transient(tmp_path):
     assert rec["transient"], rec
 
 
-def test_a_stage_past_its_timeout_is_stopped_with_its_children_and_not_retried(project, prefect_harness):
+def test_a_stage_past_its_timeout_is_stopped_with_its_children_and_not_retried(project, prefect_here):
     with pytest.raises(StageTimedOut, match="ran past its timeout of 3 s"):
         umo_pipeline(stages=["slow"], project_dir=str(project), retry_delay_seconds=0, timeouts={"slow": 0.05})
     assert attempts(project, "slow") == 1
@@ -174,7 +174,7 @@ def test_a_stage_past_its_timeout_is_stopped_with_its_children_and_not_retried(p
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
 
 
-def test_progress_bars_become_a_progress_artifact_and_few_log_lines(project, prefect_harness):
+def test_progress_bars_become_a_progress_artifact_and_few_log_lines(project, prefect_here):
     from prefect.artifacts import Artifact
 
     from flows.umo_pipeline import _lines
@@ -187,7 +187,7 @@ def test_progress_bars_become_a_progress_artifact_and_few_log_lines(project, pre
     assert list(_lines(chunks)) == [("c", True), ("plain", False), ("x 2", True), ("end", False)]
 
 
-def test_unknown_stage_and_bad_override_fail_before_anything_runs(project, prefect_harness):
+def test_unknown_stage_and_bad_override_fail_before_anything_runs(project, prefect_here):
     with pytest.raises(ValueError, match=r"no stage 'trian'"):
         umo_pipeline(stages=["trian"], project_dir=str(project))
     before = (project / "params.yaml").read_text()
@@ -196,7 +196,7 @@ def test_unknown_stage_and_bad_override_fail_before_anything_runs(project, prefe
     assert (project / "params.yaml").read_text() == before and attempts(project, "ok") == 0
 
 
-def test_overrides_run_as_a_dvc_experiment_and_leave_params_yaml_alone(project, prefect_harness):
+def test_overrides_run_as_a_dvc_experiment_and_leave_params_yaml_alone(project, prefect_here):
     before = (project / "params.yaml").read_bytes()
     committed = load_config(project / "params.yaml").train.learning_rate
     done = umo_pipeline(stages=["show"], overrides={"train.learning_rate": 2e-4}, project_dir=str(project))
@@ -251,6 +251,18 @@ def prefect_server(tmp_path_factory):
     server = PrefectServer(tmp_path_factory.mktemp("prefect")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def prefect_here(prefect_server):
+    """This process's flows on the module's real server (instead of the test harness's own: one server start)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+
+    from prefect.logging.handlers import APILogHandler
+
+    with temporary_settings({PREFECT_API_URL: f"{prefect_server.uri}/api", PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        yield
+        APILogHandler().flush()  # this test's logs reach the server while it runs
 
 
 def cli_env(server, **extra: str) -> dict[str, str]:
@@ -313,9 +325,10 @@ def test_prefect_server_worker_deploy_and_run_pinned(initialized, prefect_server
         log = open(tmp_path / "worker.log", "wb")
         worker = subprocess.Popen([*prefect, "worker", "start", "--pool", "umo-process", "--limit", "1"],
                                   cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                  env=env | {"UMO_GIT_URL": str(project), "UMO_RUNS_DIR": str(runs_dir)})
+                                  env=env | {"UMO_GIT_URL": str(project), "UMO_RUNS_DIR": str(runs_dir),
+                                             "PREFECT_WORKER_QUERY_SECONDS": "1"})  # (default 10 s)
         out = subprocess.run([*prefect, "deployment", "run", "umo-pipeline/on-demand-pinned", "--watch",
-                              "--watch-timeout", "300"], cwd=tmp_path, env=env, capture_output=True, text=True)
+                              "--watch-interval", "1", "--watch-timeout", "300"], cwd=tmp_path, env=env, capture_output=True, text=True)
         runs = api(server, "/flow_runs/filter",
                    {"deployments": {"id": {"any_": [deployments["on-demand-pinned"]["id"]]}}})
         assert len(runs) == 1 and runs[0]["state_type"] == "COMPLETED", (
@@ -439,7 +452,7 @@ def test_human_approval_pauses_the_flow_then_deploys_or_stops(initialized, prefe
     assert json.loads((project / "deployed.json").read_text()) == {"version": "1"}  # no deployment of version 2
 
 
-def test_links_and_the_matching_image_point_at_the_mlflow_server_and_the_deployment(tmp_path, prefect_harness):
+def test_links_and_the_matching_image_point_at_the_mlflow_server_and_the_deployment(tmp_path, prefect_here):
     """With tracking on an MLflow server, the flow links the model version's page and shows the evaluation's
     matching picture as an image artifact served by that server; the deployment's link is its location."""
     from prefect import flow
