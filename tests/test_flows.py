@@ -451,6 +451,14 @@ def test_human_approval_pauses_the_flow_then_deploys_or_stops(initialized, prefe
     assert str(client.get_model_version_by_alias("umo-flux2-klein-lora", "champion").version) == "1"
     assert json.loads((project / "deployed.json").read_text()) == {"version": "1"}  # no deployment of version 2
 
+    from umo.registry import RegistryError, approve
+
+    client.create_model_version("umo-flux2-klein-lora", source=str(project), tags={"gate.decision": "failed"})
+    config = load_config(project / "params.yaml")
+    with pytest.raises(RegistryError, match="the gate did not pass it"):
+        approve(config.registry, config.tracking, version="3", approved=True, reason="looks fine", approver="eve")
+    assert str(client.get_model_version_by_alias("umo-flux2-klein-lora", "champion").version) == "1"
+
 
 def test_links_and_the_matching_image_point_at_the_mlflow_server_and_the_deployment(tmp_path, prefect_here):
     """With tracking on an MLflow server, the flow links the model version's page and shows the evaluation's
