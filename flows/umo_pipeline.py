@@ -48,8 +48,8 @@ from uuid import UUID
 import yaml
 from PIL import Image
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
-                               create_table_artifact, update_progress_artifact)
+from prefect.artifacts import (create_image_artifact, create_link_artifact, create_markdown_artifact,
+                               create_progress_artifact, create_table_artifact, update_progress_artifact)
 from prefect.concurrency.sync import concurrency
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
@@ -312,44 +312,34 @@ def _publish_gate(cwd: Path) -> None:
 
 
 def _ui_base(config: Config) -> str | None:
-    """The MLflow UI's address when tracking is an HTTP server (a local SQLite store has none)."""
-    from umo.tracking import redact_uri, tracking_uri
+    """The MLflow UI's address when tracking is an HTTP server: the configured URI, else $MLFLOW_TRACKING_URI (the
+    embedded default, a local SQLite store, has no UI to link)."""
+    from umo.tracking import redact_uri  # lazy: mlflow, only where a run registered something
 
-    uri = redact_uri(tracking_uri(config.tracking.tracking_uri))
+    uri = redact_uri(config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
 
 
-def _publish_links(cwd: Path, config: Config) -> None:
-    """Links to the registered model version (MLflow's UI) and to the deployed location."""
-    registered, deployed = _read(cwd, REGISTERED_RECORD), _read(cwd, DEPLOYED_RECORD)
-    ui = _ui_base(config)
+def _publish_registry(cwd: Path, report: Path, config: Config) -> None:
+    """Links to the registered model version (MLflow's UI) and to the deployed location; the evaluation's first
+    comparison grid (references | base | candidate, with the judge's matching) as an image artifact, when an
+    MLflow server serves it (the registered run's evaluation/grids, by URL; with a local store the
+    `umo-matching` markdown artifact holds the pictures inline)."""
+    registered, deployed, ui = _read(cwd, REGISTERED_RECORD), _read(cwd, DEPLOYED_RECORD), _ui_base(config)
     if registered and ui:
         create_link_artifact(f"{ui}/#/models/{registered['model']}/versions/{registered['version']}",
                              link_text=f"{registered['model']} version {registered['version']} (MLflow)",
                              key="umo-model-version", description="the model version this run registered")
+        grids = sorted((cwd / report / "grids").glob("*.png"))
+        if grids:
+            create_image_artifact(f"{ui}/get-artifact?path=evaluation/grids/{grids[0].name}"
+                                  f"&run_uuid={registered['run_id']}",
+                                  key="umo-matching-image", description=f"the evaluation's grid {grids[0].stem}")
     if deployed and deployed.get("location"):
         location = deployed["location"]
         link = location if "://" in location else (cwd / location).resolve().as_uri()
         create_link_artifact(link, link_text=f"{deployed['model']} version {deployed['version']}: {location}",
                              key="umo-deployment", description="what current.json points at after this run")
-
-
-def _publish_matching_image(cwd: Path, report: Path, config: Config) -> None:
-    """The evaluation's first comparison grid (references | base | candidate, with the judge's matching) as an
-    image artifact, when an MLflow server serves it (the registered run's evaluation/grids, by URL); with a local
-    store the `umo-matching` markdown artifact holds the pictures inline."""
-    ui, registered = _ui_base(config), _read(cwd, REGISTERED_RECORD)
-    grids = sorted((cwd / report / "grids").glob("*.png"))
-    if ui and registered and grids:
-        path = f"evaluation/grids/{grids[0].name}"
-        create_image_artifact(f"{ui}/get-artifact?path={path}&run_uuid={registered['run_id']}",
-                              key="umo-matching-image", description=f"the evaluation's grid {grids[0].stem}")
-
-
-def create_image_artifact(url: str, key: str, description: str) -> None:
-    from prefect.artifacts import create_image_artifact as create
-
-    create(url, key=key, description=description)
 
 
 # ------------------------------------------------------------------------------------------------ the flows
@@ -447,7 +437,7 @@ def umo_pipeline(overrides: dict[str, Any] | None = None, stages: list[str] | No
     changed = _changed("dvc.yaml", cwd, env)
     done: dict[str, str] = {}
     for stage in todo:
-        timeout = 60 * (timeouts or {}).get(stage, orch.timeout_for(stage) / 60)
+        timeout = 60 * timeouts[stage] if timeouts and stage in timeouts else orch.timeout_for(stage)
         unchanged = stage not in changed and "ran" not in done.values()
         force = False
         if stage == "deploy" and done.get("gate") == "ran" and config.registry.approval == "human":
@@ -469,8 +459,7 @@ def umo_pipeline(overrides: dict[str, Any] | None = None, stages: list[str] | No
         elif stage == "gate":
             _publish_gate(cwd)
     if {"register", "deploy"} & set(done):
-        _publish_links(cwd, config)
-        _publish_matching_image(cwd, Path(config.eval.out), config)
+        _publish_registry(cwd, Path(config.eval.out), config)
     if experiment is not None:
         ref = experiment.save(todo)
         logger.info("experiment %s saved as %s (dvc exp show)", experiment.name, ref)

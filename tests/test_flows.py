@@ -466,7 +466,7 @@ def test_links_and_the_matching_image_point_at_the_mlflow_server_and_the_deploym
     from prefect import flow
     from prefect.artifacts import Artifact
 
-    from flows.umo_pipeline import DEPLOYED_RECORD, REGISTERED_RECORD, _publish_links, _publish_matching_image
+    from flows.umo_pipeline import DEPLOYED_RECORD, REGISTERED_RECORD, _publish_registry
 
     (tmp_path / REGISTERED_RECORD).parent.mkdir(parents=True)
     (tmp_path / REGISTERED_RECORD).write_text(json.dumps({"model": "umo-x", "version": "7", "run_id": "abc123"}))
@@ -478,8 +478,7 @@ def test_links_and_the_matching_image_point_at_the_mlflow_server_and_the_deploym
 
     @flow
     def publish():
-        _publish_links(tmp_path, config)
-        _publish_matching_image(tmp_path, Path("report"), config)
+        _publish_registry(tmp_path, Path("report"), config)
 
     publish()
     assert Artifact.get("umo-model-version").data == "[umo-x version 7 (MLflow)](http://127.0.0.1:5999/#/models/umo-x/versions/7)"

@@ -13,7 +13,7 @@ metrics) and removes the worktree. A failed experiment's worktree stays: the sam
 
     exp = Experiment.open(Path("."), ["train.learning_rate=0.0002"])
     ... run the stages with cwd=exp.workspace, env=exp.env() ...
-    exp.save()
+    exp.save(["train", "evaluate"])   # the stages that ran: their outputs go to the shared cache
 """
 
 from __future__ import annotations
@@ -136,17 +136,16 @@ class Experiment:
         """The stages' environment: $DVC_ROOT is the checkout (umo's shared state resolves there); DVC_EXP_NAME."""
         return {"DVC_ROOT": str(self.project), "DVC_EXP_NAME": self.name, "DVC_EXP_BASELINE_REV": self.baseline}
 
-    def save(self, stages: list[str], keep: bool = False) -> str:
+    def save(self, stages: list[str]) -> str:
         """Record the workspace as the DVC experiment `name` of the checkout's HEAD, committing the outputs of
-        `stages` to the shared cache; remove the worktree (keep: leave it). Returns the experiment's git ref."""
-        metrics = [p for p in _untracked_metrics(self.workspace)]
+        `stages` to the shared cache; remove the worktree. Returns the experiment's git ref."""
+        metrics = _untracked_metrics(self.workspace)
         cmd = _dvc("exp", "save", "-f", "-n", self.name, *(x for m in metrics for x in ("-I", m)), *stages)
         _run(cmd, self.workspace, os.environ | self.env())
         ref = f"refs/exps/{self.baseline[:2]}/{self.baseline[2:]}/{self.name}"
         log.info("experiment %s saved (%s); `dvc exp show` lists it, `dvc exp apply %s` brings it into a checkout",
                  self.name, ref, self.name)
-        if not keep:
-            self.remove()
+        self.remove()
         return ref
 
     def remove(self) -> None:

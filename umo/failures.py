@@ -111,7 +111,7 @@ def record(exc: BaseException) -> Path | None:
 
 
 def read_records(folder: str | Path) -> list[dict[str, Any]]:
-    """The failure records that a stage's processes wrote into `folder` (pid order)."""
+    """The failure records that a stage's processes wrote into `folder`, oldest first."""
     files = sorted(Path(folder).glob("failure-*.json"), key=lambda p: p.stat().st_mtime)
     return [json.loads(p.read_text()) for p in files]
 
