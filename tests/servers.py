@@ -90,6 +90,14 @@ class MotoServer(_Server):
         self._launch(cmd, "moto.log", "/moto-api/data.json", env)
         return self
 
+    def check_credentials(self, on: bool) -> None:
+        """Turn moto's IAM authentication on (from the next request: an unknown access key or a wrong secret
+        is refused, as AWS refuses them) or off (any key accepted) on the running server."""
+        req = urllib.request.Request(f"{self.uri}/moto-api/reset-auth", data=b"0" if on else b"inf", method="POST",
+                                     headers={"Content-Type": "text/plain"})  # moto reads the raw body
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200, r.read()
+
 
 class PrefectServer(_Server):
     """`prefect server start` (SQLite, no UI) with its own PREFECT_HOME; `env()` is what its clients need."""

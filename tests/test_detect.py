@@ -3,6 +3,7 @@ insightface's real routing, run on synthetic images whose faces sit at known lan
 
 from __future__ import annotations
 
+import logging
 import socket
 import warnings
 
@@ -13,7 +14,11 @@ from insightface.model_zoo.arcface_onnx import ArcFaceONNX
 from insightface.model_zoo.scrfd import SCRFD
 from torch import nn
 
+from umo.config import ConfigError, DetectorConfig, load_config
+from umo.faces import runtime
 from umo.faces.detect import FaceDetector
+from umo.faces.embed import OnnxRecognizer
+from umo.faces.runtime import execution_providers
 from umo.faces.types import Detections
 from umo.toy.onnx_export import export_detector_onnx, export_recognizer_onnx
 from umo.toy.tiny.faces import (
@@ -320,3 +325,45 @@ def test_synthetic_helpers():
     lm = face_landmarks((10.0, 20.0), 56.0)
     assert lm.shape == (5, 2) and np.allclose(lm[2], (10.0, 20.0))
     assert lm[0, 0] < lm[1, 0] and lm[0, 1] < lm[2, 1] < lm[3, 1]
+
+
+# ---------------------------------------------------------------- execution providers (faces.providers)
+
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+
+
+def test_providers_resolve_from_the_setting(monkeypatch, caplog):
+    """auto: CUDA then the CPU where onnxruntime has CUDA, else the CPU; CUDA asked for (by the list, or by auto
+    where torch sees a GPU) but missing: the CPU, said in one log line for the whole process."""
+    monkeypatch.setattr(runtime, "_reported", set())
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: [CUDA, CPU])
+    assert execution_providers("auto") == [CUDA, CPU]
+    assert execution_providers([CUDA]) == [CUDA, CPU] and execution_providers([CPU, CUDA]) == [CPU, CUDA]
+    assert execution_providers(None) == [CPU]
+
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: [CPU])
+    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="umo.faces.runtime"):
+        assert execution_providers("auto") == [CPU]  # a machine without a GPU: nothing to fall back from
+        assert not caplog.records
+        assert execution_providers([CUDA, CPU]) == [CPU]
+        monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: True)
+        assert execution_providers("auto") == [CPU] and execution_providers([CUDA]) == [CPU]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"faces.providers: {CUDA} not available in this onnxruntime (it has {CPU}); the face models run on {CPU} "
+        "(CUDA needs the onnxruntime-gpu package)"]
+
+    with pytest.raises(ValueError, match=r"\['CUDAProvider'\] is not an onnxruntime execution provider"):
+        execution_providers(["CUDAProvider"])
+    assert load_config(None, ["faces.providers=[CPUExecutionProvider]"]).faces.providers == [CPU]
+    assert load_config(None).faces.providers == "auto"
+    with pytest.raises(ConfigError, match="providers"):
+        load_config(None, ["faces.providers=cuda"])
+
+
+def test_face_model_sessions_run_on_the_resolved_providers(model_dir, caplog):
+    """Built from the setting, the real onnxruntime sessions run on the CPU here, CUDA asked for or not."""
+    det = FaceDetector.from_config(DetectorConfig(root=str(model_dir), pack=None), providers="auto")
+    assert det.session.get_providers() == [CPU]
+    for providers in ("auto", [CUDA, CPU]):
+        assert OnnxRecognizer(model_dir / "rec_tiny.onnx", providers=providers).model.session.get_providers() == [CPU]

@@ -15,6 +15,7 @@ import pytest
 
 from umo.config import ConfigError, GateConfig, load_config
 from umo.eval.score import ImageScore, ItemScore, aggregate
+from umo.serve import serve_settings
 from umo.registry import gate, register, rules
 
 MIN = GateConfig().min_scored_references  # 16, params.yaml's too
@@ -22,8 +23,7 @@ MIN = GateConfig().min_scored_references  # 16, params.yaml's too
 
 def register_from(config, **kw):
     """register() with the sections of one params file."""
-    return register(config.registry, config.tracking, generator=config.generator, lora=config.lora,
-                    sampler_steps=config.eval.steps, **kw)
+    return register(config.registry, config.tracking, serving=serve_settings(config), lora=config.lora, **kw)
 
 
 def column(id_sim: float, /, **changes) -> dict:

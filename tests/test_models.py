@@ -237,3 +237,20 @@ def test_a_file_that_is_not_safetensors_is_named_when_made_canonical(tmp_path):
     bad.write_bytes(b"abc")
     with pytest.raises(ValueError, match=r"w.safetensors: not a safetensors file \(3 bytes\)"):
         canonical_safetensors(bad)
+
+
+def test_a_component_with_pickled_weights_only_is_named(tiny_generator_dir, tmp_path):
+    """Weights load from safetensors only (use_safetensors=True): a component saved with safe_serialization=False
+    is an error naming the folder and the component, and saying to convert it, before diffusers reads anything."""
+    import shutil
+
+    from diffusers import AutoencoderKLFlux2
+
+    folder = shutil.copytree(tiny_generator_dir, tmp_path / "pickled")
+    vae = AutoencoderKLFlux2.from_pretrained(folder / "vae", use_safetensors=True)
+    shutil.rmtree(folder / "vae")
+    vae.save_pretrained(folder / "vae", safe_serialization=False)
+    assert sorted(p.name for p in (folder / "vae").iterdir()) == ["config.json", "diffusion_pytorch_model.bin"]
+    with pytest.raises(ValueError, match=rf"generator folder {folder}: component vae/ holds only pickled weights "
+                                         r"\(diffusion_pytorch_model.bin\); .* convert it"):
+        generator(folder)

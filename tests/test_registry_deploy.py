@@ -13,6 +13,9 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import boto3
@@ -23,13 +26,17 @@ import yaml
 from browser import dump_dom, dump_dom_showing
 from evalkit import eval_config, fixed_judges, random_lora
 from PIL import Image
-from servers import MotoServer
+from freshenv import fresh_venv, path_without, pinned
+from servers import MotoServer, free_port, stop, wait_http
 from trainkit import fixed_reward, make_manifest, train_with
 
 from umo.deploy import DeployError, deploy, parse_target, rollback, verify_current
+from umo.config import to_dict
 from umo.eval.run import evaluate
-from umo.registry import CHAMPION, RegistryError, champion_lora, gate, register
+from umo.serve import serve_settings
+from umo.registry import CHAMPION, RegistryError, champion_lora, gate, logged_model_id, register
 
+ROOT = Path(__file__).resolve().parents[1]
 SECRET = "umo-test-secret-key-never-logged"
 NAME = "umo-test"
 LENIENT = ["registry.gate.min_id_sim_gain=-100", "registry.gate.max_id_conf_drop=100",
@@ -80,8 +87,7 @@ def world(toy_world, tiny_generator_dir, tmp_path_factory, mlflow_service):
 
 def register_from(config, **kw):
     """register() with the sections of one params file."""
-    return register(config.registry, config.tracking, generator=config.generator, lora=config.lora,
-                    sampler_steps=config.eval.steps, **kw)
+    return register(config.registry, config.tracking, serving=serve_settings(config), lora=config.lora, **kw)
 
 
 def test_registration_carries_the_evidence_and_is_not_repeated(world, monkeypatch):
@@ -126,6 +132,30 @@ def test_registration_carries_the_evidence_and_is_not_repeated(world, monkeypatc
                                                                           f"evaluation/matching/{model}")}
         assert drawn and {d.rsplit("-", 1)[-1] for d in drawn} == grids
 
+    # MLflow 3's evidence: the report's numbers are the LoggedModel's metrics, each on the data set it measured
+    logged = client.get_logged_model(logged_model_id(mv))
+    on_model = {m.key: m for m in logged.metrics}
+    held_out = metrics["dataset"]
+    assert on_model["eval.candidate.id_sim"].value == pytest.approx(metrics["candidate"]["id_sim"])
+    assert (on_model["eval.candidate.id_sim"].dataset_name, on_model["eval.candidate.id_sim"].dataset_digest) == \
+        ("heldout", held_out["digest"])
+    # the training run's inputs: the training manifest (logged by training) and the evaluated set
+    inputs = {(d.dataset.name, d.tags[0].value): d.dataset for d in run.inputs.dataset_inputs}
+    assert inputs[("heldout", "evaluation")].digest == held_out["digest"] and ("train", "training") in inputs
+    assert run.data.tags["mlflow.source.git.commit"] and run.data.tags["mlflow.source.name"] == "umo train"
+    # the model: from code, umo's sources beside it (not the toy world), pinned requirements, signature, example
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=client.get_model_version_download_uri(NAME, "1"), dst_path=str(world["root"] / "model-v1"),
+        tracking_uri=world["server"].uri))
+    requirements = (local / "requirements.txt").read_text().split()
+    assert "torch==2.13.0" in requirements and not any(r.startswith(("umo", "prefect", "dvc")) for r in requirements)
+    assert (local / "code" / "umo" / "serve.py").is_file() and not (local / "code" / "umo" / "toy").exists()
+    assert not list(local.rglob("*.pkl")) and "python_model.pkl" not in (local / "MLmodel").read_text()
+    example = json.loads((local / "serving_input_example.json").read_text())["dataframe_split"]
+    assert example["columns"] == ["prompt", "references", "seed"] and len(example["data"][0][1]) == 2
+    signature = yaml.safe_load((local / "MLmodel").read_text())["signature"]
+    assert '"references", "type": "array"' in signature["inputs"].replace("'", '"') or "array" in signature["inputs"]
+
     again = register_from(config, train_dir=world["train"], report=world["report"].out)
     assert (again.version, again.created) == ("1", False)
     assert len(client.search_model_versions(f"name = '{NAME}'")) == 1
@@ -148,12 +178,64 @@ def test_the_registered_pyfunc_generates_from_a_prompt_and_references(world, mon
     register_from(world["config"](), train_dir=world["train"], report=world["report"].out)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", world["server"].uri)  # where a user's process finds it
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
-    refs = sorted(str(p) for p in (world["root"] / "data" / "refs").glob("*.png"))[:2]
-    rows = pd.DataFrame({"prompt": ["two people", "two people"], "references": [json.dumps(refs)] * 2,
-                         "seed": [3, 3]})
+    refs = [base64.b64encode(p.read_bytes()).decode()
+            for p in sorted((world["root"] / "data" / "refs").glob("*.png"))[:2]]
+    rows = pd.DataFrame({"prompt": ["two people", "two people"], "references": [refs] * 2, "seed": [3, 3]})
     out = model.predict(rows)
     images = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in out["image"]]
     assert images[0].shape == (64, 64, 3) and np.array_equal(images[0], images[1])  # same seed, same image
+
+
+def test_the_registered_model_serves_from_a_fresh_environment(world, tmp_path):
+    """`mlflow models serve` of the version, in a new virtual environment that holds exactly the model's
+    requirements (freshenv: no umo, nothing of this repository), in a folder outside it; a REST call with the
+    model's own input example (a prompt and base64 references) returns an image, and a reference without a face
+    is a 400 that names it."""
+    import mlflow
+
+    register_from(world["config"](), train_dir=world["train"], report=world["report"].out)
+    client = mlflow.MlflowClient(world["server"].uri)
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=client.get_model_version_download_uri(NAME, "1"), dst_path=str(tmp_path / "model"),
+        tracking_uri=world["server"].uri))
+    python = fresh_venv(tmp_path / "venv", pinned((local / "requirements.txt").read_text()))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")} | {
+        "PATH": f"{python.parent}:{path_without(ROOT / '.venv', os.environ.get('PATH', ''))}",
+        "MLFLOW_TRACKING_URI": world["server"].uri}
+    outside = subprocess.run([str(python), "-c", "import umo"], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert outside.returncode != 0 and "No module named 'umo'" in outside.stderr  # only the model brings umo
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([str(python), "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}/1",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                            cwd=elsewhere, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc, log, timeout=240)
+        example = (local / "serving_input_example.json").read_text()
+        answer = post_json(f"http://127.0.0.1:{port}/invocations", example)
+        (row,) = answer["predictions"]
+        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(row["image"]))))
+        assert image.shape == (64, 64, 3) and image.std() > 0
+        faceless = io.BytesIO()
+        Image.new("RGB", (48, 48), (128, 128, 128)).save(faceless, format="PNG")
+        request = json.loads(example)
+        request["dataframe_split"]["data"][0][1][1] = base64.b64encode(faceless.getvalue()).decode()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            post_json(f"http://127.0.0.1:{port}/invocations", json.dumps(request))
+        message = json.loads(refused.value.read())["message"]
+        assert refused.value.code == 400 and "reference 0.1: no face found" in message, message
+    finally:
+        stop(proc)
+    assert "umo" not in {p.name for p in (tmp_path / "venv").rglob("site-packages/*")}
+
+
+def post_json(url: str, body: str) -> dict:
+    request = urllib.request.Request(url, data=body.encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as r:
+        return json.loads(r.read())
 
 
 def test_gate_policy_champion_and_deployment_follow_each_other(world, s3, caplog):
@@ -220,6 +302,59 @@ def test_gate_policy_champion_and_deployment_follow_each_other(world, s3, caplog
     assert SECRET not in caplog.text
     run = client.get_run(world["run_id"])
     assert SECRET not in json.dumps([run.data.params, run.data.tags])
+
+
+def test_umo_generate_takes_a_path_an_alias_or_the_deployment_and_runs_the_served_code(world, s3, tmp_path,
+                                                                                        monkeypatch, caplog):
+    """After the gate test: champion = version 2, the S3 deployment points at version 1 (rolled back)."""
+    import mlflow
+
+    from umo.cli import main
+
+    cli = world["cli"]
+    refs = sorted((world["root"] / "data" / "refs").glob("*.png"))[:2]
+    with_refs = [a for r in refs for a in ("--reference", str(r))]
+
+    def generated(lora: str, name: str, *extra: str) -> np.ndarray:
+        assert main(["generate", *cli, "--lora", lora, "--prompt", "two people", *with_refs, "--out",
+                     str(tmp_path / name), "--seed", "3", *extra]) == 0
+        return np.asarray(Image.open(tmp_path / name / "0.png"))
+
+    champion = generated("champion", "alias")
+    record = json.loads((tmp_path / "alias" / "generation.json").read_text())
+    assert record["lora"]["source"] == f"{NAME} version 2 (champion)" and record["seeds"] == [3]
+    # the served model, given the same prompt, references and seed, draws the same image
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", world["server"].uri)
+    served = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(pd.DataFrame({
+        "prompt": ["two people"], "references": [[base64.b64encode(r.read_bytes()).decode() for r in refs]],
+        "seed": [3]}))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(served["image"][0])))), champion)
+    # a LoRA path: version 2's training folder, with the settings of the params file (the tests' settings)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(to_dict(world["config"]())))
+    assert np.array_equal(generated(str(world["root"] / "train-v2" / "lora"), "path", "--params", str(params)),
+                          champion)
+    # the deployment: current.json of the S3 target points at version 1, verified, read, checked
+    deployed = generated("s3://models/umo/prod", "deployed")
+    assert np.array_equal(deployed, generated(f"models:/{NAME}/1", "version-1"))
+    assert not np.array_equal(deployed, champion)
+
+    # bad input: a clear error (exit 2) that names the reference, and no output folder
+    faceless = tmp_path / "wall.png"
+    Image.new("RGB", (48, 48), (128, 128, 128)).save(faceless)
+    limit = world["config"]().prepare.max_identities
+    for references, message in [([refs[0], tmp_path / "missing.png"], "missing.png: no such file"),
+                                ([refs[0], faceless], "wall.png: no face found"),
+                                ([refs[0]] * (limit + 1), f"{limit + 1} references, but this model supports at "
+                                                          f"most {limit}")]:
+        caplog.clear()
+        args = [a for r in references for a in ("--reference", str(r))]
+        assert main(["generate", *cli, "--lora", "champion", "--prompt", "x", *args, "--out",
+                     str(tmp_path / "bad")]) == 2
+        assert message in caplog.text and not (tmp_path / "bad").exists()
+    assert main(["generate", *cli, "--lora", str(tmp_path / "nowhere"), "--prompt", "x", *with_refs, "--out",
+                 str(tmp_path / "bad")]) == 2
+    assert "no such file or folder, and not a registry alias" in caplog.text
 
 
 class FailAfterParts:

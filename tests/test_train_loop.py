@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -239,10 +240,25 @@ def test_training_logs_to_a_real_mlflow_server(run, mlflow_server, monkeypatch, 
 
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "sentinel-secret-6f2a")
     result = run("t", f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=train-test",
-                 "train.judge_every=2", tracking=True)
+                 "train.judge_every=2", "tracking.system_metrics_seconds=0.2", tracking=True)
     client = MlflowClient(mlflow_server)
-    data = client.get_run(result.run_id).data
+    full = client.get_run(result.run_id)
+    data = full.data
     assert data.params["train.learning_rate"] == "0.003" and data.params["data.samples"] == "4"
+    # only what training reads: its sections, the face models of the reward, the data and the processes
+    assert {k.split(".")[0] for k in data.params} == {"seed", "generator", "lora", "reward", "train", "faces",
+                                                      "data", "dist"}, sorted(data.params)
+    assert not any(k.startswith(("faces.judges", "eval.", "registry.", "deploy.", "toy")) for k in data.params)
+    # the manifest as the training dataset, its digest DVC's md5 of the file
+    (inp,) = full.inputs.dataset_inputs
+    manifest = Path(data.params["data.manifest"])
+    assert (inp.dataset.name, inp.dataset.digest) == ("train", hashlib.md5(manifest.read_bytes()).hexdigest())
+    assert json.loads(inp.dataset.profile) == {"items": 4} and inp.tags[0].value == "training"
+    # MLflow's system metrics, sampled while it trained
+    assert data.metrics["system/cpu_utilization_percentage"] >= 0 and data.metrics["system/system_memory_usage_megabytes"] > 0
+    # where it came from: the checkout's commit
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert (data.tags["mlflow.source.git.commit"], data.tags["mlflow.source.name"]) == (head, "umo train")
     for key in ("loss", "diff_loss", "reward", "reward_matched", "reward_unmatched", "faces_per_sample", "lr",
                 "grad_norm", "skipped_nonfinite"):
         assert [m.step for m in client.get_metric_history(result.run_id, key)] == [1, 2, 3, 4], key

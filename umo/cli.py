@@ -45,7 +45,8 @@ def cmd_faces_detect(args: argparse.Namespace) -> int:
 
     from umo.faces.detect import FaceDetector
 
-    detector = FaceDetector.from_config(load_config(args.params, args.overrides).faces.detector)
+    faces = load_config(args.params, args.overrides).faces
+    detector = FaceDetector.from_config(faces.detector, providers=faces.providers)
     status = 0
     for path in args.images:
         bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
@@ -160,12 +161,12 @@ def cmd_register(args: argparse.Namespace) -> int:
     """A training run + its evaluation report -> an MLflow model version (alias challenger)."""
     # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
     from umo.registry import register
+    from umo.serve import serve_settings
 
     # A RegistryError is a ValueError: main() reports it in one line and exits 2.
     config = load_config(args.params, args.overrides)
-    result = register(config.registry, config.tracking, generator=config.generator, lora=config.lora,
-                      sampler_steps=config.eval.steps, train_dir=args.train, report=args.report,
-                      scaling=args.scaling_report)
+    result = register(config.registry, config.tracking, serving=serve_settings(config), lora=config.lora,
+                      train_dir=args.train, report=args.report, scaling=args.scaling_report)
     _record(args, {"model": result.name, "version": result.version, "run_id": result.run_id,
                    "created": result.created})
     return 0
@@ -229,6 +230,25 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         return 1
     _record(args, {"model": result.model, "version": result.version, "location": result.location,
                    "changed": result.changed})
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Images from a prompt and reference images with a LoRA (a path, a registry alias or the deployment)."""
+    # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
+    from umo.deploy import DeployError
+    from umo.generate import generate
+
+    config = load_config(args.params, args.overrides)
+    seeds = list(range(args.seed, args.seed + args.images))
+    try:  # bad input (a missing reference, no face, too many) is a GenerationError: a ValueError, exit 2
+        record = generate(config, lora=args.lora, prompt=args.prompt, references=args.reference, out=args.out,
+                          seeds=seeds)
+    except DeployError as err:
+        log.error("%s", err)
+        return 1
+    print(json.dumps(record, indent=2))
+    print(f"images: {args.out}")
     return 0
 
 
@@ -322,6 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--none-ok", action="store_true",
                    help="no champion yet (every version refused): say so, record it and exit 0 (the chain's stage)")
     p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("generate", help="generate images from a prompt and reference images with a trained LoRA")
+    add_config_args(p)
+    p.add_argument("--lora", required=True, metavar="PATH|ALIAS|deployed|s3://...",
+                   help="a LoRA file or folder (a package's config.json beside it is used); a registry alias of "
+                        "registry.model_name (champion, challenger, previous) or models:/<name>@<alias>, "
+                        "models:/<name>/<version>; `deployed` (deploy.target) or s3://bucket/prefix: the deployed "
+                        "version, verified")
+    p.add_argument("--prompt", required=True, help="what to draw, e.g. 'two people on a beach'")
+    p.add_argument("--reference", type=Path, action="append", required=True, metavar="IMAGE",
+                   help="one reference image per person, each showing that person's face (repeat the option)")
+    p.add_argument("--out", type=Path, required=True, help="folder for <k>.png and generation.json (replaced whole)")
+    p.add_argument("--images", type=int, default=1, help="how many images (seeds --seed, --seed + 1, ...)")
+    p.add_argument("--seed", type=int, default=0, help="the first seed (default 0)")
+    p.set_defaults(func=cmd_generate)
 
     for extension in extensions():  # e.g. the toy world's commands (umo.toy.extension)
         extension.add_commands(sub)

@@ -90,10 +90,18 @@ class FacesConfig:
     """The evaluation judges, each reported; the FIRST decides the approval gate. All share the detector."""
     min_face_size: float = 0.0
     """Faces whose shorter box side is below this many pixels are ignored (0 = keep all)."""
+    providers: Literal["auto"] | list[str] = "auto"
+    """onnxruntime execution providers of the ONNX face models (detector, judges): auto = CUDA then the CPU where
+    onnxruntime has CUDA (the onnxruntime-gpu package), else the CPU; or a list such as [CPUExecutionProvider]. One
+    that onnxruntime lacks is left out with a log line; the CPU is added last when the list lacks it."""
 
     def __post_init__(self) -> None:
         if self.min_face_size < 0:
             raise ConfigError(f"min_face_size: expected >= 0, got {self.min_face_size}")
+        if not isinstance(self.providers, str) and (
+                not self.providers or not all(p.endswith("ExecutionProvider") for p in self.providers)):
+            raise ConfigError(f"providers: expected auto or a list of onnxruntime execution providers such as "
+                              f"[CUDAExecutionProvider, CPUExecutionProvider], got {self.providers}")
         if not self.judges:
             raise ConfigError("judges: expected at least one judge (the first decides the gate)")
         labels = [j.label for j in self.judges]
@@ -460,11 +468,16 @@ class DeployConfig:
     """Files from this size (MiB) upload in parts."""
     multipart_chunk_mb: float = 16.0
     """Part size in MiB (S3 allows >= 5 MiB except for the last part)."""
+    max_attempts: int = 5
+    """Attempts per S3 request, the first included (botocore's standard retry mode: throttling, 5xx and
+    connection errors are retried with jittered exponential backoff)."""
 
     def __post_init__(self) -> None:
         if self.multipart_threshold_mb <= 0 or self.multipart_chunk_mb < 5:
             raise ConfigError(f"multipart_threshold_mb: expected > 0; multipart_chunk_mb: expected >= 5 (S3's "
                               f"smallest part), got {self.multipart_threshold_mb}, {self.multipart_chunk_mb}")
+        if not 1 <= self.max_attempts <= 20:
+            raise ConfigError(f"max_attempts: expected 1 to 20 attempts per S3 request, got {self.max_attempts}")
 
 
 @dataclass
@@ -474,6 +487,12 @@ class TrackingConfig:
     tracking_uri: str | None = None
     """null = $MLFLOW_TRACKING_URI, else a local SQLite store at artifacts/mlflow/mlflow.db."""
     experiment: str = "umo"
+    system_metrics_seconds: float = 10.0
+    """Training samples the machine (CPU, memory, GPU, disk, network: MLflow's system/* metrics) this often; 0 = off."""
+
+    def __post_init__(self) -> None:
+        if self.system_metrics_seconds < 0:
+            raise ConfigError(f"system_metrics_seconds: expected >= 0 (0 = off), got {self.system_metrics_seconds}")
 
 
 @dataclass

@@ -8,6 +8,7 @@ images as one grid (`to_grid`, `from_grid`).
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,14 +36,26 @@ def decode_rgb(path: str | Path, *, max_pixels: int | None, min_side: int = 1) -
     path = Path(path)
     if path.stat().st_size == 0:
         raise BadImage("empty_file", str(path))
+    return _decode(path, str(path), max_pixels=max_pixels, min_side=min_side)
+
+
+def decode_rgb_bytes(data: bytes, name: str, *, max_pixels: int | None,
+                     min_side: int = 1) -> tuple[np.ndarray, list[str]]:
+    """`decode_rgb` of an encoded image held in memory (a request's upload); `name` is what errors call it."""
+    if not data:
+        raise BadImage("empty_file", name)
+    return _decode(io.BytesIO(data), name, max_pixels=max_pixels, min_side=min_side)
+
+
+def _decode(source, name: str, *, max_pixels: int | None, min_side: int) -> tuple[np.ndarray, list[str]]:
     conversions: list[str] = []
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             w, h = im.size
             if max_pixels is not None and w * h > max_pixels:
-                raise BadImage("too_large", f"{path}: {w}x{h} pixels > {max_pixels}")
+                raise BadImage("too_large", f"{name}: {w}x{h} pixels > {max_pixels}")
             if min(w, h) < min_side:
-                raise BadImage("too_small", f"{path}: {w}x{h}")
+                raise BadImage("too_small", f"{name}: {w}x{h}")
             if getattr(im, "is_animated", False):  # a GIF, APNG or animated WebP: its first frame, counted
                 conversions.append("animated_first_frame")
                 im.seek(0)
@@ -54,12 +67,12 @@ def decode_rgb(path: str | Path, *, max_pixels: int | None, min_side: int = 1) -
     except BadImage:
         raise
     except Image.DecompressionBombError as err:
-        raise BadImage("too_large", f"{path}: {err}") from err
+        raise BadImage("too_large", f"{name}: {err}") from err
     except UnidentifiedImageError as err:
-        raise BadImage("not_an_image", f"{path}: {err}") from err
+        raise BadImage("not_an_image", f"{name}: {err}") from err
     except (OSError, SyntaxError, ValueError) as err:
         reason = "truncated" if "truncated" in str(err).lower() else "unreadable"
-        raise BadImage(reason, f"{path}: {err}") from err
+        raise BadImage(reason, f"{name}: {err}") from err
 
 
 def _to_rgb(im: Image.Image, conversions: list[str]) -> np.ndarray:
@@ -90,8 +103,13 @@ def load_image(path: str | Path, size: Sequence[int]) -> torch.Tensor:
     """An image file -> (3, H, W) float in [-1, 1], center-cropped to the aspect of size = [H, W] and resized
     (bicubic). Decoded by `decode_rgb` (no pixel limit: the file was validated when it was collected); raises
     BadImage naming the file."""
+    return fit_signed(decode_rgb(path, max_pixels=None)[0], size)
+
+
+def fit_signed(rgb: np.ndarray, size: Sequence[int]) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, h, w) float in [-1, 1] for size = [h, w]: center-cropped to that aspect and
+    resized (bicubic), as every reference is before it is encoded."""
     h, w = int(size[0]), int(size[1])
-    rgb, _ = decode_rgb(path, max_pixels=None)
     return rgb_to_signed(np.asarray(ImageOps.fit(Image.fromarray(rgb), (w, h), method=Image.Resampling.BICUBIC)))
 
 

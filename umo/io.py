@@ -120,6 +120,29 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def md5_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The file's md5: DVC's hash of a file (what dvc.lock records for it)."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dataset_record(name: str, path: str | Path, *, items: int) -> dict[str, Any]:
+    """What identifies a data set for lineage: name, path, digest (a file's md5, DVC's file hash; a folder's: the
+    md5 of its sorted `<md5>  <relative path>` lines) and number of items. MLflow's dataset digest holds at most
+    36 characters; an md5 is 32."""
+    path = Path(path)
+    if path.is_dir():
+        lines = "".join(f"{md5_file(f)}  {f.relative_to(path).as_posix()}\n"
+                        for f in sorted(path.rglob("*")) if f.is_file())
+        digest = hashlib.md5(lines.encode()).hexdigest()
+    else:
+        digest = md5_file(path)
+    return {"name": name, "path": str(path), "digest": digest, "items": items}
+
+
 TOY_WORLD_FILE = "toyworld.json"
 """What synthetic artifacts write about themselves ({"toy_world": true, ...}): a raw collection, a face-model pack.
 The product reads it (`is_toy_world`) to label manifests and reports as synthetic; it never imports the toy world."""

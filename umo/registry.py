@@ -31,12 +31,12 @@ import json
 import logging
 import os
 import re
-import subprocess
+import shutil
 import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import packages_distributions, version
 from pathlib import Path
 from typing import Any
 
@@ -46,23 +46,23 @@ import yaml
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types.schema import Array
 from PIL import Image
 
 from umo import __version__
 from umo.config import GeneratorConfig, LoraConfig, RegistryConfig, TrackingConfig, to_dict
-from umo.images import load_image
 from umo.io import sha256_file, shared_path
-from umo.models import generate_images, load_generator
-from umo.models.lora import LORA_FILE, attach_lora_file, lora_file
-from umo.tracking import DEFAULT_SPOOL, flatten, redact_uri, replay_spool, tracking_uri
-from umo.typed import from_dict
+from umo.models.lora import LORA_FILE, lora_file
+from umo.serve import SETTINGS_FILE, ServeSettings
+from umo.tracking import (DEFAULT_SPOOL, dataset_input, flatten, git_commit, redact_uri, replay_spool, source_tags,
+                          tracking_uri)
 
 log = logging.getLogger(__name__)
 
 CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous"
 MODEL_ARTIFACT = "umo_lora"
-CONFIG_FILE, CARD_FILE = "config.json", "MODEL_CARD.md"
+CONFIG_FILE, CARD_FILE = SETTINGS_FILE, "MODEL_CARD.md"
 LORA_SHA_TAG = "umo.lora_sha256"
 DECISION_TAG = "gate.decision"
 APPROVAL_TAG = "approval.status"  # registry.approval human: pending, approved or rejected (a person's answer)
@@ -120,17 +120,6 @@ def _fluent_at(uri: str):
 # ------------------------------------------------------------------------------------------------ lineage
 
 
-def git_commit(root: Path = Path(".")) -> str:
-    """HEAD's commit, with `-dirty` when tracked files differ from it; "unknown" outside a git checkout."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty else "")
-
-
 def dvc_hashes(root: Path = Path(".")) -> dict[str, str]:
     """The data's DVC hash (data.dvc's md5) and params.yaml's md5 (DVC's file hash)."""
     out = {}
@@ -142,6 +131,30 @@ def dvc_hashes(root: Path = Path(".")) -> dict[str, str]:
     if params.is_file():
         out["dvc.params_md5"] = hashlib.md5(params.read_bytes()).hexdigest()
     return out
+
+
+def dvc_dir_md5(folder: Path) -> str:
+    """DVC's hash of a folder (`<md5>.dir`: the md5 of its sorted [{"md5", "relpath"}] listing, as DVC 3 writes
+    it in dvc.lock)."""
+    entries = sorted(({"md5": hashlib.md5(f.read_bytes()).hexdigest(), "relpath": f.relative_to(folder).as_posix()}
+                      for f in folder.rglob("*") if f.is_file()), key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def dvc_stage_hash(stage: str, produced: Path, root: Path = Path(".")) -> str | None:
+    """The md5 of `stage`'s entry in dvc.lock (its command, the hashes of its dependencies, params and outputs),
+    when that entry's output at `produced` holds exactly what `produced` holds now; None otherwise (no dvc.lock,
+    no such stage, or the folder was made by another run than the one dvc.lock records)."""
+    lock = root / "dvc.lock"
+    if not lock.is_file() or not produced.is_dir():
+        return None
+    entry = (yaml.safe_load(lock.read_text()).get("stages") or {}).get(stage)
+    if not entry:
+        return None
+    out = next((o for o in entry.get("outs", []) if (root / o["path"]).resolve() == produced.resolve()), None)
+    if out is None or out.get("md5") != dvc_dir_md5(produced):
+        return None
+    return hashlib.md5(json.dumps(entry, sort_keys=True).encode()).hexdigest()
 
 
 def _train_run_id(train_dir: Path) -> str | None:
@@ -167,19 +180,19 @@ def _read_report(report: Path, lora_sha: str) -> dict:
 # ------------------------------------------------------------------------------------------------ register
 
 
-def register(registry: RegistryConfig, tracking: TrackingConfig, *, generator: GeneratorConfig, lora: LoraConfig,
-             sampler_steps: int, train_dir: str | Path, report: str | Path,
-             scaling: str | Path | None = None) -> Registered:
+def register(registry: RegistryConfig, tracking: TrackingConfig, *, serving: ServeSettings, lora: LoraConfig,
+             train_dir: str | Path, report: str | Path, scaling: str | Path | None = None) -> Registered:
     """Register the LoRA of a training run folder (`umo train --out`) with its evaluation report folder (and its
-    scaling set's report, logged beside it as evidence; the gate never reads it). The generator, LoRA and
-    sampler settings go into the version's config.json and model card."""
+    scaling set's report, logged beside it as evidence; the gate never reads it). `serving` (how the model
+    generates) goes into the version's config.json; the LoRA settings into its model card."""
     train_dir, report = Path(train_dir), Path(report)
     lora_path = lora_file(train_dir / "lora")
     sha = sha256_file(lora_path)
     metrics = _read_report(report, sha)
+    scaling_metrics = None
     if scaling is not None:
         scaling = Path(scaling)
-        _read_report(scaling, sha)  # the same LoRA, or a clear error
+        scaling_metrics = _read_report(scaling, sha)  # the same LoRA, or a clear error
     name = registry.model_name
     client = client_for(tracking)
     run_id = _train_run_id(train_dir)
@@ -197,7 +210,8 @@ def register(registry: RegistryConfig, tracking: TrackingConfig, *, generator: G
                      existing.version, existing.run_id)
         else:  # a newer evaluation of the same LoRA (e.g. with the champion's column): refresh the evidence
             lineage = {k: v for k, v in existing.tags.items() if not k.startswith(("eval.", "gate."))}
-            _log_evidence(client, existing.run_id, metrics, report, {}, scaling)
+            _log_evidence(client, existing.run_id, metrics, report, scaling, scaling_metrics,
+                          model_id=logged_model_id(existing))
             for k, v in _metric_tags(metrics).items():
                 client.set_model_version_tag(name, existing.version, k, v)
             client.update_model_version(name, existing.version,
@@ -208,28 +222,43 @@ def register(registry: RegistryConfig, tracking: TrackingConfig, *, generator: G
     if run_id is None:
         experiment = client.get_experiment_by_name(tracking.experiment)
         exp_id = experiment.experiment_id if experiment else client.create_experiment(tracking.experiment)
-        run_id = client.create_run(exp_id, run_name=f"register-{sha[:8]}", tags={"umo.stage": "register"}).info.run_id
-    lineage = {"git_commit": git_commit(), **dvc_hashes(), "base_model": _base_model(generator),
+        run_id = client.create_run(exp_id, run_name=f"register-{sha[:8]}",
+                                   tags={"umo.stage": "register", **source_tags("umo register")}).info.run_id
+    lineage = {"git_commit": git_commit(), **dvc_hashes(), "base_model": _base_model(serving.generator),
                "toy_world": str(bool(metrics.get("toy_world"))).lower(), LORA_SHA_TAG: sha,
                "eval.benchmark": str(metrics.get("benchmark"))}
-    _log_evidence(client, run_id, metrics, report, lineage, scaling)
+    stage_hash = dvc_stage_hash("train", train_dir / "lora")
+    if stage_hash is not None:  # the DVC stage run that made this LoRA (dvc.lock's entry, verified against it)
+        lineage["dvc.stage.train.md5"] = stage_hash
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in lineage.items()])
 
+    uri = tracking_uri(tracking.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        settings = {"umo_version": __version__, "generator": to_dict(generator), "lora": to_dict(lora),
-                    "sampling": {"steps": sampler_steps}, "lineage": lineage}
+        settings = {"umo_version": __version__, "serving": serving.to_dict(), "lora": to_dict(lora),
+                    "lineage": lineage}
         files = _model_files(Path(tmp), settings, model_card(name, lora, metrics, lineage), lora_path)
-        uri = tracking_uri(tracking.tracking_uri)
         with _fluent_at(uri):
-            model_uri = _log_pyfunc(run_id, files)
+            info = _log_pyfunc(run_id, files, Path(tmp), _input_example(metrics, serving))
+    _log_evidence(client, run_id, metrics, report, scaling, scaling_metrics, model_id=info.model_id)
     _ensure_registered_model(client, name)
 
     with _fluent_at(uri):
-        version = mlflow.register_model(model_uri, name, tags=lineage | _metric_tags(metrics))
+        version = mlflow.register_model(info.model_uri, name, tags=lineage | _metric_tags(metrics))
     client.update_model_version(name, version.version, description=_description(metrics, lineage, run_id))
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     log.info("registered %s version %s (alias %s) from run %s at %s", name, version.version, CHALLENGER, run_id,
              redact_uri(tracking_uri(tracking.tracking_uri)))
     return Registered(name, str(version.version), run_id, created=True)
+
+
+def logged_model_id(mv) -> str | None:
+    """The LoggedModel a model version was registered from: its model_id, or read from its source
+    (`models:/<model_id>`), which is all the REST API returns on some stores."""
+    if getattr(mv, "model_id", None):
+        return mv.model_id
+    source = str(mv.source or "")
+    found = re.fullmatch(r"models:/(m-[0-9a-f]+)", source)
+    return found.group(1) if found else None
 
 
 def _find_version(client, name: str, sha: str, run_id: str | None):
@@ -292,21 +321,31 @@ def _numeric(metrics: dict) -> dict[str, float]:
     return out
 
 
-def _log_evidence(client, run_id: str, metrics: dict, report: Path, lineage: dict[str, str],
-                  scaling: Path | None = None) -> None:
+def _log_evidence(client, run_id: str, metrics: dict, report: Path, scaling: Path | None = None,
+                  scaling_metrics: dict | None = None, *, model_id: str | None = None) -> None:
+    """The report's numbers as metrics of the run and of the LoggedModel `model_id` (its page lists them), each
+    tied to the data set it was measured on; that set as the run's evaluation input; the report's files."""
     now = int(time.time() * 1000)
-    items = [Metric(k, v, now, 0) for k, v in _numeric(metrics).items()]
+
+    def on(dataset: dict | None) -> dict:
+        return {"model_id": model_id, **({"dataset_name": dataset["name"], "dataset_digest": dataset["digest"]}
+                                         if dataset else {})}
+
+    held_out = metrics.get("dataset")
+    items = [Metric(k, v, now, 0, **on(held_out)) for k, v in _numeric(metrics).items()]
+    datasets = [held_out] if held_out else []
     if scaling is not None:  # eval.scaling.<model>.by_identities.<n>.<metric>: the scaling curves
-        numbers = _numeric(json.loads((scaling / "metrics.json").read_text()))
-        items += [Metric(f"eval.scaling.{k[len('eval.'):]}", v, now, 0) for k, v in numbers.items()
-                  if ".by_identities." in k and not k.startswith("eval.delta")]
+        numbers = _numeric(scaling_metrics)
+        items += [Metric(f"eval.scaling.{k[len('eval.'):]}", v, now, 0, **on(scaling_metrics.get("dataset")))
+                  for k, v in numbers.items() if ".by_identities." in k and not k.startswith("eval.delta")]
+        datasets += [scaling_metrics["dataset"]] if scaling_metrics.get("dataset") else []
         for f in ("report.md", "metrics.json", "by_identities.png"):
             if (scaling / f).is_file():
                 client.log_artifact(run_id, str(scaling / f), "evaluation/scaling")
+    if datasets:
+        client.log_inputs(run_id, datasets=[dataset_input(d, "evaluation") for d in datasets])
     for i in range(0, len(items), 500):
         client.log_batch(run_id, metrics=items[i:i + 500])
-    if lineage:
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in lineage.items()])
     for f in ("report.md", "metrics.json"):
         client.log_artifact(run_id, str(report / f), "evaluation")
     if (report / "grids").is_dir():
@@ -324,27 +363,69 @@ def _model_files(tmp: Path, settings: dict, card: str, lora: Path) -> dict[str, 
     return {"lora": lora, "config": tmp / CONFIG_FILE, "model_card": tmp / CARD_FILE}
 
 
-def _log_pyfunc(run_id: str, files: dict[str, Path]) -> str:
-    signature = ModelSignature(
-        inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "references"),
-                       ColSpec("long", "seed", required=False)]),
-        outputs=Schema([ColSpec("string", "image")]))
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec(DataType.string, "prompt"), ColSpec(Array(DataType.string), "references"),
+                   ColSpec(DataType.long, "seed", required=False)]),
+    outputs=Schema([ColSpec(DataType.string, "image")]))
+# what the served model imports (umo's serving code and its libraries): its pip requirements, pinned to this
+# environment's versions (import name -> distribution through the installed metadata)
+SERVING_IMPORTS = ("torch", "numpy", "pandas", "PIL", "yaml", "ruamel.yaml", "safetensors", "diffusers",
+                   "transformers", "peft", "accelerate", "onnx", "onnxruntime", "insightface", "cv2", "mlflow")
+EXAMPLE_BYTES = 256 * 1024  # a reference of the input example above this is re-encoded smaller
+
+
+def _log_pyfunc(run_id: str, files: dict[str, Path], tmp: Path, example: pd.DataFrame | None):
+    """The pyfunc, logged from code (umo/mlflow_model.py) with umo's own sources as its code_paths (the toy world
+    left out), its requirements, signature and input example. MLflow checks the example by running the model
+    once. Returns MLflow's ModelInfo (model_uri, model_id)."""
+    package = Path(__file__).resolve().parent
+    code = tmp / "code" / "umo"
+    for src in sorted(package.rglob("*.py")):
+        rel = src.relative_to(package)
+        if rel.parts[0] != "toy":
+            (code / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, code / rel)
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT, python_model=UmoLoraModel(), artifacts={k: str(v) for k, v in files.items()},
-            signature=signature, pip_requirements=_requirements())
-    return info.model_uri
+        return mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT, python_model=str(package / "mlflow_model.py"), code_paths=[str(code)],
+            artifacts={k: str(v) for k, v in files.items()}, signature=SIGNATURE, input_example=example,
+            pip_requirements=serving_requirements())
 
 
-def _requirements() -> list[str]:
-    out = []
-    for pkg in ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "numpy", "pillow",
-                "mlflow"):
-        try:
-            out.append(f"{pkg}=={version(pkg).split('+')[0]}")
-        except PackageNotFoundError:
-            pass
-    return out
+def serving_requirements() -> list[str]:
+    """The distributions of SERVING_IMPORTS at this environment's versions (`name==version`, local build tags
+    such as +cpu dropped: pip finds the build its platform needs)."""
+    owners = packages_distributions()
+    out = {}
+    for module in SERVING_IMPORTS:
+        for dist in owners.get(module.split(".")[0], []):
+            if module == "ruamel.yaml" and dist != "ruamel.yaml":
+                continue
+            out[dist.lower()] = f"{dist}=={version(dist).split('+')[0]}"
+    return sorted(out.values())
+
+
+def _input_example(metrics: dict, serving: ServeSettings) -> pd.DataFrame | None:
+    """One request in the served model's format: the evaluated set's first item (its prompt, its references as
+    base64 image files, a seed). None, with a warning, when those files are not here."""
+    example = (metrics.get("dataset") or {}).get("example")
+    paths = [Path(p) for p in (example or {}).get("references", [])][:serving.max_references]
+    if not paths or not all(p.is_file() for p in paths):
+        log.warning("the report's example references are not here (%s): the model is logged without an input "
+                    "example", paths or "none recorded")
+        return None
+    refs = []
+    for path in paths:
+        data = path.read_bytes()
+        if len(data) > EXAMPLE_BYTES:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                im.thumbnail((256, 256))
+                buf = io.BytesIO()
+                im.save(buf, format="PNG")
+                data = buf.getvalue()
+        refs.append(base64.b64encode(data).decode())
+    return pd.DataFrame({"prompt": [example["prompt"]], "references": [refs], "seed": [0]})
 
 
 def _fmt(v: Any) -> str:
@@ -401,49 +482,6 @@ def model_card(name: str, lora: LoraConfig, metrics: dict, lineage: dict) -> str
         "## Use and limits", "",
         "Generates images of the people in the reference images. Use only with references of people who consented; "
         "identity similarity is measured by a face model and inherits its biases. Not for impersonation.", ""])
-
-
-# ------------------------------------------------------------------------------------------------ the pyfunc
-
-
-try:
-    import mlflow.pyfunc as _pyfunc
-
-    _PythonModel = _pyfunc.PythonModel
-except ImportError:  # pragma: no cover - mlflow is a dependency
-    _PythonModel = object
-
-
-class UmoLoraModel(_PythonModel):
-    """MLflow pyfunc: rows of (prompt, references, seed?) -> one generated image per row (base64 PNG).
-
-    references: a JSON list of image file paths. The base generator is loaded from `UMO_GENERATOR_PATH`, else the
-    `generator.path` recorded at registration; the LoRA from the version's artifacts."""
-
-    def load_context(self, context) -> None:
-        settings = json.loads(Path(context.artifacts["config"]).read_text())
-        gen = from_dict(GeneratorConfig, settings["generator"], source=context.artifacts["config"])
-        if os.environ.get("UMO_GENERATOR_PATH"):
-            gen.path = os.environ["UMO_GENERATOR_PATH"]
-        self.config, self.steps = gen, int(settings["sampling"]["steps"])
-        self.model = load_generator(gen)
-        attach_lora_file(self.model.transformer, context.artifacts["lora"], "umo")
-        self.model.transformer.set_adapter("umo")
-
-    def predict(self, context, model_input, params=None):
-        images = []
-        height, width = self.config.resolution
-        for k, row in enumerate(model_input.to_dict("records")):
-            paths = json.loads(row["references"]) if isinstance(row["references"], str) else list(row["references"])
-            refs = [load_image(Path(p), self.config.reference_resolution) for p in paths]
-            seed = row.get("seed")
-            seed = k if seed is None or seed != seed else int(seed)  # NaN when the column is partly missing
-            (image,) = generate_images(self.model, row["prompt"], refs, seeds=[seed], steps=self.steps,
-                                       height=height, width=width)
-            buf = io.BytesIO()
-            Image.fromarray(image).save(buf, format="PNG")
-            images.append(base64.b64encode(buf.getvalue()).decode())
-        return pd.DataFrame({"image": images})
 
 
 # ------------------------------------------------------------------------------------------------ the gate

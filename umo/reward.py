@@ -216,7 +216,7 @@ class MatchingReward(nn.Module):
     @classmethod
     def from_config(cls, faces: Any, reward: Any) -> "MatchingReward":
         """Build from `FacesConfig` and `RewardConfig` (umo.config): loads the detector pack and embedder."""
-        detector = FaceDetector.from_config(faces.detector)
+        detector = FaceDetector.from_config(faces.detector, providers=faces.providers)
         embedder = load_arcface(faces.embedder.path, faces.embedder.arch)
         return cls(
             detector, embedder, kind=reward.kind, matched_weight=reward.matched_weight,

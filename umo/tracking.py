@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -44,7 +45,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 import numpy as np
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 
 from umo.failures import is_transient
@@ -216,13 +217,61 @@ def send_record(client: mlflow.MlflowClient, record: dict[str, Any], folder: Pat
                          timestamp=record["timestamp"])
     elif op == "artifact":
         client.log_artifact(run_id, str(folder / record["file"]), record["artifact_path"])
+    elif op == "inputs":
+        client.log_inputs(run_id, datasets=[dataset_input(d, record["context"]) for d in record["datasets"]])
     elif op == "status":
         client.update_run(run_id, status=record["status"])
     elif op == "end":
         client.set_terminated(run_id, status=record["status"], end_time=record["end_time"])
     else:
         raise ValueError(f"spool record with an unknown op {op!r} (expected metrics, params, tags, image, "
-                         f"artifact, status or end): {record}")
+                         f"artifact, inputs, status or end): {record}")
+
+
+def dataset_input(record: Mapping[str, Any], context: str) -> DatasetInput:
+    """A data set (umo.io.dataset_record: name, path, digest, items) as an MLflow run input of `context`
+    (training, evaluation): the run page's Datasets column, with the digest and the number of items."""
+    profile = json.dumps({"items": record["items"]}, sort_keys=True)
+    source = json.dumps({"uri": str(record["path"])})
+    dataset = Dataset(record["name"], record["digest"], "local", source, profile=profile)
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
+
+
+def git_commit(root: Path = Path(".")) -> str:
+    """HEAD's commit, with `-dirty` when tracked files differ from it; "unknown" outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def source_tags(entry_point: str, root: Path = Path(".")) -> dict[str, str]:
+    """MLflow's source tags for a run started by `entry_point` (e.g. "umo train"): the git commit (without the
+    `-dirty` mark, which goes to `umo.git_dirty`), the repository URL without credentials, the branch, type JOB,
+    and the DVC stage when DVC runs the command (`dvc.stage`, from DVC_STAGE)."""
+    commit = git_commit(root)
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        return out or None
+
+    tags = {"mlflow.source.type": "JOB", "mlflow.source.name": entry_point,
+            "mlflow.source.git.commit": commit.removesuffix("-dirty"),
+            "umo.git_dirty": str(commit.endswith("-dirty")).lower()}
+    url, branch = git("remote", "get-url", "origin"), git("rev-parse", "--abbrev-ref", "HEAD")
+    if url:
+        tags["mlflow.source.git.repoURL"] = redact_uri(url)
+    if branch and branch != "HEAD":
+        tags["mlflow.source.git.branch"] = branch
+    if os.environ.get("DVC_STAGE"):
+        tags["dvc.stage"] = os.environ["DVC_STAGE"]
+    return tags
 
 
 def replay_records(client: mlflow.MlflowClient, spool: Path) -> int:
@@ -290,6 +339,7 @@ class Tracker:
         self.probe_every = probe_every
         self._down_since: float | None = None  # time.monotonic() when the outage began
         self._next_probe = 0.0
+        self._monitor = None  # start_system_metrics
         resumed = run_id is not None
         if run_id is None:
             exp = self.client.get_experiment_by_name(experiment)
@@ -351,6 +401,24 @@ class Tracker:
 
         self._write(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path), record)
 
+    def log_inputs(self, datasets: list[Mapping[str, Any]], context: str) -> None:
+        """Data sets (umo.io.dataset_record) as the run's inputs of `context` (training, evaluation)."""
+        rows = [dict(d) for d in datasets]
+        self._write(lambda: self.client.log_inputs(self.run_id, datasets=[dataset_input(d, context) for d in rows]),
+                    lambda: {"op": "inputs", "datasets": rows, "context": context})
+
+    def start_system_metrics(self, every: float) -> None:
+        """MLflow's system metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes, GPU
+        utilisation and memory where there is a GPU, ...) sampled every `every` seconds by MLflow's own monitor
+        thread until `end`. Its samples are not spooled: while the server is away they are lost (the monitor
+        logs a warning), the training's own records are not."""
+        # lazy: the monitor imports psutil (and pynvml on GPU hosts); only training samples the machine
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=every, resume_logging=True,
+                                             tracking_uri=self.uri)
+        self._monitor.start()
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         values = {k: str(v) for k, v in tags.items()}
 
@@ -363,6 +431,9 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         """Replay what waits (probing the server now) and end the run with `status`; when the server is still away,
         the spool (the status included) stays for `replay_spool`."""
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
         if self.pending:
             self._recover(force=True)
         now = int(time.time() * 1000)

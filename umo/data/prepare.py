@@ -250,7 +250,7 @@ def _reference_crop(rgb: np.ndarray, box: np.ndarray, p) -> np.ndarray:
 
 
 def _load_models(faces: FacesConfig, batch: int, device: str):
-    detector = FaceDetector.from_config(faces.detector)
+    detector = FaceDetector.from_config(faces.detector, providers=faces.providers)
     embedder = load_arcface(faces.embedder.path, faces.embedder.arch)
     face_embedder = FaceEmbedder(detector, embedder, batch=batch, device=device)
     d = faces.detector

@@ -2,7 +2,8 @@
 
     out/metrics.json          DVC metrics: per model the set metrics (umo.eval.score.aggregate), deltas vs the
                               base (and vs the champion), the toy-world flag and the settings: the gate's judge
-                              (the first of faces.judges); every judge's under `judges`
+                              (the first of faces.judges); every judge's under `judges`; the set evaluated
+                              (`dataset`: path, digest, items, its first item as an example)
     out/report.md             base | candidate | delta (| champion | delta) tables, overall and per number of people
     out/scores.jsonl          one line per item and model: every image's scores and seeds
     out/plots/by_identities.json  DVC plots: per number of people, <model>_<metric> for ID-Sim, ID-Conf,
@@ -37,7 +38,7 @@ from umo.eval.score import PAIRED_KEYS, SCALES, ItemScore, aggregate, paired_int
 from umo.eval.sets import EvalItem, file_stem
 from umo.eval.matching import matching_picture
 from umo.images import decode_rgb, from_grid, to_grid
-from umo.io import atomic_dir, is_toy_world, sha256_file
+from umo.io import atomic_dir, dataset_record, is_toy_world, sha256_file
 
 BASE, CANDIDATE, CHAMPION = "base", "candidate", "champion"
 JUDGE_PAIRED = ("id_sim", "id_conf")  # every judge's paired intervals (the gate's judge: all of PAIRED_KEYS)
@@ -88,6 +89,10 @@ def write_report(out: Path, settings: EvalConfig, faces: FacesConfig, items: lis
     metrics["paired"] = {f"{CANDIDATE} - {other}": {key: paired_interval(scores[CANDIDATE], scores[other], key,
                                                                           scale=scale) for key in PAIRED_KEYS}
                          for other in (BASE, CHAMPION) if other in scores}
+    # the set the numbers are on (logged as the evaluation dataset, and its first item as the served model's
+    # input example)
+    metrics["dataset"] = dataset_record(cfg.benchmark, cfg.path, items=len(items)) | {
+        "example": {"prompt": items[0].prompt, "references": [str(p) for p in items[0].references]}}
     metrics["models"] = {name: None if path is None else {"path": str(path), "sha256": sha256_file(path)}
                          for name, path in models.items()}
     # Every judge's view (the gate's judge is the first, whose numbers are also the top-level ones above).

@@ -337,5 +337,6 @@ class Judge:
 
 def judges_from_config(faces) -> dict[str, Judge]:
     """Every judge of faces.judges by name, in order (the first decides the gate), sharing one detector."""
-    detector = FaceDetector.from_config(faces.detector)
-    return {j.label: Judge(detector, OnnxRecognizer.from_model_root(j.root, j.pack)) for j in faces.judges}
+    detector = FaceDetector.from_config(faces.detector, providers=faces.providers)
+    return {j.label: Judge(detector, OnnxRecognizer.from_model_root(j.root, j.pack, providers=faces.providers))
+            for j in faces.judges}

@@ -22,7 +22,7 @@ from insightface.model_zoo import get_model
 from insightface.model_zoo.scrfd import SCRFD, distance2bbox, distance2kps
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf, NoSuchFile
 
-from umo.faces.runtime import session_options
+from umo.faces.runtime import execution_providers, session_options
 from umo.faces.types import Detections
 from umo.images import signed_to_rgb
 
@@ -58,7 +58,8 @@ class FaceDetector:
         (scaled to fit keeping aspect, padded bottom/right). None: the images' own size rounded up to a
         multiple of 32 when all images of a call share one size (padding only, no resampling), else 640x640.
         A detector ONNX with a fixed input size always uses that size.
-    providers: onnxruntime execution providers, default CPU only.
+    providers: onnxruntime execution providers: None (the CPU only), "auto" or a list, as `faces.providers`
+        (umo.faces.runtime.execution_providers).
     """
 
     def __init__(
@@ -68,7 +69,7 @@ class FaceDetector:
         det_thresh: float = 0.5,
         nms_thresh: float = 0.4,
         input_size: tuple[int, int] | None = None,
-        providers: Sequence[str] | None = None,
+        providers: str | Sequence[str] | None = None,
     ) -> None:
         path = Path(model_file).expanduser()
         if not path.is_file():
@@ -80,8 +81,7 @@ class FaceDetector:
         if not 0.0 <= det_thresh <= 1.0 or not 0.0 <= nms_thresh <= 1.0:
             raise ValueError(f"det_thresh and nms_thresh must lie in [0, 1], got {det_thresh}, {nms_thresh}")
         try:
-            model = get_model(str(path), providers=list(providers or ["CPUExecutionProvider"]),
-                              sess_options=session_options())
+            model = get_model(str(path), providers=execution_providers(providers), sess_options=session_options())
         except AssertionError as exc:
             # insightface asserts (with or without a message) where a model file is missing or unusable.
             raise ValueError(f"insightface could not load detector {path}: {exc or 'assertion failed'}; "
@@ -119,8 +119,9 @@ class FaceDetector:
                                  f"(width, height); input_size={input_size} cannot be used")
         self.input_size = input_size
         self._centers: dict[tuple[int, int, int], np.ndarray] = {}
-        logger.info("face detector %s: %d outputs, strides %s, %d anchors, %s", path, len(outputs),
-                    model._feat_stride_fpn, model._num_anchors, "batched" if self.batched else "per image")
+        logger.info("face detector %s: %d outputs, strides %s, %d anchors, %s, on %s", path, len(outputs),
+                    model._feat_stride_fpn, model._num_anchors, "batched" if self.batched else "per image",
+                    ", ".join(model.session.get_providers()))
 
     @property
     def session(self):
@@ -157,12 +158,12 @@ class FaceDetector:
         return cls(chosen, **kwargs)
 
     @classmethod
-    def from_config(cls, config) -> "FaceDetector":
+    def from_config(cls, config, *, providers: str | Sequence[str] | None = None) -> "FaceDetector":
         """Load the pack named by a `umo.config.DetectorConfig` (root, pack, det_thresh, nms_thresh,
-        input_size [width, height] or None)."""
+        input_size [width, height] or None); providers: `faces.providers` (None: the CPU only)."""
         return cls.from_model_root(
             config.root, config.pack, det_thresh=config.det_thresh, nms_thresh=config.nms_thresh,
-            input_size=tuple(config.input_size) if config.input_size else None,
+            input_size=tuple(config.input_size) if config.input_size else None, providers=providers,
         )
 
     # ---------------------------------------------------------------- input handling

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from umo.faces.align import similarity_transforms
-from umo.faces.runtime import session_options
+from umo.faces.runtime import execution_providers, session_options
 from umo.faces.types import Detections
 
 log = logging.getLogger(__name__)
@@ -488,7 +488,9 @@ class OnnxRecognizer:
     normalize inside). That equals `get_feat` on BGR uint8 images (get_feat swaps BGR -> RGB itself).
     """
 
-    def __init__(self, model_file: str | Path, providers: Sequence[str] | None = None) -> None:
+    def __init__(self, model_file: str | Path, providers: str | Sequence[str] | None = None) -> None:
+        """model_file: a local recognizer .onnx; providers: onnxruntime execution providers, None (the CPU only),
+        "auto" or a list, as `faces.providers` (umo.faces.runtime.execution_providers)."""
         # lazy: insightface (about 1 s to import) is needed only for ONNX packs, not for the reward's ArcFace
         from insightface.model_zoo import get_model
         from insightface.model_zoo.arcface_onnx import ArcFaceONNX
@@ -496,7 +498,7 @@ class OnnxRecognizer:
         self.model_file = Path(model_file)
         if not self.model_file.is_file():
             raise FileNotFoundError(f"recognizer ONNX not found: {self.model_file}")
-        model = get_model(str(self.model_file), providers=list(providers or ["CPUExecutionProvider"]),
+        model = get_model(str(self.model_file), providers=execution_providers(providers),
                           sess_options=session_options())
         if not isinstance(model, ArcFaceONNX):
             routed = "no model type" if model is None else type(model).__name__

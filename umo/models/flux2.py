@@ -1,7 +1,8 @@
 """FLUX.2 [klein] through diffusers: the first `Generator` family, multi-reference natively.
 
 Loaded from a local diffusers folder (`Flux2KleinPipeline` layout: transformer/, vae/, text_encoder/,
-tokenizer/, scheduler/) with `local_files_only=True`: weights are never downloaded. The pipeline's own
+tokenizer/, scheduler/) with `local_files_only=True` and `use_safetensors=True`: weights are never downloaded,
+and never unpickled (a pickled .bin can run code; a folder holding one is an error). The pipeline's own
 helpers do the token bookkeeping (patchify, pack, position ids, VAE batch-norm statistics), so our
 sampler sees exactly the tensors `Flux2KleinPipeline.__call__` builds:
 
@@ -42,6 +43,22 @@ EXPECTED_LAYOUT = "a diffusers Flux2KleinPipeline folder: model_index.json, tran
 
 
 PIPELINES = ("Flux2KleinPipeline", "Flux2KleinKVPipeline")
+PICKLED = (".bin", ".pt", ".pth", ".ckpt")  # torch.save / pickle weight files, which diffusers would unpickle
+
+
+def check_safetensors(path: Path, index: dict) -> None:
+    """Raise ValueError, naming the folder and the component, where a component that model_index.json lists
+    holds pickled weights (.bin, .pt, .pth, .ckpt) and no .safetensors: umo loads safetensors only."""
+    for name, spec in index.items():
+        folder = path / name
+        if name.startswith("_") or not isinstance(spec, list) or not folder.is_dir():
+            continue
+        files = sorted(f.name for f in folder.iterdir() if f.is_file())
+        pickled = [f for f in files if f.endswith(PICKLED)]
+        if pickled and not any(f.endswith(".safetensors") for f in files):
+            raise ValueError(f"generator folder {path}: component {name}/ holds only pickled weights "
+                             f"({', '.join(pickled)}); umo loads weights from safetensors only: convert it "
+                             f"(load it once and save_pretrained(..., safe_serialization=True))")
 
 
 def _pipeline_cls(name: str = "Flux2KleinPipeline"):
@@ -95,7 +112,8 @@ class Flux2KleinGenerator:
                         dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> "Flux2KleinGenerator":
         """Load a local Flux2KleinPipeline folder. text_layers None: the folder's tiny marker if it has one
-        (umo.toy.tiny.flux2), else diffusers' default (9, 18, 27). Raises FileNotFoundError naming the folder."""
+        (umo.toy.tiny.flux2), else diffusers' default (9, 18, 27). Raises FileNotFoundError naming the folder, and
+        ValueError naming the component whose weights are not safetensors (`check_safetensors`)."""
         path = Path(path).expanduser()
         index_file = path / "model_index.json"
         if not index_file.is_file():
@@ -106,7 +124,9 @@ class Flux2KleinGenerator:
         tiny = json.loads(tiny_file.read_text()) if tiny_file.is_file() else None
         if text_layers is None:
             text_layers = tiny["text_layers_used"] if tiny else DEFAULT_TEXT_LAYERS
-        pipe = _pipeline_cls(index.get("_class_name", "")).from_pretrained(path, local_files_only=True, dtype=dtype)
+        pipeline_cls = _pipeline_cls(index.get("_class_name", ""))
+        check_safetensors(path, index)
+        pipe = pipeline_cls.from_pretrained(path, local_files_only=True, use_safetensors=True, dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)
         log.info("generator %s loaded from %s (%s)", cls.family, path, "tiny test model" if tiny

@@ -380,7 +380,8 @@ def build_toybase(cfg: ToyBaseConfig, *, out: str | Path | None = None, force: b
     if not reuse("generator"):
         t0 = time.perf_counter()
         parts = new_components(cfg.vae, cfg.model)
-        parts["vae"] = AutoencoderKLFlux2.from_pretrained(root / "vae", local_files_only=True).eval()
+        parts["vae"] = AutoencoderKLFlux2.from_pretrained(root / "vae", local_files_only=True,
+                                                          use_safetensors=True).eval()
         gen = Flux2KleinGenerator(Flux2KleinKVPipeline(**parts, is_distilled=False).to(device),
                                   text_layers=TINY_TEXT_LAYERS, max_sequence_length=cfg.max_sequence_length)
         info = train_base(gen, root / "photos" / "train.json", cfg.model, resolution=image_size,

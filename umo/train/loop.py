@@ -55,13 +55,13 @@ from umo.config import (
 from umo.data.manifest import Manifest, load_embeddings, read_manifest
 from umo.eval.score import Judge
 from umo.images import signed_to_rgb
-from umo.io import atomic_write_bytes, atomic_write_json, save_safetensors, sha256_file
+from umo.io import atomic_write_bytes, atomic_write_json, dataset_record, save_safetensors, sha256_file
 from umo.models import load_generator
 from umo.models.base import Generator
 from umo.models.lora import LORA_FILE, add_lora, load_lora, lora_parameters, save_lora
 from umo.progress import progress as umo_progress
 from umo.reward import MatchingReward
-from umo.tracking import Tracker, flatten, tracking_uri
+from umo.tracking import Tracker, flatten, source_tags, tracking_uri
 from umo.train.data import TrainData, epoch_batches, manifest_fingerprint, shard
 from umo.train.guard import JudgeCheck, matching_pictures
 from umo.train.rerefl import METRICS, SUMMARY_METRICS, Batch, StepOutput, rerefl_step
@@ -203,10 +203,13 @@ def draw_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
 
 
+TRACKED = ("seed", "generator", "lora", "reward", "train")  # the sections training reads (and faces' models)
+
+
 def resume_settings(config: Sections) -> dict[str, Any]:
     """The settings a checkpoint is tied to (flattened)."""
     d = config.to_dict()
-    return flatten({k: d[k] for k in ("seed", "generator", "lora", "reward", "train")})
+    return flatten({k: d[k] for k in TRACKED})
 
 
 def find_checkpoint(out: Path, resume: str) -> Path | None:
@@ -583,18 +586,26 @@ def read_history(checkpoint: Path, out: Path, step: int) -> list[dict[str, float
 
 
 def start_tracking(run: Run, tracking: TrackingConfig, manifest: str | Path, *, resumed: bool) -> None:
-    """Open the MLflow run (the checkpoint's when there is one) and log the params: the training's own
-    sections, the data and the processes; main process only."""
+    """Open the MLflow run (the checkpoint's when there is one) on the main process, and log what the training
+    depends on, and only that: the settings of the sections the train stage reads (`TRACKED`), the training
+    manifest as the run's training dataset (name, path, md5 digest, samples), the data and the processes; source
+    tags (git commit, DVC stage); and start MLflow's system metrics."""
     config, tc = run.config, run.config.train
     run.tracker = Tracker(uri=tracking_uri(tracking.tracking_uri), experiment=tracking.experiment,
                           run_name=f"train-{run.out.name}", run_id=run.state.mlflow_run_id,
-                          tags={"umo.stage": "train", "umo.toy_world": str(run.data.manifest.toy_world).lower()})
+                          tags={"umo.stage": "train", "umo.toy_world": str(run.data.manifest.toy_world).lower(),
+                                **source_tags("umo train")})
     run.state.mlflow_run_id = run.tracker.run_id
-    run.tracker.log_params(flatten(config.to_dict()) | {
+    d = config.to_dict()
+    run.tracker.log_params(flatten({k: d[k] for k in TRACKED}) | flatten({"faces": {
+        k: d["faces"][k] for k in ("detector", "embedder", "min_face_size")}}) | {
         "data.manifest": str(manifest), "data.manifest_sha256": sha256_file(manifest),
         "data.samples": len(run.data), "data.toy_world": run.data.manifest.toy_world, "dist.processes": run.world,
         "dist.total_batch": tc.batch_size * run.world * tc.gradient_accumulation_steps,
         "lora.trainable_parameters": sum(p.numel() for p in run.params.values())})
+    run.tracker.log_inputs([dataset_record("train", manifest, items=len(run.data))], "training")
+    if tracking.system_metrics_seconds:
+        run.tracker.start_system_metrics(tracking.system_metrics_seconds)
     if resumed:
         run.logged = run.tracker.last_step("skipped_nonfinite")  # logged at every logged step, finite or not
 
