@@ -149,6 +149,10 @@ def test_what_moto_honours(s3, big):
     claimed = base64.b64encode(bytes(32)).decode()
     client.put_object(Bucket=BUCKET, Key="probe/c", Body=data, ChecksumAlgorithm="SHA256", ChecksumSHA256=claimed)
     assert client.head_object(Bucket=BUCKET, Key="probe/c", ChecksumMode="ENABLED")["ChecksumSHA256"] == claimed
+    # ... but a read-back meets it: botocore checks the body against it as it streams
+    with pytest.raises(DeployError, match=r"^S3 read of s3://models/probe/c failed: FlexibleChecksumError"):
+        parse_target(f"s3://{BUCKET}/probe").read("c")
+    client.delete_object(Bucket=BUCKET, Key="probe/c")
 
 
 def test_conditional_writes_of_both_stores(target):

@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import urllib.error
@@ -481,6 +482,21 @@ def test_the_registry_ui_shows_the_version_its_aliases_and_metrics(world, tmp_pa
     assert pictures, "registration logged no picture of the matching"
     url = f"{world['server'].uri}/#/experiments/{run.info.experiment_id}/runs/{mv.run_id}/artifacts/{pictures[0]}"
     dump_dom_showing(url, tmp_path / "profile", [f'<img alt="{pictures[0]}"'])
+
+    # MLflow 3's pages: the LoggedModel's lists the evaluation metrics with the data set each is on; the page of
+    # version 1's run (a tracked training) shows its datasets (the training manifest, the evaluated set with its
+    # digest), where it came from (umo train at the git commit) and, among its metrics, the machine's load
+    experiment, digest = run.info.experiment_id, world["report"].metrics["dataset"]["digest"]
+    base = f"{world['server'].uri}/#/experiments/{experiment}"
+    dump_dom_showing(f"{base}/models/{logged_model_id(mv)}", tmp_path / "profile",
+                     ["eval.candidate.id_sim", f"heldout (#{digest}"], height=2000)
+    trained = client.get_run(world["run_id"])
+    commit = trained.data.tags["mlflow.source.git.commit"]
+    dump_dom_showing(f"{base}/runs/{world['run_id']}", tmp_path / "profile",  # 2 datasets: the 2nd behind "+1"
+                     [f"train ({trained.inputs.dataset_inputs[0].dataset.digest}) training +1", "umo train",
+                      commit[:7], "Parameters (5"], height=2000)  # 56 settings, not the 165 of all sections
+    dump_dom_showing(f"{base}/runs/{world['run_id']}/system-metrics", tmp_path / "profile",
+                     ["cpu_utilization_percentage", "system_memory_usage_megabytes"], height=2000)
 
 
 def test_the_cli_commands_exit_with_what_happened(world, tmp_path, capsys, caplog):

@@ -51,7 +51,7 @@ def _eval_results(metrics: dict) -> list[EvalResult]:
             for key, label in HEADLINE if candidate.get(key) is not None]
 
 
-def model_card(name: str, *, base_model: str, family: str, lora: LoraConfig, metrics: dict, lineage: dict,
+def model_card(name: str, *, base_model: str | None, family: str, lora: LoraConfig, metrics: dict, lineage: dict,
                license: str = "other") -> ModelCard:
     """The card of LoRA `name` on `base_model` (a Hub model id where there is one: the Hub links it).
 

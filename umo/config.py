@@ -451,6 +451,11 @@ class RegistryConfig:
     approval: Literal["auto", "human"] = "auto"
     """auto: a version that passes the gate becomes `champion`; human: it waits for a person (`umo approve`, or
     the Prefect flow's approval form), and only an approved version becomes `champion`."""
+    hub_base_model: str | None = None
+    """The base model's Hugging Face Hub id for the model card's `base_model` (e.g.
+    black-forest-labs/FLUX.2-klein-base-4B); null = none (a local or synthetic base)."""
+    license: str = "other"
+    """The model card's license field (a Hub license id; the base model's license binds the LoRA too)."""
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.model_name):

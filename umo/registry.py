@@ -38,7 +38,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import packages_distributions, version
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import pandas as pd
@@ -51,6 +50,7 @@ from mlflow.types.schema import Array
 from PIL import Image
 
 from umo import __version__
+from umo.card import evaluation_table, model_card
 from umo.config import GeneratorConfig, LoraConfig, RegistryConfig, TrackingConfig, to_dict
 from umo.io import sha256_file, shared_path
 from umo.models.lora import LORA_FILE, lora_file
@@ -236,7 +236,9 @@ def register(registry: RegistryConfig, tracking: TrackingConfig, *, serving: Ser
     with tempfile.TemporaryDirectory() as tmp:
         settings = {"umo_version": __version__, "serving": serving.to_dict(), "lora": to_dict(lora),
                     "lineage": lineage}
-        files = _model_files(Path(tmp), settings, model_card(name, lora, metrics, lineage), lora_path)
+        card = model_card(name, base_model=registry.hub_base_model, family=serving.generator.family, lora=lora,
+                          metrics=metrics, lineage=lineage, license=registry.license)
+        files = _model_files(Path(tmp), settings, str(card), lora_path)
         with _fluent_at(uri):
             info = _log_pyfunc(run_id, files, Path(tmp), _input_example(metrics, serving))
     _log_evidence(client, run_id, metrics, report, scaling, scaling_metrics, model_id=info.model_id)
@@ -428,22 +430,6 @@ def _input_example(metrics: dict, serving: ServeSettings) -> pd.DataFrame | None
     return pd.DataFrame({"prompt": [example["prompt"]], "references": [refs], "seed": [0]})
 
 
-def _fmt(v: Any) -> str:
-    return "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _table(metrics: dict) -> str:
-    models = [m for m in ("base", "candidate", "champion") if m in metrics]
-    lines = ["| metric | " + " | ".join(models) + " | Δ vs base |", "|---" * (len(models) + 2) + "|"]
-    for key, label in (("id_sim", "ID-Sim"), ("id_conf", "ID-Conf"), ("id_match", "ID-Match"),
-                       ("face_count_accuracy", "Face-count acc."), ("unscored", "Items unscored"),
-                       ("faces_scored", "Faces found (judge)"), ("references_scored", "References scored")):
-        delta = metrics.get("delta", {}).get(key)
-        lines.append(f"| {label} | " + " | ".join(_fmt(metrics[m].get(key)) for m in models)
-                     + f" | {'–' if delta is None else f'{delta:+.4g}'} |")
-    return "\n".join(lines)
-
-
 def _description(metrics: dict, lineage: dict, run_id: str) -> str:
     toy = metrics.get("toy_world")
     head = ("**Toy world**: trained and evaluated on the offline synthetic world with tiny models; it shows that "
@@ -451,37 +437,9 @@ def _description(metrics: dict, lineage: dict, run_id: str) -> str:
     return (f"{head}LoRA for `{lineage['base_model']}`, ReReFL with the multi-identity matching reward "
             f"(training run `{run_id}`).\n\nEvaluation on `{metrics.get('benchmark')}` "
             f"({metrics.get('images_per_item')} images per item, shared seeds; judge ≠ reward model):\n\n"
-            f"{_table(metrics)}\n\nLineage: git `{lineage['git_commit']}`, data md5 "
+            f"{evaluation_table(metrics)}\n\nLineage: git `{lineage['git_commit']}`, data md5 "
             f"`{lineage.get('dvc.data_md5', 'unknown')}`, params md5 `{lineage.get('dvc.params_md5', 'unknown')}`, "
             f"LoRA sha256 `{lineage[LORA_SHA_TAG][:16]}…`. Approval: see the `gate.*` tags.")
-
-
-def model_card(name: str, lora: LoraConfig, metrics: dict, lineage: dict) -> str:
-    """The model card shipped with every version (and every deployment)."""
-    toy = bool(metrics.get("toy_world"))
-    return "\n".join([
-        f"# {name}", "",
-        *(["> **Toy world.** Trained on procedurally drawn cartoon identities with tiny models, offline. It exists to",
-           "> exercise the pipeline; it is not a usable model.", ""] if toy else []),
-        "A LoRA for a multi-reference image generator, fine-tuned with ReReFL and the multi-identity matching reward",
-        "of UMO (arXiv 2509.06818) so that each person in a multi-person image keeps their own identity.", "",
-        "## Model", "",
-        f"- base: `{lineage['base_model']}` (weights not included; point `generator.path` or `UMO_GENERATOR_PATH` at "
-        "a local copy)",
-        f"- LoRA: rank {lora.rank}, alpha {lora.alpha:g}, on {', '.join(lora.target_modules)}; "
-        "`pytorch_lora_weights.safetensors` in the diffusers LoRA format (`pipe.load_lora_weights(folder)`)",
-        f"- sha256 {lineage[LORA_SHA_TAG]}", "",
-        f"## Evaluation ({metrics.get('benchmark')})", "",
-        "ID-Sim: similarity of each reference to its best generated face; ID-Conf: margin over the second best "
-        "(identity confusion); ID-Match: mean Hungarian-assigned similarity; scored by a judge face model "
-        "independent of the reward.", "", _table(metrics), "",
-        "## Lineage", "",
-        f"- git commit `{lineage['git_commit']}`",
-        f"- data (DVC md5) `{lineage.get('dvc.data_md5', 'unknown')}`, params.yaml md5 "
-        f"`{lineage.get('dvc.params_md5', 'unknown')}`", "",
-        "## Use and limits", "",
-        "Generates images of the people in the reference images. Use only with references of people who consented; "
-        "identity similarity is measured by a face model and inherits its biases. Not for impersonation.", ""])
 
 
 # ------------------------------------------------------------------------------------------------ the gate

@@ -31,7 +31,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -64,6 +64,8 @@ class ServeSettings:
     detector: DetectorConfig | None = None
     """Each reference must show a face to this detector; null = references are not checked."""
     min_face_size: float = 0.0
+    providers: Literal["auto"] | list[str] = "auto"
+    """The detector's onnxruntime execution providers (faces.providers: auto = CUDA where there is one)."""
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -85,7 +87,8 @@ def serve_settings(config) -> ServeSettings:
     root made absolute (a package is read from another working folder)."""
     gen = dataclasses.replace(config.generator, path=str(Path(config.generator.path).expanduser().resolve()))
     det = dataclasses.replace(config.faces.detector, root=str(Path(config.faces.detector.root).expanduser().resolve()))
-    return ServeSettings(gen, config.eval.steps, config.prepare.max_identities, det, config.faces.min_face_size)
+    return ServeSettings(gen, config.eval.steps, config.prepare.max_identities, det, config.faces.min_face_size,
+                         config.faces.providers)
 
 
 @dataclass
@@ -109,7 +112,8 @@ class Reference:
 class LoraGenerator:
     """The base generator with a LoRA, plus the reference checks (see the module docstring)."""
 
-    def __init__(self, settings: ServeSettings, lora: str | Path, *, device: str | torch.device = "cpu") -> None:
+    def __init__(self, settings: ServeSettings, lora: str | Path, *, device: str | torch.device | None = None) -> None:
+        """device: None = the GPU where torch sees one, else the CPU."""
         # lazy: diffusers, peft and onnxruntime load only when a model is built
         from umo.faces.detect import FaceDetector
         from umo.models import load_generator
@@ -122,7 +126,7 @@ class LoraGenerator:
         if not Path(gen.path).is_dir():
             raise GenerationError(f"{gen.path}: no generator folder (the base model, {gen.family}); point "
                                   "UMO_GENERATOR_PATH at a local copy")
-        self.model = load_generator(gen, device=device)
+        self.model = load_generator(gen, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
         attach_lora_file(self.model.transformer, lora, "umo")
         self.model.transformer.set_adapter("umo")
         self.detector = None
@@ -133,7 +137,7 @@ class LoraGenerator:
             if not (Path(det.root) / (det.pack or "")).is_dir():
                 raise GenerationError(f"{Path(det.root) / (det.pack or '')}: no face detector pack (it checks each "
                                       "reference for a face); point UMO_DETECTOR_ROOT at a local copy")
-            self.detector = FaceDetector.from_config(det)
+            self.detector = FaceDetector.from_config(det, providers=settings.providers)
 
     def references(self, refs: Sequence[Reference]) -> list[torch.Tensor]:
         """The references checked (count, decoding, a face in each) and prepared for the generator."""

@@ -410,7 +410,7 @@ class Tracker:
     def start_system_metrics(self, every: float) -> None:
         """MLflow's system metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes, GPU
         utilisation and memory where there is a GPU, ...) sampled every `every` seconds by MLflow's own monitor
-        thread until `end`. Its samples are not spooled: while the server is away they are lost (the monitor
+        thread until `end`, which adds a last sample. Its samples are not spooled: while the server is away they are lost (the monitor
         logs a warning), the training's own records are not."""
         # lazy: the monitor imports psutil (and pynvml on GPU hosts); only training samples the machine
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -433,6 +433,13 @@ class Tracker:
         the spool (the status included) stays for `replay_spool`."""
         if self._monitor is not None:
             self._monitor.finish()
+            try:  # one last sample, so that a run shorter than the interval has one too
+                self._monitor.collect_metrics()
+                self._monitor.publish_metrics(self._monitor.aggregate_metrics())
+                self._monitor.mlflow_logger.flush()
+            except Exception as err:  # an outage: system samples are not spooled (start_system_metrics)
+                log.warning("the last system metrics sample of run %s was not logged: %s", self.run_id,
+                            redact_text(str(err))[:300])
             self._monitor = None
         if self.pending:
             self._recover(force=True)

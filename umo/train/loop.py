@@ -358,9 +358,10 @@ def setup_model(config: Sections, accelerator: Accelerator, precision: str):
 
 
 def _save_lora_only(accelerator: Accelerator, models: list, weights: list, output_dir: str) -> None:
-    """accelerate's save_state hook: the LoRA (main process), never the base weights."""
+    """accelerate's save_state hook: the LoRA (main process), never the base weights; unfolded (the adapter's own
+    alpha and B), so that a resume is exact for any alpha / rank."""
     if accelerator.is_main_process:
-        save_lora(accelerator.unwrap_model(models[0]), output_dir)
+        save_lora(accelerator.unwrap_model(models[0]), output_dir, fold=False)
     weights.clear()
 
 
