@@ -5,6 +5,7 @@ numbers are the README's `make run`)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from toyworlds import SMALL_WORLD
 
 from umo.config import write_overrides
@@ -129,6 +131,16 @@ def test_dvc_repro_runs_the_chain_then_is_a_noop(project):
     assert not (project / "artifacts/deploy/umo-flux2-klein-lora/current.json").exists()
     lock = (project / "dvc.lock").read_text()
     assert all(f"\n  {stage}:" in lock for stage in STAGES)
+    # the version names the DVC run of the train stage that made its LoRA, and its run the data it trained on
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/artifacts/mlflow/mlflow.db")
+    mv = client.get_model_version("umo-flux2-klein-lora", "1")
+    entry = yaml.safe_load(lock)["stages"]["train"]
+    assert mv.tags["dvc.stage.train.md5"] == hashlib.md5(json.dumps(entry, sort_keys=True).encode()).hexdigest()
+    run_tags = client.get_run(mv.run_id).data.tags
+    assert run_tags["dvc.stage"] == "train" and run_tags["mlflow.source.name"] == "umo train"
+    assert {d.dataset.name for d in client.get_run(mv.run_id).inputs.dataset_inputs} == {"train", "heldout", "xverse"}
 
     again = run([sys.executable, "-m", "dvc", "repro"], project).stdout
     assert "Running stage" not in again

@@ -9,6 +9,7 @@ approved from a report with it; deployments follow the champion, and roll back."
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -35,7 +36,8 @@ from umo.deploy import DeployError, deploy, parse_target, rollback, verify_curre
 from umo.config import to_dict
 from umo.eval.run import evaluate
 from umo.serve import serve_settings
-from umo.registry import CHAMPION, RegistryError, champion_lora, gate, logged_model_id, register
+from umo.registry import (CHAMPION, RegistryError, champion_lora, dvc_dir_md5, gate, logged_model_id,
+                          register)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "umo-test-secret-key-never-logged"
@@ -77,6 +79,10 @@ def world(toy_world, tiny_generator_dir, tmp_path_factory, mlflow_service):
     short = config("train.max_steps=2")
     trained = train_with(short, manifest=manifest, out=root / "train", reward_model=fixed_reward(toy_world),
                          tracking=short.tracking)
+    # what `dvc repro` would have recorded for the stage that trained it (registration names that run)
+    lock = {"cmd": "umo train --out train", "deps": [{"path": "data", "md5": "0" * 32 + ".dir"}],
+            "outs": [{"path": "train/lora", "hash": "md5", "md5": dvc_dir_md5(root / "train" / "lora")}]}
+    (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"train": lock}}))
     full = config()
     report = evaluate(full.eval, generator=full.generator, faces=full.faces, lora=trained.lora,
                       judges=fixed_judges(full), out=root / "report-v1")
@@ -144,6 +150,9 @@ def test_registration_carries_the_evidence_and_is_not_repeated(world, monkeypatc
     inputs = {(d.dataset.name, d.tags[0].value): d.dataset for d in run.inputs.dataset_inputs}
     assert inputs[("heldout", "evaluation")].digest == held_out["digest"] and ("train", "training") in inputs
     assert run.data.tags["mlflow.source.git.commit"] and run.data.tags["mlflow.source.name"] == "umo train"
+    lock = yaml.safe_load((world["root"] / "dvc.lock").read_text())["stages"]["train"]
+    stage_md5 = hashlib.md5(json.dumps(lock, sort_keys=True).encode()).hexdigest()
+    assert mv.tags["dvc.stage.train.md5"] == run.data.tags["dvc.stage.train.md5"] == stage_md5
     # the model: from code, umo's sources beside it (not the toy world), pinned requirements, signature, example
     local = Path(mlflow.artifacts.download_artifacts(
         artifact_uri=client.get_model_version_download_uri(NAME, "1"), dst_path=str(world["root"] / "model-v1"),
@@ -494,7 +503,8 @@ def test_the_registry_ui_shows_the_version_its_aliases_and_metrics(world, tmp_pa
     commit = trained.data.tags["mlflow.source.git.commit"]
     dump_dom_showing(f"{base}/runs/{world['run_id']}", tmp_path / "profile",  # 2 datasets: the 2nd behind "+1"
                      [f"train ({trained.inputs.dataset_inputs[0].dataset.digest}) training +1", "umo train",
-                      commit[:7], "Parameters (5"], height=2000)  # 56 settings, not the 165 of all sections
+                      commit[:7], "Parameters (5", "dvc.stage.train.md5 : "
+                      + trained.data.tags["dvc.stage.train.md5"]], height=2000)  # 56 settings, not the 165 of all sections
     dump_dom_showing(f"{base}/runs/{world['run_id']}/system-metrics", tmp_path / "profile",
                      ["cpu_utilization_percentage", "system_memory_usage_megabytes"], height=2000)
 

@@ -1,10 +1,13 @@
 """The MLflow model registry: register a trained LoRA with its evidence, and the approval gate.
 
 `register` turns a training run plus its evaluation report into a model version of `registry.model_name`:
-- in the training run (a new run when training was not tracked): the evaluation metrics as `eval.<model>.<metric>`,
-  the report (report.md, metrics.json, the comparison grids) under `evaluation/`, lineage tags;
-- a pyfunc model (`UmoLoraModel`: `predict` generates images from prompts and reference images) whose artifacts
-  are the LoRA (safetensors), its config and a model card;
+- in the training run (a new run when training was not tracked): the model, logged from code (umo/mlflow_model.py,
+  umo.serve.UmoLoraModel: prompts and base64 reference images -> images) with umo's sources as its code_paths,
+  pinned requirements, a signature and an input example; its artifacts are the LoRA (safetensors), config.json
+  (how it generates: umo.serve.ServeSettings) and a model card (umo.card);
+- the evaluation metrics as `eval.<model>.<metric>` on the run and on that LoggedModel, each tied to the data set
+  it was measured on (also the run's evaluation input), the report (report.md, metrics.json, the comparison grids)
+  under `evaluation/`, lineage tags (git commit, DVC hashes, the train stage's dvc.lock hash);
 - a model version with tags (git commit, DVC hashes of data and params, base model, toy-world flag, LoRA sha256,
   evaluation metrics), a readable description, and the alias `challenger`.
 Registering the same LoRA from the same run again returns the existing version (tag `umo.lora_sha256`).
@@ -18,7 +21,7 @@ it gets `previous`. With `registry.approval: human` a passed version waits (`app
 person answers (`approve`: the answer, reason and approver become version tags, and an approval moves
 `champion`). The gate and `approve` are the only code that sets `champion` (`_promote`).
 
-mlflow is imported here and in umo.tracking only. Credentials stay in the environment (MLFLOW_TRACKING_TOKEN,
+mlflow is imported here, in umo.tracking and by the served model (umo.serve, umo/mlflow_model.py). Credentials stay in the environment (MLFLOW_TRACKING_TOKEN,
 ..., read by MLflow itself); URIs are logged without them.
 """
 
@@ -141,17 +144,19 @@ def dvc_dir_md5(folder: Path) -> str:
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
-def dvc_stage_hash(stage: str, produced: Path, root: Path = Path(".")) -> str | None:
-    """The md5 of `stage`'s entry in dvc.lock (its command, the hashes of its dependencies, params and outputs),
-    when that entry's output at `produced` holds exactly what `produced` holds now; None otherwise (no dvc.lock,
-    no such stage, or the folder was made by another run than the one dvc.lock records)."""
-    lock = root / "dvc.lock"
-    if not lock.is_file() or not produced.is_dir():
+def dvc_stage_hash(stage: str, produced: Path) -> str | None:
+    """The md5 of `stage`'s entry in the dvc.lock of the DVC project holding `produced` (the nearest dvc.lock
+    above it): the stage's command, the hashes of its dependencies, params and outputs. Only when that entry's
+    output at `produced` holds exactly what `produced` holds now; None otherwise (no dvc.lock, no such stage, or the
+    folder was made by another run than the one dvc.lock records)."""
+    produced = produced.resolve()
+    root = next((d for d in produced.parents if (d / "dvc.lock").is_file()), None)
+    if root is None or not produced.is_dir():
         return None
-    entry = (yaml.safe_load(lock.read_text()).get("stages") or {}).get(stage)
+    entry = (yaml.safe_load((root / "dvc.lock").read_text()).get("stages") or {}).get(stage)
     if not entry:
         return None
-    out = next((o for o in entry.get("outs", []) if (root / o["path"]).resolve() == produced.resolve()), None)
+    out = next((o for o in entry.get("outs", []) if (root / o["path"]).resolve() == produced), None)
     if out is None or out.get("md5") != dvc_dir_md5(produced):
         return None
     return hashlib.md5(json.dumps(entry, sort_keys=True).encode()).hexdigest()
