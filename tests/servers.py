@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -153,3 +155,25 @@ class WebhookSink:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@contextmanager
+def moto_s3(root: Path, *, key: str, secret: str, bucket: str) -> Iterator[MotoServer]:
+    """moto's S3 server, with boto3's standard chain pointed at it for the block (these credentials, a region, its
+    endpoint; no profile, session token or general endpoint of the caller's) and `bucket` created in it."""
+    import boto3  # only the S3 tests need it
+    import pytest  # its MonkeyPatch: every variable back as it was, even when the block fails
+
+    server = MotoServer(root).start()
+    mp = pytest.MonkeyPatch()
+    try:
+        for k, v in {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
+                     "AWS_ENDPOINT_URL_S3": server.uri}.items():
+            mp.setenv(k, v)
+        for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+            mp.delenv(k, raising=False)
+        boto3.client("s3").create_bucket(Bucket=bucket)
+        yield server
+    finally:
+        mp.undo()
+        server.stop()

@@ -27,7 +27,7 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ClientError
 from safetensors.numpy import save_file
-from servers import MotoServer
+from servers import moto_s3
 
 from umo.config import DeployConfig, load_config
 from umo.deploy import (MANIFEST, POINTER, READ_BACK, S3_CHECKSUM, Conflict, DeployError, clean_incomplete,
@@ -43,19 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    server = MotoServer(tmp_path_factory.mktemp("moto")).start()
-    mp = pytest.MonkeyPatch()
-    for k, v in {"AWS_ACCESS_KEY_ID": "umo-s3-test-key", "AWS_SECRET_ACCESS_KEY": SECRET,
-                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": server.uri}.items():
-        mp.setenv(k, v)
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
-        mp.delenv(k, raising=False)
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
-    try:
+    with moto_s3(tmp_path_factory.mktemp("moto"), key="umo-s3-test-key", secret=SECRET, bucket=BUCKET) as server:
         yield server
-    finally:
-        mp.undo()
-        server.stop()
 
 
 @pytest.fixture(scope="module")

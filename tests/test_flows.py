@@ -299,8 +299,13 @@ def test_prefect_server_worker_deploy_and_run_pinned(initialized, prefect_server
     try:
         env = cli_env(server)
         prefect = [PY, "-m", "prefect", "--no-prompt"]
-        for cmd in (["work-pool", "create", "umo-process", "--type", "process", "--overwrite"], ["deploy", "--all"],
-                    ["deploy", "--all", "--prefect-file", "infra/prefect-pinned.yaml"]):
+        # the pool through the API (a CLI start costs seconds), the deployments through `prefect deploy`, as a team does
+        if not any(p["name"] == "umo-process" for p in api(server, "/work_pools/filter")):
+            from prefect.workers.process import ProcessWorker  # what `work-pool create --type process` sends
+
+            api(server, "/work_pools/", {"name": "umo-process", "type": "process",
+                                         "base_job_template": ProcessWorker.get_default_base_job_template()})
+        for cmd in (["deploy", "--all"], ["deploy", "--all", "--prefect-file", "infra/prefect-pinned.yaml"]):
             done = subprocess.run([*prefect, *cmd], cwd=project, env=env, capture_output=True, text=True)
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         deployments = {d["name"]: d for d in api(server, "/deployments/filter")}

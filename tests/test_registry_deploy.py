@@ -29,7 +29,7 @@ from browser import dump_dom, dump_dom_showing
 from evalkit import eval_config, fixed_judges, random_lora
 from PIL import Image
 from freshenv import fresh_venv, path_without, pinned
-from servers import MotoServer, free_port, stop, wait_http
+from servers import MotoServer, free_port, moto_s3, stop, wait_http
 from trainkit import fixed_reward, make_manifest, train_with
 
 from umo.deploy import DeployError, deploy, parse_target, rollback, verify_current
@@ -48,17 +48,8 @@ LENIENT = ["registry.gate.min_id_sim_gain=-100", "registry.gate.max_id_conf_drop
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    server = MotoServer(tmp_path_factory.mktemp("moto")).start()
-    mp = pytest.MonkeyPatch()
-    for k, v in {"AWS_ACCESS_KEY_ID": "umo-test-key", "AWS_SECRET_ACCESS_KEY": SECRET,
-                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": server.uri}.items():
-        mp.setenv(k, v)
-    boto3.client("s3").create_bucket(Bucket="models")
-    try:
+    with moto_s3(tmp_path_factory.mktemp("moto"), key="umo-test-key", secret=SECRET, bucket="models") as server:
         yield server
-    finally:
-        mp.undo()
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -180,20 +171,6 @@ def test_registration_carries_the_evidence_and_is_not_repeated(world, monkeypatc
     (foreign / "metrics.json").write_text(json.dumps(m))
     with pytest.raises(RegistryError, match=r"foreign-scaling/metrics.json: the report evaluated another LoRA"):
         register_from(config, train_dir=world["train"], report=world["report"].out, scaling=foreign)
-
-
-def test_the_registered_pyfunc_generates_from_a_prompt_and_references(world, monkeypatch):
-    import mlflow
-
-    register_from(world["config"](), train_dir=world["train"], report=world["report"].out)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", world["server"].uri)  # where a user's process finds it
-    model = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
-    refs = [base64.b64encode(p.read_bytes()).decode()
-            for p in sorted((world["root"] / "data" / "refs").glob("*.png"))[:2]]
-    rows = pd.DataFrame({"prompt": ["two people", "two people"], "references": [refs] * 2, "seed": [3, 3]})
-    out = model.predict(rows)
-    images = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in out["image"]]
-    assert images[0].shape == (64, 64, 3) and np.array_equal(images[0], images[1])  # same seed, same image
 
 
 def test_the_registered_model_serves_from_a_fresh_environment(world, tmp_path):
@@ -335,10 +312,11 @@ def test_umo_generate_takes_a_path_an_alias_or_the_deployment_and_runs_the_serve
     assert record["lora"]["source"] == f"{NAME} version 2 (champion)" and record["seeds"] == [3]
     # the served model, given the same prompt, references and seed, draws the same image
     monkeypatch.setenv("MLFLOW_TRACKING_URI", world["server"].uri)
+    encoded = [base64.b64encode(r.read_bytes()).decode() for r in refs]
     served = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(pd.DataFrame({
-        "prompt": ["two people"], "references": [[base64.b64encode(r.read_bytes()).decode() for r in refs]],
-        "seed": [3]}))
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(served["image"][0])))), champion)
+        "prompt": ["two people"] * 2, "references": [encoded] * 2, "seed": [3, 3]}))
+    assert [np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))), champion)
+            for b in served["image"]] == [True, True]  # each row its own seed: the same image twice
     # a LoRA path: version 2's training folder, with the settings of the params file (the tests' settings)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(to_dict(world["config"]())))

@@ -113,16 +113,15 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    return _file_digest(path, hashlib.sha256(), chunk)
 
 
 def md5_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """The file's md5: DVC's hash of a file (what dvc.lock records for it)."""
-    h = hashlib.md5()
+    return _file_digest(path, hashlib.md5(), chunk)
+
+
+def _file_digest(path: str | Path, h, chunk: int) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
