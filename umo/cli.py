@@ -229,7 +229,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         log.error("%s", err)
         return 1
     _record(args, {"model": result.model, "version": result.version, "location": result.location,
-                   "changed": result.changed})
+                   "changed": result.changed, "verified_by": result.verified_by})
     return 0
 
 
