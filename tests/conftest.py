@@ -1,7 +1,7 @@
 """Shared fixtures. `toy_world`: a small toy world (toy face models that work) for tests that need them;
 `default_raw`: THE toy world's raw collection (params.yaml's: the embedded default's data/).
 
-The small world (tests/toyworlds.py) is built once (about 95 s alone on 2 cores) into .cache/toy-world-small at the
+The small world (tests/toyworlds.py) is built once (about 85 s on 2 cores) into .cache/toy-world-small at the
 repository root, or into $UMO_TEST_CACHE, and reused by later runs through the build's own cache (keys cover
 the settings, the sources and library versions, so a stale world is rebuilt, never used). So that a fresh
 clone does not wait for it, the build starts in a background process as soon as the tests are collected, and
