@@ -27,6 +27,11 @@ from toyworlds import NAME, build_small_world, cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRST = ("tests/test_chain.py",)  # the longest modules (minutes): first, to run beside all the rest
+# Then, in each group, the longer modules first (seconds of a whole-suite run, 2 workers): the worker that ends
+# last ends with a short module, not with a minute of one while the other worker idles.
+LONGER = ("tests/test_flows.py", "tests/test_registry_deploy.py", "tests/test_prepare.py", "tests/test_train_loop.py",
+          "tests/test_toyworld_build.py", "tests/test_eval_run.py", "tests/test_train_resume.py",
+          "tests/test_deploy_s3.py", "tests/test_gate_evidence.py", "tests/test_default_data.py")
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ... under pytest-xdist; None in a plain session
 if WORKER is not None:
     _share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
@@ -43,14 +48,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection: only the tests that will run count
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """FIRST, then the modules that never use the small toy world, then the others, each module whole and in its
-    order; and when a collected test needs the world, its build starts now, in the background (under xdist, in
-    the first worker only: the others wait for it on the cache's lock)."""
+    """FIRST, then the modules that never use the small toy world, then the others, the LONGER ones first in each
+    group, each module whole and in its order; and when a collected test needs the world, its build starts now,
+    in the background (under xdist, in the first worker only: the others wait for it on the cache's lock)."""
     modules: dict[str, list[pytest.Item]] = {}
     for item in items:
         modules.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
     needs = {m: any("toy_world" in getattr(i, "fixturenames", ()) for i in its) for m, its in modules.items()}
-    order = sorted(modules.items(), key=lambda kv: (kv[0] not in FIRST, needs[kv[0]]))  # stable
+    order = sorted(modules.items(), key=lambda kv: (kv[0] not in FIRST, needs[kv[0]],
+                                                    LONGER.index(kv[0]) if kv[0] in LONGER else len(LONGER)))
     items[:] = [i for _, its in order for i in its]
     if any(needs.values()) and not config.option.collectonly and "toy_world" not in _background \
             and WORKER in (None, "gw0"):
