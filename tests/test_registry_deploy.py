@@ -32,12 +32,12 @@ from freshenv import fresh_venv, path_without, pinned
 from servers import MotoServer, free_port, moto_s3, stop, wait_http
 from trainkit import fixed_reward, make_manifest, train_with
 
-from umo.deploy import DeployError, deploy, parse_target, rollback, verify_current
 from umo.config import to_dict
+from umo.deploy import DeployError, deploy, parse_target, rollback, verify_current
 from umo.eval.run import evaluate
+from umo.io import dvc_dir_md5
+from umo.registry import CHAMPION, RegistryError, champion_lora, gate, logged_model_id, register
 from umo.serve import serve_settings
-from umo.registry import (CHAMPION, RegistryError, champion_lora, dvc_dir_md5, gate, logged_model_id,
-                          register)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "umo-test-secret-key-never-logged"

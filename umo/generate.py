@@ -6,7 +6,7 @@
 - a registry alias of registry.model_name (`champion`, `challenger`, `previous`), or `models:/<name>@<alias>`,
   `models:/<name>/<version>`: the version's files, downloaded;
 - `deployed` (deploy.target) or `s3://bucket/prefix`, or a local deployment folder: the version current.json
-  points at, verified first, then its files read and each checked against the deployment's manifest.
+  points at, its manifest checked against the pointer, each file read once and checked against the manifest.
 
 Generation itself is umo.serve's LoraGenerator: the code the registered MLflow model runs.
 """
@@ -78,27 +78,32 @@ def _from_registry(config, model: str, alias: str | None, version: str | None, w
 
 
 def _from_deployment(config, name: str, target: str | None, work: Path) -> Resolved:
+    """The version current.json points at: its manifest checked against the pointer, then each file read once
+    and checked against the manifest (the checks of `umo deploy --verify`, without reading every file twice)."""
     # lazy: boto3 loads only when a deployment is asked
-    from umo.deploy import parse_target, verify_current
+    from umo.deploy import parse_target, read_pointer
 
-    current = verify_current(config.deploy, name, target=target)
     store = parse_target(target or config.deploy.target, config.deploy)
-    manifest = json.loads(store.read(current.pointer["manifest"]) or b"{}")
-    folder = work / f"{name}-{current.version}"
+    pointer = read_pointer(store, name)
+    if not pointer:
+        raise GenerationError(f"{store.location}/{name}/current.json: nothing deployed")
+    where = f"{store.location}/{pointer['path']}"
+    raw = store.read(pointer["manifest"]) or b""
+    if hashlib.sha256(raw).hexdigest() != pointer.get("manifest_sha256"):
+        raise GenerationError(f"{store.location}/{pointer['manifest']}: not the manifest current.json was written for")
+    folder = work / f"{name}-{pointer['version']}"
     folder.mkdir(parents=True, exist_ok=True)
-    for file, meta in sorted(manifest.get("files", {}).items()):
+    for file, meta in sorted(json.loads(raw).get("files", {}).items()):
         if "/" in file or file.startswith("."):
-            raise GenerationError(f"{current.location}/{current.pointer['manifest']}: file name {file!r} is not a "
-                                  "plain name")
-        data = store.read(f"{current.pointer['path']}/{file}") or b""
+            raise GenerationError(f"{store.location}/{pointer['manifest']}: file name {file!r} is not a plain name")
+        data = store.read(f"{pointer['path']}/{file}") or b""
         if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            raise GenerationError(f"{current.location}/{current.pointer['path']}/{file}: changed since it was "
-                                  "verified (sha256 differs from the manifest); try again")
+            raise GenerationError(f"{where}/{file}: not the file deployed (its sha256 differs from the manifest)")
         (folder / file).write_bytes(data)
     if not (folder / LORA_FILE).is_file() or not (folder / SETTINGS_FILE).is_file():
-        raise GenerationError(f"{current.location}: version {current.version} lacks {LORA_FILE} or {SETTINGS_FILE}")
+        raise GenerationError(f"{where}: version {pointer['version']} lacks {LORA_FILE} or {SETTINGS_FILE}")
     return Resolved(folder / LORA_FILE, ServeSettings.read(folder / SETTINGS_FILE),
-                    f"{name} version {current.version} deployed at {current.location}")
+                    f"{name} version {pointer['version']} deployed at {store.location}")
 
 
 def generate(config, *, lora: str, prompt: str, references: list[Path], out: Path, seeds: list[int]) -> dict:

@@ -128,17 +128,20 @@ def _file_digest(path: str | Path, h, chunk: int) -> str:
     return h.hexdigest()
 
 
+def dvc_dir_md5(folder: str | Path) -> str:
+    """DVC's hash of a folder (`<md5>.dir`: the md5 of its sorted [{"md5", "relpath"}] listing, as DVC 3 writes
+    it in dvc.lock)."""
+    folder = Path(folder)
+    entries = sorted(({"md5": md5_file(f), "relpath": f.relative_to(folder).as_posix()}
+                      for f in folder.rglob("*") if f.is_file()), key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
 def dataset_record(name: str, path: str | Path, *, items: int) -> dict[str, Any]:
-    """What identifies a data set for lineage: name, path, digest (a file's md5, DVC's file hash; a folder's: the
-    md5 of its sorted `<md5>  <relative path>` lines) and number of items. MLflow's dataset digest holds at most
-    36 characters; an md5 is 32."""
+    """What identifies a data set for lineage: name, path, digest (DVC's hash: a file's md5, a folder's
+    `dvc_dir_md5`; at most 36 characters, MLflow's limit for a dataset digest) and number of items."""
     path = Path(path)
-    if path.is_dir():
-        lines = "".join(f"{md5_file(f)}  {f.relative_to(path).as_posix()}\n"
-                        for f in sorted(path.rglob("*")) if f.is_file())
-        digest = hashlib.md5(lines.encode()).hexdigest()
-    else:
-        digest = md5_file(path)
+    digest = dvc_dir_md5(path) if path.is_dir() else md5_file(path)
     return {"name": name, "path": str(path), "digest": digest, "items": items}
 
 

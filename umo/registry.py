@@ -55,7 +55,7 @@ from PIL import Image
 from umo import __version__
 from umo.card import evaluation_table, model_card
 from umo.config import GeneratorConfig, LoraConfig, RegistryConfig, TrackingConfig, to_dict
-from umo.io import sha256_file, shared_path
+from umo.io import dvc_dir_md5, sha256_file, shared_path
 from umo.models.lora import LORA_FILE, lora_file
 from umo.serve import SETTINGS_FILE, ServeSettings
 from umo.tracking import (DEFAULT_SPOOL, dataset_input, flatten, git_commit, redact_uri, replay_spool, source_tags,
@@ -134,14 +134,6 @@ def dvc_hashes(root: Path = Path(".")) -> dict[str, str]:
     if params.is_file():
         out["dvc.params_md5"] = hashlib.md5(params.read_bytes()).hexdigest()
     return out
-
-
-def dvc_dir_md5(folder: Path) -> str:
-    """DVC's hash of a folder (`<md5>.dir`: the md5 of its sorted [{"md5", "relpath"}] listing, as DVC 3 writes
-    it in dvc.lock)."""
-    entries = sorted(({"md5": hashlib.md5(f.read_bytes()).hexdigest(), "relpath": f.relative_to(folder).as_posix()}
-                      for f in folder.rglob("*") if f.is_file()), key=lambda e: e["relpath"])
-    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
 def dvc_stage_hash(stage: str, produced: Path) -> str | None:
