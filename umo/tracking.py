@@ -237,15 +237,20 @@ def dataset_input(record: Mapping[str, Any], context: str) -> DatasetInput:
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
 
 
+def _git(root: Path, *args: str) -> str | None:
+    """`git <args>`'s output in `root` (stripped), None when git fails there (not a checkout, no git)."""
+    try:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def git_commit(root: Path = Path(".")) -> str:
     """HEAD's commit, with `-dirty` when tracked files differ from it; "unknown" outside a git checkout."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+    head, dirty = _git(root, "rev-parse", "HEAD"), _git(root, "status", "--porcelain", "--untracked-files=no")
+    if head is None or dirty is None:
         return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty else "")
+    return head + ("-dirty" if dirty else "")
 
 
 def source_tags(entry_point: str, root: Path = Path(".")) -> dict[str, str]:
@@ -253,18 +258,10 @@ def source_tags(entry_point: str, root: Path = Path(".")) -> dict[str, str]:
     `-dirty` mark, which goes to `umo.git_dirty`), the repository URL without credentials, the branch, type JOB,
     and the DVC stage when DVC runs the command (`dvc.stage`, from DVC_STAGE)."""
     commit = git_commit(root)
-
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-        return out or None
-
     tags = {"mlflow.source.type": "JOB", "mlflow.source.name": entry_point,
             "mlflow.source.git.commit": commit.removesuffix("-dirty"),
             "umo.git_dirty": str(commit.endswith("-dirty")).lower()}
-    url, branch = git("remote", "get-url", "origin"), git("rev-parse", "--abbrev-ref", "HEAD")
+    url, branch = _git(root, "remote", "get-url", "origin"), _git(root, "rev-parse", "--abbrev-ref", "HEAD")
     if url:
         tags["mlflow.source.git.repoURL"] = redact_uri(url)
     if branch and branch != "HEAD":
