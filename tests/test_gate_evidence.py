@@ -15,7 +15,7 @@ import pytest
 
 from umo.config import ConfigError, GateConfig, load_config
 from umo.eval.score import ImageScore, ItemScore, aggregate
-from umo.serve import serve_settings
+from umo.package import serve_settings
 from umo.registry import gate, register, rules
 
 MIN = GateConfig().min_scored_references  # 16, params.yaml's too

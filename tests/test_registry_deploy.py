@@ -37,7 +37,7 @@ from umo.deploy import DeployError, deploy, parse_target, rollback, verify_curre
 from umo.eval.run import evaluate
 from umo.io import dvc_dir_md5
 from umo.registry import CHAMPION, RegistryError, champion_lora, gate, logged_model_id, register
-from umo.serve import serve_settings
+from umo.package import serve_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "umo-test-secret-key-never-logged"

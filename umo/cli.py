@@ -161,7 +161,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     """A training run + its evaluation report -> an MLflow model version (alias challenger)."""
     # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
     from umo.registry import register
-    from umo.serve import serve_settings
+    from umo.package import serve_settings
 
     # A RegistryError is a ValueError: main() reports it in one line and exits 2.
     config = load_config(args.params, args.overrides)

@@ -24,8 +24,8 @@ from pathlib import Path
 from PIL import Image
 
 from umo.io import atomic_dir, sha256_file
-from umo.models.lora import LORA_FILE, lora_file
-from umo.serve import SETTINGS_FILE, GenerationError, LoraGenerator, Reference, ServeSettings, serve_settings
+from umo.package import LORA_FILE, SETTINGS_FILE, GenerationError, ServeSettings, lora_file, serve_settings
+from umo.serve import LoraGenerator, Reference
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
 - in the training run (a new run when training was not tracked): the model, logged from code (umo/mlflow_model.py,
   umo.serve.UmoLoraModel: prompts and base64 reference images -> images) with umo's sources as its code_paths,
   pinned requirements, a signature and an input example; its artifacts are the LoRA (safetensors), config.json
-  (how it generates: umo.serve.ServeSettings) and a model card (umo.card);
+  (how it generates: umo.package.ServeSettings) and a model card (umo.card);
 - the evaluation metrics as `eval.<model>.<metric>` on the run and on that LoggedModel, each tied to the data set
   it was measured on (also the run's evaluation input), the report (report.md, metrics.json, the comparison grids)
   under `evaluation/`, lineage tags (git commit, DVC hashes, the train stage's dvc.lock hash);
@@ -56,8 +56,7 @@ from umo import __version__
 from umo.card import evaluation_table, model_card
 from umo.config import GeneratorConfig, LoraConfig, RegistryConfig, TrackingConfig, to_dict
 from umo.io import dvc_dir_md5, sha256_file, shared_path
-from umo.models.lora import LORA_FILE, lora_file
-from umo.serve import SETTINGS_FILE, ServeSettings
+from umo.package import LORA_FILE, SETTINGS_FILE, ServeSettings, lora_file
 from umo.tracking import (DEFAULT_SPOOL, dataset_input, flatten, git_commit, redact_uri, replay_spool, source_tags,
                           tracking_uri)
 

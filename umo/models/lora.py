@@ -31,10 +31,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from umo.io import canonical_safetensors
+from umo.package import LORA_FILE, lora_file
 
 log = logging.getLogger(__name__)
 
-LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight name
 ADAPTER = "default"
 
 
@@ -211,16 +211,6 @@ def load_lora(model: nn.Module, path: str | Path, *, adapter_name: str = ADAPTER
     result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"{path}: unexpected LoRA keys {result.unexpected_keys[:3]}")
-
-
-def lora_file(path: str | Path) -> Path:
-    """A LoRA file, or a folder holding one (a training run's `lora/`, a checkpoint): the file's path."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / LORA_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no LoRA file (expected {LORA_FILE} written by `umo train`)")
-    return path
 
 
 def attach_lora_file(model: nn.Module, path: str | Path, adapter_name: str) -> None:
