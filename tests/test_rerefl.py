@@ -30,6 +30,11 @@ def setup(tiny_generator_dir, toy_world):
     gen = Flux2KleinGenerator.from_pretrained(tiny_generator_dir)
     lora = LoraConfig(rank=4, alpha=4.0)
     add_lora(gen.transformer, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules, seed=0)
+    return (gen, *batch_of_two(toy_world))
+
+
+def batch_of_two(toy_world) -> tuple[MatchingReward, Batch]:
+    """The reward (fixed faces at two places, the toy world's embedder) and one batch of two held-out people."""
     embedder = load_arcface(toy_world.reward_path, toy_world.config.reward.arch)
     reward = MatchingReward(FixedFaces([(36, 64), (92, 64)], 48), embedder)
     rng = np.random.default_rng(0)
@@ -38,8 +43,7 @@ def setup(tiny_generator_dir, toy_world):
     refs = torch.from_numpy(np.stack(portraits)).permute(0, 3, 1, 2).float() / 127.5 - 1
     embeddings = torch.cat(reward.embed_references(refs, largest_only=True))
     small_refs = torch.nn.functional.interpolate(refs, size=(64, 64), mode="area")
-    batch = Batch(["two people side by side"], [list(small_refs)], [embeddings], torch.zeros(1, 3, SIZE, SIZE))
-    return gen, reward, batch
+    return reward, Batch(["two people side by side"], [list(small_refs)], [embeddings], torch.zeros(1, 3, SIZE, SIZE))
 
 
 def fixed_draws() -> torch.Generator:
@@ -47,7 +51,12 @@ def fixed_draws() -> torch.Generator:
 
 
 def test_reward_on_a_fixed_batch_rises_and_every_lora_parameter_moves(setup):
-    gen, reward, batch = setup
+    improve(*setup)
+
+
+def improve(gen, reward, batch, steps: int = 30) -> None:
+    """`steps` ReReFL steps on the same draws: the reward on them rises, every LoRA parameter moves, the base
+    never does. The tests of other families run it too."""
     base = {k: v.clone() for k, v in gen.transformer.state_dict().items() if "lora_" not in k}
     lora_before = {n: p.detach().clone() for n, p in gen.transformer.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(lora_parameters(gen.transformer), lr=3e-3, weight_decay=0.0)
@@ -58,7 +67,7 @@ def test_reward_on_a_fixed_batch_rises_and_every_lora_parameter_moves(setup):
                                      generator=fixed_draws(), **STEP).reward)
 
     before = evaluate()
-    for _ in range(30):  # the same draws every step: gradient ascent on exactly the evaluated reward
+    for _ in range(steps):  # the same draws every step: gradient ascent on exactly the evaluated reward
         out = rerefl_step(gen, reward, batch, grad_step_range=[2, 2], diff_weight=0.0, generator=fixed_draws(),
                           **STEP)
         assert out.faces.tolist() == [2]

@@ -138,14 +138,17 @@ class RewardConfig:
 class GeneratorConfig:
     """The multi-reference generator the LoRA is trained on (a local diffusers folder; never downloaded)."""
 
-    family: Literal["flux2_klein"] = "flux2_klein"
+    family: Literal["auto", "flux2_klein", "flux2_dev", "qwen_image_edit"] = "flux2_klein"
+    """The model family (umo.models.FAMILIES); the folder's model_index.json must name one of its pipelines.
+    auto: whatever family the folder holds."""
     path: str = "artifacts/toybase/generator"
     """Local diffusers pipeline folder (the embedded default writes a tiny one here)."""
     text_layers: list[int] | None = None
     """Text-encoder hidden states stacked as the prompt embedding; null = the tiny model's or [9, 18, 27]."""
     max_sequence_length: int = 4
     guidance_scale: float = 1.0
-    """Classifier-free guidance when > 1 (base klein: 4; distilled klein: 1)."""
+    """Guidance when > 1: classifier-free for klein (base: 4; distilled: 1) and Qwen-Image-Edit (its true CFG:
+    4); FLUX.2 [dev] is guidance-distilled and takes the value as its embedded guidance (4)."""
     resolution: list[int] = field(default_factory=lambda: [80, 128])
     """Generated [height, width] in pixels, multiples of 16."""
     reference_resolution: list[int] = field(default_factory=lambda: [32, 32])

@@ -56,6 +56,7 @@ from umo import __version__
 from umo.card import evaluation_table, model_card
 from umo.config import GeneratorConfig, LoraConfig, RegistryConfig, TrackingConfig, to_dict
 from umo.io import dvc_dir_md5, sha256_file, shared_path
+from umo.families import FAMILIES, family_slug, folder_family
 from umo.package import LORA_FILE, SETTINGS_FILE, ServeSettings, lora_file
 from umo.tracking import (DEFAULT_SPOOL, dataset_input, flatten, git_commit, redact_uri, replay_spool, source_tags,
                           tracking_uri)
@@ -66,6 +67,7 @@ CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous"
 MODEL_ARTIFACT = "umo_lora"
 CONFIG_FILE, CARD_FILE = SETTINGS_FILE, "MODEL_CARD.md"
 LORA_SHA_TAG = "umo.lora_sha256"
+FAMILY_TAG = "umo.generator.family"  # on the registered model and each version: the base it was trained on
 DECISION_TAG = "gate.decision"
 APPROVAL_TAG = "approval.status"  # registry.approval human: pending, approved or rejected (a person's answer)
 
@@ -191,6 +193,8 @@ def register(registry: RegistryConfig, tracking: TrackingConfig, *, serving: Ser
         scaling_metrics = _read_report(scaling, sha)  # the same LoRA, or a clear error
     name = registry.model_name
     client = client_for(tracking)
+    family = generator_family(serving.generator)
+    _check_family(client, name, family)
     run_id = _train_run_id(train_dir)
     if run_id is not None:  # what training logged while the server was away, sent before the run is read
         left = replay_spool(client.tracking_uri, shared_path(DEFAULT_SPOOL) / f"{run_id}.jsonl")
@@ -222,7 +226,7 @@ def register(registry: RegistryConfig, tracking: TrackingConfig, *, serving: Ser
                                    tags={"umo.stage": "register", **source_tags("umo register")}).info.run_id
     lineage = {"git_commit": git_commit(), **dvc_hashes(), "base_model": _base_model(serving.generator),
                "toy_world": str(bool(metrics.get("toy_world"))).lower(), LORA_SHA_TAG: sha,
-               "eval.benchmark": str(metrics.get("benchmark"))}
+               "eval.benchmark": str(metrics.get("benchmark")), FAMILY_TAG: family}
     stage_hash = dvc_stage_hash("train", train_dir / "lora")
     if stage_hash is not None:  # the DVC stage run that made this LoRA (dvc.lock's entry, verified against it)
         lineage["dvc.stage.train.md5"] = stage_hash
@@ -232,13 +236,13 @@ def register(registry: RegistryConfig, tracking: TrackingConfig, *, serving: Ser
     with tempfile.TemporaryDirectory() as tmp:
         settings = {"umo_version": __version__, "serving": serving.to_dict(), "lora": to_dict(lora),
                     "lineage": lineage}
-        card = model_card(name, base_model=registry.hub_base_model, family=serving.generator.family, lora=lora,
+        card = model_card(name, base_model=registry.hub_base_model, family=family, lora=lora,
                           metrics=metrics, lineage=lineage, license=registry.license)
         files = _model_files(Path(tmp), settings, str(card), lora_path)
         with _fluent_at(uri):
             info = _log_pyfunc(run_id, files, Path(tmp), _input_example(metrics, serving))
     _log_evidence(client, run_id, metrics, report, scaling, scaling_metrics, model_id=info.model_id)
-    _ensure_registered_model(client, name)
+    _ensure_registered_model(client, name, family)
 
     with _fluent_at(uri):
         version = mlflow.register_model(info.model_uri, name, tags=lineage | _metric_tags(metrics))
@@ -270,11 +274,30 @@ def _find_version(client, name: str, sha: str, run_id: str | None):
     return None
 
 
-def _ensure_registered_model(client, name: str) -> None:
+def generator_family(generator: GeneratorConfig) -> str:
+    """The family a LoRA was trained on: generator.family, or its folder's (family auto)."""
+    return folder_family(generator.path) if generator.family == "auto" else generator.family
+
+
+def _check_family(client, name: str, family: str) -> None:
+    """One registered model holds the LoRAs of one family (a champion of another family is no baseline, and its
+    deployment would not load): RegistryError where `name` already holds another family's versions, or names
+    another family."""
+    try:
+        held = client.get_registered_model(name).tags.get(FAMILY_TAG)
+    except MlflowException:
+        held = None
+    named = [f for f in FAMILIES if f != family and family_slug(f) in name]
+    if (held and held != family) or named:
+        raise RegistryError(f"registry.model_name {name!r} is for {held or named[0]} LoRAs, this one was trained on "
+                            f"{family}: set registry.model_name, e.g. umo-{family_slug(family)}-lora")
+
+
+def _ensure_registered_model(client, name: str, family: str) -> None:
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(name, description=(
+        client.create_registered_model(name, tags={FAMILY_TAG: family}, description=(
             "UMO multi-identity LoRAs (ReReFL with the matching reward). Each version carries its evaluation "
             "(base vs candidate, judge scores), lineage tags and a model card. Aliases: `challenger` = newest "
             "registered, `champion` = approved by the gate (the one deployed), `previous` = the champion before."))
@@ -284,7 +307,7 @@ def _base_model(generator: GeneratorConfig) -> str:
     """family:path of the base generator, plus its model_index.json's sha256 (a weights-free fingerprint)."""
     index = Path(generator.path) / "model_index.json"
     digest = sha256_file(index)[:12] if index.is_file() else "unknown"
-    return f"{generator.family}:{generator.path}@{digest}"
+    return f"{generator_family(generator) if index.is_file() else generator.family}:{generator.path}@{digest}"
 
 
 def _metric_tags(metrics: dict) -> dict[str, str]:

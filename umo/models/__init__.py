@@ -1,4 +1,5 @@
-"""Generators: the protocol (`base`), one module per family (`flux2`), LoRA (`lora`)."""
+"""Generators: the protocol (`base`), one module per family (`flux2`: FLUX.2 [klein] and [dev]; `qwen_image`:
+Qwen-Image-Edit-Plus), LoRA (`lora`)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from pathlib import Path
 
 import torch
 
+from umo.families import FAMILIES, folder_family
 from umo.models.base import Conditioning, Generator, euler_step, generate_images, predict_x0, sample
 
-__all__ = ["Conditioning", "Generator", "TRAINED_WITH", "check_trained_with", "euler_step", "generate_images",
-           "load_generator", "predict_x0", "sample"]
+__all__ = ["FAMILIES", "Conditioning", "Generator", "TRAINED_WITH", "check_trained_with", "euler_step", "folder_family",
+           "generate_images", "load_generator", "predict_x0", "sample"]
 
 # Optional, beside model_index.json: the conditioning a generator was trained with. A model trained on 32-px
 # references and 4 prompt tokens still runs on 48-px references or 512 tokens, only worse (the toy base: ID-Sim
@@ -43,13 +45,22 @@ def _plain(value):
 
 
 def load_generator(config, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Generator:
-    """Load the generator a `umo.config.GeneratorConfig` names (family, local path, text layers ...)."""
+    """Load the generator a `umo.config.GeneratorConfig` names: its folder's family (`generator.family`: auto,
+    or the family the folder must be), text layers, guidance ..."""
+    family = folder_family(config.path)
+    if config.family not in ("auto", family):
+        raise ValueError(f"generator folder {config.path} holds a {family} model, but generator.family is "
+                         f"{config.family!r}: set generator.family to {family!r} (or auto)")
     check_trained_with(config)
-    if config.family == "flux2_klein":
-        # lazy: a family's module (and diffusers) load on use
-        from umo.models.flux2 import Flux2KleinGenerator
+    # lazy: a family's module (and its diffusers and transformers classes) load on use
+    if family == "qwen_image_edit":
+        from umo.models.qwen_image import QwenImageEditGenerator
 
-        return Flux2KleinGenerator.from_pretrained(
-            config.path, text_layers=config.text_layers, max_sequence_length=config.max_sequence_length,
-            guidance_scale=config.guidance_scale, reference_cache=config.reference_cache, dtype=dtype, device=device)
-    raise ValueError(f"unknown generator family {config.family!r} (known: flux2_klein)")
+        return QwenImageEditGenerator.from_pretrained(config.path, guidance_scale=config.guidance_scale, dtype=dtype,
+                                                      device=device)
+    from umo.models.flux2 import Flux2DevGenerator, Flux2KleinGenerator
+
+    cls = Flux2DevGenerator if family == "flux2_dev" else Flux2KleinGenerator
+    return cls.from_pretrained(config.path, text_layers=config.text_layers,
+                               max_sequence_length=config.max_sequence_length, guidance_scale=config.guidance_scale,
+                               reference_cache=config.reference_cache, dtype=dtype, device=device)

@@ -4,7 +4,7 @@ A rectified-flow (flow-matching) model with x_t = (1 - sigma) * x0 + sigma * noi
 v = noise - x0, so that
     x0_hat(x_t, v, sigma) = x_t - sigma * v                      (docs/method.md)
     Euler step:  x_{next} = x_t + (sigma_next - sigma) * v
-Every family (FLUX.2 [klein] first; FLUX.1 + UNO-style tokens, OmniGen, Qwen-Image-Edit later) is one module
+Every family (FLUX.2 [klein] and [dev]: `flux2`; Qwen-Image-Edit-Plus: `qwen_image`) is one module
 implementing `Generator`; nothing outside umo/models knows about tokens, packing or VAEs.
 """
 
@@ -24,15 +24,16 @@ from umo.images import signed_to_rgb
 class Conditioning:
     """Everything that stays constant over the sampler steps of one batch (computed once, no grad).
 
-    prompt:         (B, L, D) text embeddings;           prompt_ids: (B, L, 4) their positions
-    references:     (B, R, C) reference-image tokens or None;  reference_ids: (B, R, 4)
-    latent_ids:     (B, N, 4) positions of the generated image's tokens
+    prompt:         (B, L, D) text embeddings;           prompt_ids: (B, L, 4) their positions (FLUX.2), or None
+    references:     (B, R, C) reference-image tokens or None;  reference_ids: (B, R, 4), or None
+    latent_ids:     (B, N, k) positions of the generated image's tokens (N of them)
     height, width:  generated image size in pixels
-    extra:          family-specific constants (e.g. a reference key/value cache)
+    extra:          family-specific constants (a reference key/value cache, Qwen-Image's prompt mask and token
+                    grids, ...)
     """
 
     prompt: torch.Tensor
-    prompt_ids: torch.Tensor
+    prompt_ids: torch.Tensor | None
     references: torch.Tensor | None
     reference_ids: torch.Tensor | None
     latent_ids: torch.Tensor
@@ -53,8 +54,14 @@ class Conditioning:
 class Generator(Protocol):
     """A multi-reference flow-matching generator (see the module docstring for the maths)."""
 
+    family: str
+    """Its family (umo.families.FAMILIES)."""
+    pipe: Any
+    """The diffusers pipeline whose modules it runs (its class writes and reads the family's LoRA files)."""
     transformer: nn.Module
     """The denoiser; the LoRA is attached to it."""
+    dead_modules: tuple[str, ...]
+    """Full names of the transformer's modules whose output never reaches the velocity: no LoRA goes there."""
     denoiser: nn.Module
     """What `velocity` calls: `transformer` itself, or the DDP/FSDP wrapper a trainer puts around it."""
 

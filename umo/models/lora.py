@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 ADAPTER = "default"
 
 
-def lora_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
-    """Full names of the nn.Linear modules whose name ends with one of `patterns` at a dot boundary.
+def lora_targets(model: nn.Module, patterns: Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
+    """Full names of the nn.Linear modules whose name ends with one of `patterns` at a dot boundary, less the
+    full names in `exclude` (a generator's `dead_modules`: their outputs never reach the velocity).
 
     >>> m = nn.Module(); m.attn = nn.Module(); m.attn.to_q = nn.Linear(2, 2); m.attn.to_out = nn.ModuleList([nn.Linear(2, 2)])
     >>> lora_targets(m, ["to_q", "to_out.0", "to_out"])
@@ -47,7 +48,8 @@ def lora_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """
     found = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and any(name == p or name.endswith("." + p) for p in patterns):
+        if isinstance(module, nn.Linear) and any(name == p or name.endswith("." + p) for p in patterns) \
+                and name not in exclude:
             found.append(name)
     if not found:
         raise ValueError(f"LoRA target_modules {list(patterns)} match no Linear layer of {type(model).__name__}")
@@ -55,14 +57,15 @@ def lora_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
 
 
 def add_lora(model: nn.Module, *, rank: int, alpha: float, target_modules: Sequence[str], dropout: float = 0.0,
-             seed: int | None = None) -> list[str]:
-    """Attach a LoRA adapter (peft) to `model`'s matching Linear layers; returns the adapted module names.
+             seed: int | None = None, exclude: Sequence[str] = ()) -> list[str]:
+    """Attach a LoRA adapter (peft) to `model`'s matching Linear layers, less `exclude` (full names); returns the
+    adapted module names.
 
     Only the LoRA parameters require grad afterwards. `seed` fixes the random init of the A matrices.
     """
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    targets = lora_targets(model, target_modules)
+    targets = lora_targets(model, target_modules, exclude)
     # lazy: peft and diffusers take seconds to import; `umo register`, `gate` and `deploy` only name LoRA files
     from peft import LoraConfig
 

@@ -341,7 +341,7 @@ def setup_model(config: Sections, accelerator: Accelerator, precision: str):
     gen = load_generator(config.generator, dtype=weight_dtype, device=accelerator.device)
     transformer = gen.transformer
     add_lora(transformer, rank=config.lora.rank, alpha=config.lora.alpha, target_modules=config.lora.target_modules,
-             dropout=config.lora.dropout, seed=config.seed)
+             dropout=config.lora.dropout, seed=config.seed, exclude=gen.dead_modules)
     for p in lora_parameters(transformer):
         p.data = p.data.float()
     if tc.gradient_checkpointing:
@@ -817,7 +817,7 @@ def export(run: Run, started: float) -> TrainResult:
         ema.swap()
     lora_dir = run.out / "lora"
     if run.main:
-        save_lora(acc.unwrap_model(run.model), lora_dir)
+        save_lora(acc.unwrap_model(run.model), lora_dir, pipeline_cls=type(run.gen.pipe))
     if ema is not None:
         ema.swap()
     tail = run.history[-10:]

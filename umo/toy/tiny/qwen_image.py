@@ -27,16 +27,11 @@ from diffusers import (
     QwenImageTransformer2DModel,
 )
 from tokenizers import pre_tokenizers
-from transformers import (
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2Tokenizer,
-    Qwen2VLImageProcessor,
-    Qwen2VLProcessor,
-)
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLImageProcessor
 
 from umo.io import atomic_dir
 from umo.models.flux2 import TINY_MARKER
+from umo.models.qwen_image import ImageTextProcessor
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>")
@@ -65,7 +60,9 @@ def tiny_tokenizer() -> Qwen2Tokenizer:
     """A Qwen2Tokenizer over the 256 byte-level symbols plus Qwen2.5-VL's special tokens, built in memory."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *alphabet])}
-    return Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=1024)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=1024)
+    tokenizer.add_tokens(list(SPECIAL_TOKENS), special_tokens=True)  # whole tokens in text, never split into bytes
+    return tokenizer
 
 
 def tiny_components(config: TinyQwenImageConfig = TinyQwenImageConfig()) -> dict:
@@ -74,17 +71,15 @@ def tiny_components(config: TinyQwenImageConfig = TinyQwenImageConfig()) -> dict
     tokenizer = tiny_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     # images of at most 64 x 64 px in the vision tower (the pipeline resizes references to its condition area)
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=64 * 64),
-                                 tokenizer=tokenizer)
+    processor = ImageTextProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=64 * 64),
+                                   tokenizer=tokenizer, video_processor=None)
     torch.manual_seed(c.seed)
-    half = c.hidden // 2 // 2  # rotary pairs per head of the text model (head width 16: 8 pairs)
     text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=c.hidden, intermediate_size=2 * c.hidden,
                          num_hidden_layers=c.text_layers, num_attention_heads=2, num_key_value_heads=1,
                          max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                          "mrope_section": [half // 4, (half - half // 4) // 2,
-                                                            half - half // 4 - (half - half // 4) // 2]}),
+                         # heads of width 16: 8 rotary pairs, split over (time, height, width) as M-RoPE does
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
         vision_config=dict(depth=c.vision_depth, hidden_size=c.hidden, intermediate_size=2 * c.hidden, num_heads=2,
                            out_hidden_size=c.hidden, fullatt_block_indexes=[c.vision_depth - 1], window_size=56),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -110,9 +105,19 @@ def write_tiny_qwen_image_edit(out_dir: str | Path,
     """Save a tiny QwenImageEditPlusPipeline folder (safetensors weights) to out_dir; returns out_dir.
     Written to a temporary sibling and renamed, so a reader never sees half a model."""
     out_dir = Path(out_dir)
-    pipe = QwenImageEditPlusPipeline(**tiny_components(config))
+    parts = tiny_components(config)
+    processor = parts.pop("processor")
     marker = {**asdict(config), "note": "tiny random weights for tests; not a real model"}
     with atomic_dir(out_dir) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        # the processor is saved by hand: transformers saves a Qwen2VLProcessor only with its video processor
+        QwenImageEditPlusPipeline(**parts, processor=None).save_pretrained(tmp, safe_serialization=True)
+        processor.tokenizer.save_pretrained(tmp / "processor")
+        processor.image_processor.save_pretrained(tmp / "processor")
+        video = processor.image_processor.to_dict() | {"video_processor_type": "Qwen2VLVideoProcessor"}
+        video.pop("image_processor_type", None)
+        (tmp / "processor" / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2) + "\n")
+        index = json.loads((tmp / "model_index.json").read_text())
+        index["processor"] = ["transformers", "Qwen2VLProcessor"]  # the released folders' entry
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         (tmp / TINY_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
     return out_dir
