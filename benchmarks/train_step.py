@@ -21,8 +21,19 @@ step's sizes and with image and references at --kv-side px (256): at the embedde
 tokens outnumber the 3 x 16 reference tokens and each tiny forward costs ~12 ms of fixed overhead whatever its
 length, unlike a real 512 px run (3072 reference tokens of 4608).
 
-Prints a table and writes JSON (benchmarks/results/train_step[_<size>].json).
-Run: `.venv/bin/python benchmarks/train_step.py [--size tiny|klein-4b] [--steps 10]`.
+Families (`--family`, tiny size): flux2_klein (above), flux2_dev (Flux2Pipeline: embedded guidance, no KV
+variant) and qwen_image_edit (QwenImageEditPlusPipeline: the text encoder reads the references too; no exact
+reference cache, so the table shows instead what a cache could save at most: no-grad sampling with the references
+against the same steps without them). CUDA (`--size qwen-image-edit`): a random-init transformer of
+Qwen-Image-Edit's shape (60 blocks, 24 heads x 128, text width 3584: 20.4B parameters), the real-size Qwen VAE, a
+3-layer text encoder of Qwen2.5-VL-7B's width, bf16, gradient checkpointing, 1024 x 1024 with 2 references.
+
+`--memory-plan` (any machine, no GPU): the weights each family needs in bf16 at real size (the transformer's
+parameters counted from its real shape on the meta device; the text encoders' published sizes), the LoRA and its
+AdamW state, and what fits on one 141 GB H200 with gradient checkpointing.
+
+Prints a table and writes JSON (benchmarks/results/train_step[_<family>][_<size>].json).
+Run: `.venv/bin/python benchmarks/train_step.py [--size tiny|klein-4b|qwen-image-edit] [--family F] [--steps 10]`.
 """
 
 from __future__ import annotations
@@ -69,10 +80,85 @@ def fixed_faces(height: int, width: int):
 
 
 def tiny_setup(args, config):
+    tmp = Path(tempfile.mkdtemp(prefix="umo-bench-"))
+    if args.family == "qwen_image_edit":
+        from umo.toy.tiny.qwen_image import write_tiny_qwen_image_edit
+
+        return {"plain": write_tiny_qwen_image_edit(tmp / "tiny")}
+    if args.family == "flux2_dev":
+        from umo.toy.tiny.flux2_dev import write_tiny_flux2_dev
+
+        return {"plain": write_tiny_flux2_dev(tmp / "tiny")}
     from umo.toy.tiny.flux2 import write_tiny_flux2
 
-    tmp = Path(tempfile.mkdtemp(prefix="umo-bench-"))
     return {"plain": write_tiny_flux2(tmp / "tiny"), "kv": write_tiny_flux2(tmp / "tiny_kv", kv=True)}
+
+
+def qwen_image_edit_pipeline(depth: int | None):
+    """In-memory Qwen-Image-Edit-Plus pipeline at the real transformer and VAE shape (random init; nothing
+    downloaded), with a 3-layer text encoder of Qwen2.5-VL-7B's width."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+
+    from umo.toy.tiny.qwen_image import tiny_components
+
+    parts = tiny_components()
+    torch.manual_seed(0)
+    encoder = parts["text_encoder"].config
+    encoder.text_config.update(dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=3,
+                                     num_attention_heads=28, num_key_value_heads=4))
+    encoder.vision_config.update(dict(out_hidden_size=3584))
+    parts["text_encoder"] = type(parts["text_encoder"])(encoder).eval()
+    parts["vae"] = AutoencoderKLQwenImage().eval()  # diffusers' defaults are Qwen-Image's VAE shape
+    parts["transformer"] = QwenImageTransformer2DModel(**QWEN_IMAGE_EDIT, **({"num_layers": depth} if depth else {}))
+    return QwenImageEditPlusPipeline(**parts)
+
+
+# the released Qwen-Image-Edit-2509 transformer's config (diffusers' defaults, spelled out)
+QWEN_IMAGE_EDIT = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                       num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
+# FLUX.2 [dev]'s and [klein] 4B's transformers (their released configs)
+FLUX2_DEV = dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
+                 num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256, mlp_ratio=3.0,
+                 axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=True)
+FLUX2_KLEIN_4B = dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
+                      num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0,
+                      axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=False)
+# published parameter counts of the text encoders (billions): Qwen2.5-VL-7B-Instruct, Mistral-Small-3.1-24B, Qwen3-4B
+TEXT_ENCODERS = {"qwen_image_edit": ("Qwen2.5-VL-7B", 8.29), "flux2_dev": ("Mistral-Small-3.1-24B", 24.0),
+                 "flux2_klein": ("Qwen3-4B", 4.02)}
+H200_GB = 141.0
+
+
+def memory_plan(rank: int = 16) -> dict:
+    """Per family at real size: bf16 weights (transformer from its shape on the meta device, text encoder from
+    its published size), the LoRA (rank `rank` on the attention projections) with fp32 AdamW state, and the
+    verdict for one 141 GB GPU. Activations are not counted here (the GPU mode measures the peak)."""
+    from diffusers import Flux2Transformer2DModel, QwenImageTransformer2DModel
+
+    from umo.config import LoraConfig
+    from umo.models.lora import lora_targets
+
+    plans = {}
+    for family, cls, shape in (("qwen_image_edit", QwenImageTransformer2DModel, QWEN_IMAGE_EDIT),
+                               ("flux2_dev", Flux2Transformer2DModel, FLUX2_DEV),
+                               ("flux2_klein", Flux2Transformer2DModel, FLUX2_KLEIN_4B)):
+        with torch.device("meta"):
+            model = cls(**shape)
+        n = sum(p.numel() for p in model.parameters())
+        modules = dict(model.named_modules())
+        lora = sum(rank * (modules[t].in_features + modules[t].out_features)
+                   for t in lora_targets(model, LoraConfig().target_modules))
+        encoder, encoder_b = TEXT_ENCODERS[family]
+        weights = 2 * (n + encoder_b * 1e9) / 1e9
+        trainable = lora * (4 + 4 + 4 + 4) / 1e9  # fp32 weights, grads, AdamW's two moments
+        plans[family] = {
+            "transformer_params_b": n / 1e9, "text_encoder": encoder, "text_encoder_params_b": encoder_b,
+            "bf16_weights_gb": weights, "lora_params_m": lora / 1e6, "lora_with_adamw_gb": trainable,
+            "left_for_activations_gb": H200_GB - weights - trainable,
+            "one_h200": ("fits, with room for activations" if H200_GB - weights - trainable > 40 else
+                         "fits only with the text encoder offloaded or the prompts encoded ahead"
+                         if H200_GB - 2 * n / 1e9 - trainable > 40 else "needs sharding (FSDP2)")}
+    return plans
 
 
 def klein_4b_pipeline(kv: bool, depth: int | None):
@@ -105,16 +191,22 @@ def klein_4b_pipeline(kv: bool, depth: int | None):
 
 
 def make_generator(args, source, kv: bool, device: torch.device, dtype: torch.dtype):
+    from umo.config import GeneratorConfig
+    from umo.models import load_generator
     from umo.models.flux2 import Flux2KleinGenerator
     from umo.models.lora import add_lora
+    from umo.models.qwen_image import QwenImageEditGenerator
 
     if args.size == "tiny":
-        gen = Flux2KleinGenerator.from_pretrained(source["kv" if kv else "plain"], device=device, dtype=dtype,
-                                                  max_sequence_length=args.max_sequence_length)
+        gen = load_generator(GeneratorConfig(family=args.family, path=str(source["kv" if kv else "plain"]),
+                                             max_sequence_length=args.max_sequence_length), device=device, dtype=dtype)
+    elif args.size == "qwen-image-edit":
+        gen = QwenImageEditGenerator(qwen_image_edit_pipeline(args.depth).to(device, dtype))
     else:
         pipe = klein_4b_pipeline(kv, args.depth).to(device, dtype)
         gen = Flux2KleinGenerator(pipe, text_layers=(1, 2, 3), max_sequence_length=args.max_sequence_length)
-    add_lora(gen.transformer, rank=args.rank, alpha=float(args.rank), target_modules=args.targets, seed=0)
+    add_lora(gen.transformer, rank=args.rank, alpha=float(args.rank), target_modules=args.targets, seed=0,
+             exclude=gen.dead_modules)
     for p in gen.transformer.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -187,6 +279,9 @@ def time_sampling(gen, batch, args, tc, height, width, autocast, device) -> floa
     for i in range(args.warmup + args.steps):
         with torch.no_grad(), autocast():
             cond = gen.condition(batch.prompts, batch.references, height=height, width=width)
+            if args.drop_references:  # what a perfect reference cache would leave: the image and text tokens
+                cond.references = None
+                cond.extra["img_shapes"] = [shapes[:1] for shapes in cond.extra["img_shapes"]]
             x = gen.initial_latents(cond, torch.Generator().manual_seed(i))
             sync(device)
             t0 = time.perf_counter()
@@ -225,7 +320,10 @@ def _rss_gib() -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=["tiny", "klein-4b"], default="tiny")
+    parser.add_argument("--size", choices=["tiny", "klein-4b", "qwen-image-edit"], default="tiny")
+    parser.add_argument("--family", choices=["flux2_klein", "flux2_dev", "qwen_image_edit"], default="flux2_klein",
+                        help="tiny size: the family's tiny folder")
+    parser.add_argument("--memory-plan", action="store_true", help="print the real-size memory plan and stop")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
@@ -238,18 +336,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--toy-world", type=Path, default=ROOT / ".cache" / "toy-world")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    args.drop_references = False
+    if args.memory_plan:
+        plans = memory_plan()
+        print(plan_table(plans))
+        out = args.out or ROOT / "benchmarks" / "results" / "memory_plan.json"
+        out.write_text(json.dumps({"benchmark": "memory_plan", "gpu_gb": H200_GB, "families": plans}, indent=2) + "\n")
+        print(f"\nwritten {out}")
+        return 0
+    if args.size == "qwen-image-edit":
+        args.family = "qwen_image_edit"
 
     from umo.config import load_config
 
     config = load_config(ROOT / "params.yaml")
     tc, device = config.train, torch.device(args.device)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    big = args.size == "klein-4b"
+    big = args.size != "tiny"
     if big and device.type != "cuda" and not args.depth:
-        parser.error("--size klein-4b needs a CUDA GPU (or --depth 1 for a CPU smoke test)")
-    side = args.resolution or (512 if big else config.generator.resolution[0])
+        parser.error(f"--size {args.size} needs a CUDA GPU (or --depth 1 for a CPU smoke test)")
+    side = args.resolution or ((1024 if args.size == "qwen-image-edit" else 512) if big
+                               else config.generator.resolution[0])
     height = width = side
     ref_hw = (side, side) if big else tuple(config.generator.reference_resolution)
+    if args.size == "qwen-image-edit" and args.references == 3:
+        args.references = 2  # 2 x 4096 reference tokens beside the image's 4096
     args.rank = 16 if big else config.lora.rank
     args.targets = config.lora.target_modules
     args.checkpointing = big or tc.gradient_checkpointing
@@ -265,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         embed_dim = reward.embed(torch.zeros(1, 3, 112, 112, device=device)).shape[1]
     results: dict = {}
-    for kv in (False, True):
+    kv_variants = (False, True) if args.family == "flux2_klein" else (False,)
+    for kv in kv_variants:
         gen = make_generator(args, source, kv, device, dtype)
         batch = batch_for(args, height, width, ref_hw, device, embed_dim)
         name = "kv" if kv else "plain"
@@ -287,6 +399,22 @@ def main(argv: list[str] | None = None) -> int:
                     "scenario": label, "resolution": [h, w], "reference_resolution": list(rhw),
                     "sampling_uncached_s": uncached, "sampling_cached_s": cached, "speedup": uncached / cached,
                     "target": TARGET_KV_SPEEDUP, "passed": uncached / cached >= TARGET_KV_SPEEDUP})
+        if not kv and args.family == "qwen_image_edit":  # the most any reference cache could save
+            results["reference_share"] = []
+            scenarios = [("step sizes", height, width, ref_hw)]
+            if args.kv_side and (args.kv_side, args.kv_side) != ref_hw:
+                scenarios.append((f"{args.kv_side}px image and refs", args.kv_side, args.kv_side,
+                                  (args.kv_side, args.kv_side)))
+            for label, h, w, rhw in scenarios:
+                b = batch_for(args, h, w, rhw, device, embed_dim)
+                with_refs = time_sampling(gen, b, args, tc, h, w, autocast, device)
+                args.drop_references = True
+                without = time_sampling(gen, b, args, tc, h, w, autocast, device)
+                args.drop_references = False
+                results["reference_share"].append({
+                    "scenario": label, "resolution": [h, w], "reference_resolution": list(rhw),
+                    "sampling_with_references_s": with_refs, "sampling_without_references_s": without,
+                    "upper_bound_speedup": with_refs / without, "target": TARGET_KV_SPEEDUP})
         if big and device.type == "cuda" and not kv:
             flops = model_flops(gen, reward, batch, tc, height, width, autocast)
             gpu = torch.cuda.get_device_name()
@@ -299,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     results["decode_reward_share"] = {"value": share, "target": TARGET_DECODE_REWARD,
                                       "passed": share <= TARGET_DECODE_REWARD}
 
-    report = {"benchmark": "train_step", "size": args.size, "device": str(device),
+    report = {"benchmark": "train_step", "size": args.size, "family": args.family, "device": str(device),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                           "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
               "settings": {"resolution": [height, width], "reference_resolution": list(ref_hw),
@@ -311,8 +439,9 @@ def main(argv: list[str] | None = None) -> int:
                            "reward_embedder": world.config.reward.arch, "steps": args.steps},
               "results": results}
     print(table(report))
+    family = "" if args.family == "flux2_klein" or args.size != "tiny" else f"_{args.family}"
     out = args.out or ROOT / "benchmarks" / "results" / (
-        "train_step.json" if args.size == "tiny" else f"train_step_{args.size}.json")
+        f"train_step{family}.json" if args.size == "tiny" else f"train_step_{args.size}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten {out}")
@@ -321,19 +450,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(report: dict) -> str:
     r = report["results"]
-    lines = [f"ReReFL step, {report['size']} on {report['device']} "
+    lines = [f"ReReFL step, {report['family']} {report['size']} on {report['device']} "
              f"({report['settings']['resolution'][0]}px, {report['settings']['references']} refs, "
              f"T={report['settings']['sampler_steps']}, t={report['settings']['grad_step']})", "",
              f"{'phase':<11} {'plain s':>9} {'share':>6} {'kv s':>9}"]
     step = r["plain"]["phases_s"]["step"]
+    kv = r.get("kv", {"phases_s": {}, "peak_memory_gib": float("nan")})
     for name in (*PHASES, "step"):
-        a, b = r["plain"]["phases_s"][name], r["kv"]["phases_s"][name]
+        a, b = r["plain"]["phases_s"][name], kv["phases_s"].get(name, float("nan"))
         lines.append(f"{name:<11} {a:9.4f} {a / step:6.1%} {b:9.4f}")
-    lines.append(f"{'peak GiB':<11} {r['plain']['peak_memory_gib']:9.2f} {'':>6} {r['kv']['peak_memory_gib']:9.2f}")
+    lines.append(f"{'peak GiB':<11} {r['plain']['peak_memory_gib']:9.2f} {'':>6} {kv['peak_memory_gib']:9.2f}")
     s = r["decode_reward_share"]
     lines += ["", f"decode + reward share of the step: {s['value']:.1%} (target <= {s['target']:.0%}: "
               f"{'PASS' if s['passed'] else 'FAIL'})"]
-    for k in r["kv_cache"]:
+    for k in r.get("reference_share", []):  # no exact cache in this family: the most one could save
+        lines.append(f"no-grad sampling, {k['scenario']}: {k['sampling_with_references_s']:.4f} s with the "
+                     f"references, {k['sampling_without_references_s']:.4f} s without them: any reference cache "
+                     f"saves at most {k['upper_bound_speedup']:.2f}x (an exact one cannot exist here)")
+    for k in r.get("kv_cache", []):
         lines.append(f"no-grad sampling, KV folder, {k['scenario']}: {k['sampling_uncached_s']:.4f} s uncached, "
                      f"{k['sampling_cached_s']:.4f} s cached: {k['speedup']:.2f}x (target >= {k['target']}x: "
                      f"{'PASS' if k['passed'] else 'FAIL'})")
@@ -341,6 +475,17 @@ def table(report: dict) -> str:
         f = r["flops"]
         mfu = f"{f['mfu']:.1%}" if f["mfu"] is not None else "n/a (unknown GPU peak)"
         lines.append(f"model FLOPs/step {f['model_flops_per_step'] / 1e12:.1f} TFLOP on {f['gpu']}: MFU {mfu}")
+    return "\n".join(lines)
+
+
+def plan_table(plans: dict) -> str:
+    lines = [f"memory plan at real size, bf16 weights, LoRA rank 16 with fp32 AdamW, one {H200_GB:.0f} GB GPU", "",
+             f"{'family':<16} {'transformer':>11} {'text encoder':>28} {'weights GB':>10} {'LoRA M':>7} "
+             f"{'left GB':>8}  one H200"]
+    for family, p in plans.items():
+        lines.append(f"{family:<16} {p['transformer_params_b']:10.2f}B {p['text_encoder']:>22} "
+                     f"{p['text_encoder_params_b']:4.1f}B {p['bf16_weights_gb']:10.1f} {p['lora_params_m']:7.1f} "
+                     f"{p['left_for_activations_gb']:8.1f}  {p['one_h200']}")
     return "\n".join(lines)
 
 
