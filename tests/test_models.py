@@ -206,6 +206,8 @@ def test_a_foreign_pipeline_folder_is_named(tiny_generator_dir, tmp_path):
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": "FluxPipeline"}))
     with pytest.raises(ValueError, match="names 'FluxPipeline'; the flux2_klein family reads"):
+        Flux2KleinGenerator.from_pretrained(folder)
+    with pytest.raises(ValueError, match="names 'FluxPipeline', which umo cannot fine-tune; supported: flux2_klein"):
         generator(folder)
 
 

@@ -52,12 +52,13 @@ def load_generator(config, *, dtype: torch.dtype = torch.float32, device: str | 
         raise ValueError(f"generator folder {config.path} holds a {family} model, but generator.family is "
                          f"{config.family!r}: set generator.family to {family!r} (or auto)")
     check_trained_with(config)
-    # lazy: a family's module (and its diffusers and transformers classes) load on use
     if family == "qwen_image_edit":
+        # lazy: a family's module (and its diffusers and transformers classes) load on use
         from umo.models.qwen_image import QwenImageEditGenerator
 
         return QwenImageEditGenerator.from_pretrained(config.path, guidance_scale=config.guidance_scale, dtype=dtype,
                                                       device=device)
+    # lazy: as above
     from umo.models.flux2 import Flux2DevGenerator, Flux2KleinGenerator
 
     cls = Flux2DevGenerator if family == "flux2_dev" else Flux2KleinGenerator

@@ -1,15 +1,29 @@
-"""FLUX.2 [klein] through diffusers: the first `Generator` family, multi-reference natively.
+"""FLUX.2 [klein] and [dev] through diffusers: one transformer family, multi-reference natively.
 
-Loaded from a local diffusers folder (`Flux2KleinPipeline` layout: transformer/, vae/, text_encoder/,
-tokenizer/, scheduler/) with `local_files_only=True` and `use_safetensors=True`: weights are never downloaded,
-and never unpickled (a pickled .bin can run code; a folder holding one is an error). The pipeline's own
-helpers do the token bookkeeping (patchify, pack, position ids, VAE batch-norm statistics), so our
-sampler sees exactly the tensors `Flux2KleinPipeline.__call__` builds:
+Loaded from a local diffusers folder (`Flux2KleinPipeline` or `Flux2Pipeline` layout: transformer/, vae/,
+text_encoder/, tokenizer/, scheduler/) with `local_files_only=True` and `use_safetensors=True`: weights are never
+downloaded, and never unpickled (a pickled .bin can run code; a folder holding one is an error). The pipeline's
+own helpers do the token bookkeeping (patchify, pack, position ids, VAE batch-norm statistics), so our
+sampler sees exactly the tensors `Flux2KleinPipeline.__call__` / `Flux2Pipeline.__call__` builds:
 
-- prompt: Qwen3 chat template -> hidden states of `text_layers` stacked -> (B, L, 3 * hidden);
+- prompt: the text encoder's chat template -> hidden states of `text_layers` stacked -> (B, L, 3 * hidden);
 - references: each image VAE-encoded (mode of the posterior), patchified 2x2, normalized by the VAE's
   batch-norm statistics, packed and concatenated after the image tokens, at time coordinates 10, 20, ...;
 - velocity: the transformer on [image tokens, reference tokens], keeping the image tokens' output.
+
+The two differ only in what surrounds that (`Flux2KleinGenerator`, `Flux2DevGenerator`):
+
+- [klein] (4B / 9B): Qwen3 text encoder (layers 9, 18, 27); classifier-free guidance on the empty prompt when
+  `guidance_scale` > 1 (the base models; the distilled ones run without), both branches in one doubled batch.
+- [dev] (32B): Mistral Small 3.1 text encoder (`Mistral3ForConditionalGeneration`; layers 10, 20, 30) reading
+  the pipeline's system message, then the prompt; guidance-distilled: `guidance_scale` (default 4) goes to the
+  transformer as its embedded guidance (`guidance=`), one forward per step, never a doubled batch; no KV variant.
+  The pipeline's `tokenizer` component is a `PixtralProcessor`, which transformers builds only with torchvision
+  installed (its image processor imports it). Without torchvision the pipeline is loaded without it and given
+  the processor's own tokenizer instead (the same tokenizer files and chat template, read by AutoTokenizer as
+  the processor would read them): the prompt embedding only ever applies the chat template to text messages,
+  which the tokenizer does exactly as the processor does. Prompt upsampling (the pipeline's
+  `caption_upsample_temperature`, a vision-language generation) is never used here.
 
 The KV variant (`Flux2KleinKVPipeline` folders) puts the reference tokens FIRST, modulates them with a fixed
 timestep and lets them attend only to themselves, so their keys and values depend on neither the noisy image
@@ -30,6 +44,8 @@ import diffusers
 import numpy as np
 import torch
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_latents
+from transformers import AutoTokenizer
+from transformers.utils import is_torchvision_available
 
 from umo.models.base import Conditioning
 
@@ -39,10 +55,14 @@ TINY_MARKER = "umo_tiny.json"
 weights: {"text_layers_used": [...], ...}, the text encoder's layers a tiny encoder feeds the transformer."""
 
 DEFAULT_TEXT_LAYERS = (9, 18, 27)  # diffusers' klein default (Qwen3-4B hidden states)
+DEV_TEXT_LAYERS = (10, 20, 30)  # diffusers' [dev] default (Mistral Small 3.1 hidden states)
 EXPECTED_LAYOUT = "a diffusers Flux2KleinPipeline folder: model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/"
+DEV_LAYOUT = ("a diffusers Flux2Pipeline folder: model_index.json, transformer/, vae/, text_encoder/, "
+              "tokenizer/, scheduler/")
 
 
 PIPELINES = ("Flux2KleinPipeline", "Flux2KleinKVPipeline")
+DEV_PIPELINES = ("Flux2Pipeline",)
 PICKLED = (".bin", ".pt", ".pth", ".ckpt")  # torch.save / pickle weight files, which diffusers would unpickle
 
 
@@ -61,10 +81,11 @@ def check_safetensors(path: Path, index: dict) -> None:
                              f"(load it once and save_pretrained(..., safe_serialization=True))")
 
 
-def _pipeline_cls(name: str = "Flux2KleinPipeline"):
-    if name not in PIPELINES:
-        raise ValueError(f"generator folder: model_index.json names {name!r}; the flux2_klein family reads "
-                         f"{' or '.join(PIPELINES)}")
+def _pipeline_cls(name: str = "Flux2KleinPipeline", family: str = "flux2_klein",
+                  pipelines: Sequence[str] = PIPELINES):
+    if name not in pipelines:
+        raise ValueError(f"generator folder: model_index.json names {name!r}; the {family} family reads "
+                         f"{' or '.join(pipelines)}")
     return getattr(diffusers, name)
 
 
@@ -80,6 +101,10 @@ class Flux2KleinGenerator:
     """
 
     family = "flux2_klein"
+    dead_modules: tuple[str, ...] = ()  # the last single blocks carry text and image alike: every module counts
+    pipelines = PIPELINES  # model_index.json's _class_name, one of these
+    default_text_layers = DEFAULT_TEXT_LAYERS
+    expected_layout = EXPECTED_LAYOUT
 
     def __init__(self, pipe, *, text_layers: Sequence[int] = DEFAULT_TEXT_LAYERS,
                  max_sequence_length: int = 512, guidance_scale: float = 1.0, reference_cache: bool = True) -> None:
@@ -95,7 +120,7 @@ class Flux2KleinGenerator:
         self.scheduler = pipe.scheduler
         self.text_layers = tuple(int(i) for i in text_layers)
         self.max_sequence_length = int(max_sequence_length)
-        n_hidden = int(self.text_encoder.config.num_hidden_layers)
+        n_hidden = int(self.text_encoder.config.get_text_config().num_hidden_layers)  # Mistral3: its text model's
         if max(self.text_layers) > n_hidden:
             raise ValueError(f"text_layers {list(self.text_layers)}: the text encoder has only {n_hidden} layers")
         self.scale = int(pipe.vae_scale_factor) * 2  # pixels per image token side (VAE 8x, then 2x2 patches)
@@ -113,26 +138,31 @@ class Flux2KleinGenerator:
                         device: str | torch.device = "cpu") -> "Flux2KleinGenerator":
         """Load a local Flux2KleinPipeline folder. text_layers None: the folder's tiny marker if it has one
         (umo.toy.tiny.flux2), else diffusers' default (9, 18, 27). Raises FileNotFoundError naming the folder, and
-        ValueError naming the component whose weights are not safetensors (`check_safetensors`)."""
+        ValueError naming the component whose weights are not safetensors (`check_safetensors`) or a pipeline
+        class of another family."""
         path = Path(path).expanduser()
         index_file = path / "model_index.json"
         if not index_file.is_file():
-            raise FileNotFoundError(f"generator folder {path}: no model_index.json (expected {EXPECTED_LAYOUT}); "
+            raise FileNotFoundError(f"generator folder {path}: no model_index.json (expected {cls.expected_layout}); "
                                     "weights are never downloaded, put them there")
         index = json.loads(index_file.read_text())
         tiny_file = path / TINY_MARKER
         tiny = json.loads(tiny_file.read_text()) if tiny_file.is_file() else None
         if text_layers is None:
-            text_layers = tiny["text_layers_used"] if tiny else DEFAULT_TEXT_LAYERS
-        pipeline_cls = _pipeline_cls(index.get("_class_name", ""))
+            text_layers = tiny["text_layers_used"] if tiny else cls.default_text_layers
+        pipeline_cls = _pipeline_cls(index.get("_class_name", ""), cls.family, cls.pipelines)
         check_safetensors(path, index)
-        pipe = pipeline_cls.from_pretrained(path, local_files_only=True, use_safetensors=True, dtype=dtype)
+        pipe = cls._load_pipeline(pipeline_cls, path, dtype)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)
         log.info("generator %s loaded from %s (%s)", cls.family, path, "tiny test model" if tiny
                  else index.get("_class_name"))
         return cls(pipe, text_layers=text_layers, max_sequence_length=max_sequence_length,
                    guidance_scale=guidance_scale, reference_cache=reference_cache)
+
+    @classmethod
+    def _load_pipeline(cls, pipeline_cls, path: Path, dtype: torch.dtype):
+        return pipeline_cls.from_pretrained(path, local_files_only=True, use_safetensors=True, dtype=dtype)
 
     @property
     def device(self) -> torch.device:
@@ -143,10 +173,13 @@ class Flux2KleinGenerator:
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L, D) prompt embeddings and (B, L, 4) text position ids."""
-        embeds = self.pipe._get_qwen3_prompt_embeds(
+        embeds = self._prompt_embeds(prompts)
+        return embeds, self.pipe._prepare_text_ids(embeds).to(self.device)
+
+    def _prompt_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.pipe._get_qwen3_prompt_embeds(
             self.text_encoder, self.tokenizer, list(prompts), dtype=self.transformer.dtype, device=self.device,
             max_sequence_length=self.max_sequence_length, hidden_states_layers=self.text_layers)
-        return embeds, self.pipe._prepare_text_ids(embeds).to(self.device)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -198,9 +231,18 @@ class Flux2KleinGenerator:
         shape = (len(prompts), 1, height // self.scale, width // self.scale)
         latent_ids = self.pipe._prepare_latent_ids(torch.empty(shape, device="meta")).to(self.device)
         cond = Conditioning(prompt, prompt_ids, refs, ref_ids, latent_ids, height, width)
-        if self.guidance_scale > 1.0:
+        if self.classifier_free:
             cond.extra["negative"] = self.encode_prompt([""] * len(prompts))
         return cond
+
+    @property
+    def classifier_free(self) -> bool:
+        """Whether velocity() combines a conditional and an unconditional (empty prompt) branch."""
+        return self.guidance_scale > 1.0
+
+    def _guidance(self, batch: int, device: torch.device) -> torch.Tensor | None:
+        """The transformer's `guidance=` input: none for klein (no guidance embedder)."""
+        return None
 
     # ------------------------------------------------------------------ sampling
 
@@ -244,8 +286,8 @@ class Flux2KleinGenerator:
                 refs, ref_ids = refs.repeat(2, 1, 1), ref_ids.repeat(2, 1, 1)
             prompt, prompt_ids = torch.cat([prompt, negative[0]]), torch.cat([prompt_ids, negative[1]])
         dtype = self.transformer.dtype
-        common = dict(timestep=t.to(dtype), guidance=None, encoder_hidden_states=prompt.to(dtype), txt_ids=prompt_ids,
-                      return_dict=False)
+        common = dict(timestep=t.to(dtype), guidance=self._guidance(x.shape[0], x.device),
+                      encoder_hidden_states=prompt.to(dtype), txt_ids=prompt_ids, return_dict=False)
         if refs is None:
             out = self.denoiser(hidden_states=x.to(dtype), img_ids=x_ids, **common)[0]
         elif not self.kv:  # [image, references]; keep the image tokens
@@ -283,3 +325,60 @@ class Flux2KleinGenerator:
         mean = bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
         std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(like.device, like.dtype)
         return mean, std
+
+
+class Flux2DevGenerator(Flux2KleinGenerator):
+    """`umo.models.base.Generator` for FLUX.2 [dev] (see the module docstring): klein's sampler with the Mistral
+    Small 3.1 prompt and embedded guidance.
+
+    pipe: a loaded Flux2Pipeline (its modules are used, its __call__ is not).
+    text_layers: text-encoder hidden states stacked into the prompt embedding (the pipeline's 10, 20, 30).
+    max_sequence_length: prompt tokens, system message included (padded / truncated), as the pipeline's argument.
+    guidance_scale: the embedded guidance the transformer is given at every step (the pipeline's default 4);
+    never a classifier-free batch.
+    reference_cache: accepted for the common signature; [dev] has no KV variant, so nothing is cached.
+    """
+
+    family = "flux2_dev"
+    pipelines = DEV_PIPELINES
+    default_text_layers = DEV_TEXT_LAYERS
+    expected_layout = DEV_LAYOUT
+
+    def __init__(self, pipe, *, text_layers: Sequence[int] = DEV_TEXT_LAYERS, max_sequence_length: int = 512,
+                 guidance_scale: float = 4.0, reference_cache: bool = True) -> None:
+        super().__init__(pipe, text_layers=text_layers, max_sequence_length=max_sequence_length,
+                         guidance_scale=guidance_scale, reference_cache=reference_cache)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, text_layers: Sequence[int] | None = None,
+                        max_sequence_length: int = 512, guidance_scale: float = 4.0, reference_cache: bool = True,
+                        dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> "Flux2DevGenerator":
+        """Load a local Flux2Pipeline folder. text_layers None: the folder's tiny marker if it has one
+        (umo.toy.tiny.flux2_dev), else diffusers' default (10, 20, 30). Raises as `Flux2KleinGenerator`'s."""
+        return super().from_pretrained(path, text_layers=text_layers, max_sequence_length=max_sequence_length,
+                                       guidance_scale=guidance_scale, reference_cache=reference_cache, dtype=dtype,
+                                       device=device)
+
+    @classmethod
+    def _load_pipeline(cls, pipeline_cls, path: Path, dtype: torch.dtype):
+        if is_torchvision_available():  # transformers builds the PixtralProcessor itself
+            return super()._load_pipeline(pipeline_cls, path, dtype)
+        pipe = pipeline_cls.from_pretrained(path, local_files_only=True, use_safetensors=True, dtype=dtype,
+                                            tokenizer=None)
+        pipe.tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+        return pipe
+
+    def _prompt_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.pipe._get_mistral_3_small_prompt_embeds(
+            self.text_encoder, self.tokenizer, list(prompts), dtype=self.transformer.dtype, device=self.device,
+            max_sequence_length=self.max_sequence_length, system_message=self.pipe.system_message,
+            hidden_states_layers=self.text_layers)
+
+    @property
+    def classifier_free(self) -> bool:
+        return False
+
+    def _guidance(self, batch: int, device: torch.device) -> torch.Tensor:
+        """The guidance scale per sample, float32 as the pipeline passes it (the transformer embeds it)."""
+        return torch.full((batch,), self.guidance_scale, dtype=torch.float32, device=device)
