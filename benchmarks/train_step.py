@@ -105,11 +105,13 @@ def qwen_image_edit_pipeline(depth: int | None):
     torch.manual_seed(0)
     encoder = parts["text_encoder"].config
     encoder.text_config.update(dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=3,
-                                     num_attention_heads=28, num_key_value_heads=4))
+                                     num_attention_heads=28, num_key_value_heads=4, layer_types=["full_attention"] * 3,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                      "mrope_section": [16, 24, 24]}))  # Qwen2.5-VL-7B's
     encoder.vision_config.update(dict(out_hidden_size=3584))
     parts["text_encoder"] = type(parts["text_encoder"])(encoder).eval()
     parts["vae"] = AutoencoderKLQwenImage().eval()  # diffusers' defaults are Qwen-Image's VAE shape
-    parts["transformer"] = QwenImageTransformer2DModel(**QWEN_IMAGE_EDIT, **({"num_layers": depth} if depth else {}))
+    parts["transformer"] = QwenImageTransformer2DModel(**(QWEN_IMAGE_EDIT | ({"num_layers": depth} if depth else {})))
     return QwenImageEditPlusPipeline(**parts)
 
 
