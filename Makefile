@@ -38,11 +38,12 @@ bench: setup
 	$(PY) benchmarks/prepare.py
 	$(PY) benchmarks/eval.py
 
-# Re-resolve every dependency (one resolve, torch pinned) and write the constraints file.
+# Re-resolve every dependency (one resolve, torch pinned) and write the lock, constraints.txt (setuptools
+# included: torch needs a newer one than venv's; pip itself excluded), which `make setup` installs as it is.
 lock:
 	rm -rf /tmp/umo-lock && python3.11 -m venv /tmp/umo-lock
 	/tmp/umo-lock/bin/pip install --quiet -e ".[test]"
-	/tmp/umo-lock/bin/pip freeze --exclude-editable | grep -v '^-e' | sed -E 's/^torch==([0-9.]+)\+.*/torch==\1/' | sort > constraints.txt
+	/tmp/umo-lock/bin/pip freeze --all --exclude-editable | grep -v -e '^-e' -e '^pip==' | sed -E 's/^torch==([0-9.]+)\+.*/torch==\1/' | sort > constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -281,10 +280,3 @@ class QwenImageEditGenerator:
         image = self.vae.decode((x * std + mean).to(self.vae.dtype), return_dict=False)[0][:, :, 0]
         return image.float().clamp(-1.0, 1.0)
 
-
-def parameter_count(config: dict) -> int:
-    """Parameters of a QwenImageTransformer2DModel of this config, from its shapes alone (no weights): the memory
-    plan of benchmarks/train_step.py at real sizes."""
-    with torch.device("meta"):
-        model = diffusers.QwenImageTransformer2DModel(**config)
-    return sum(math.prod(p.shape) for p in model.parameters())

@@ -77,7 +77,8 @@ def tiny_components(config: TinyQwenImageConfig = TinyQwenImageConfig()) -> dict
     text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=c.hidden, intermediate_size=2 * c.hidden,
                          num_hidden_layers=c.text_layers, num_attention_heads=2, num_key_value_heads=1,
-                         max_position_embeddings=4096,
+                         max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"],
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
                          # heads of width 16: 8 rotary pairs, split over (time, height, width) as M-RoPE does
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
         vision_config=dict(depth=c.vision_depth, hidden_size=c.hidden, intermediate_size=2 * c.hidden, num_heads=2,
