@@ -3,6 +3,9 @@ floor, flat memory, seeking, upright frames, and every kind of bad file skipped 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from videokit import audio_only, display_rotated, shot_frame, shots_video, unknown_codec, write_video
@@ -105,3 +108,59 @@ def test_a_bad_video_is_refused_with_its_reason_and_its_name(tmp_path, case):
     with pytest.raises(BadVideo, match=str(path)) as err:
         read_video(path, EVERY, max_pixels=100 * 100 if case == "huge" else None)
     assert err.value.reason == reason
+
+
+def test_prepare_takes_each_video_as_a_group_and_references_from_other_shots(toy_world, tmp_path):
+    """Three videos of two held-out people each, three shots apiece (another setting and pose per shot, the
+    people moving within it), plus a broken video: `umo prepare` finds the shots, samples their frames and builds
+    samples whose references all come from another shot of the target's video; a rerun reads no video again."""
+    from test_prepare import run_prepare
+
+    from umo.data.ingest import RawImage
+    from umo.data.manifest import read_manifest
+    from umo.data.prepare import SAMPLES_DIR, sample_ids
+    from umo.toy.world.identity import make_identity
+    from umo.toy.world.render import render_scene
+
+    seed, first = toy_world.config.world_seed, toy_world.config.n_train_identities
+    folder = tmp_path / "data" / "clips"
+    folder.mkdir(parents=True)
+    for v in range(3):
+        people = [make_identity(seed, first + 2 * v), make_identity(seed, first + 2 * v + 1)]
+        frames = []
+        for shot in range(3):
+            scene = render_scene(seed, people, np.random.default_rng(100 * v + shot), (192, 256)).image
+            frames += [np.ascontiguousarray(np.roll(scene, 2 * i, axis=1)) for i in range(8)]  # 2 s a shot
+        write_video(folder / f"v{v}.mp4", frames, fps=4)
+    (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
+    settings = ["prepare.truth=null", "prepare.synthetic.count=0", "prepare.test_fraction=0.34",
+                "prepare.video.fps=2", "prepare.video.max_frames_per_shot=2",
+                f"prepare.video.frame_cache={tmp_path / 'frames'}"]
+    run_prepare(toy_world, tmp_path, *settings)
+    stats = json.loads((tmp_path / "prepared" / "stats.json").read_text())
+    assert stats["video"]["videos"] == 3 and stats["video"]["shots"] == 9 and stats["video"]["frames"] == 18
+    assert stats["rejects"]["files"] == {"truncated": 1} and stats["images"]["usable"] == 18
+
+    shot_of = {}  # sample id of each kept frame -> (video, shot), from the frame cache's records
+    for record in map(json.loads, map(Path.read_text, (tmp_path / "frames").rglob("frames.json"))):
+        images = [RawImage("clips/" + Path(record["video"]).stem, f"{record['video']}#{f['index']:08d}", "", 1, 1)
+                  for f in record["frames"]]
+        for (path, sid), f in zip(sample_ids(images).items(), record["frames"]):
+            shot_of[sid] = (record["video"], f["shot"])
+    out = tmp_path / "prepared" / SAMPLES_DIR
+    samples = [s for split in ("train", "test") for s in read_manifest(out / f"{split}.json").samples]
+    assert len(samples) >= 9 and {s.group for s in samples} == {"clips/v0", "clips/v1", "clips/v2"}
+    for s in samples:
+        video, shot = shot_of[s.id]
+        assert len(s.references) == 2
+        for ref in s.references:
+            ref_video, ref_shot = shot_of[Path(ref.path).stem.rsplit("-f", 1)[0]]
+            assert ref_video == video and ref_shot != shot, (s.id, ref.path)
+
+    first_run = sorted(p.stat().st_mtime_ns for p in (tmp_path / "frames").rglob("*.png"))
+    (tmp_path / "prepared").rename(tmp_path / "prepared-1")
+    run_prepare(toy_world, tmp_path, *settings)
+    again = json.loads((tmp_path / "prepared" / "stats.json").read_text())
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "frames").rglob("*.png")) == first_run
+    assert again["images"]["index_cached"] == 18 and again["images"]["index_computed"] == 0
+    assert (out / "train.json").read_bytes() == (tmp_path / "prepared-1" / SAMPLES_DIR / "train.json").read_bytes()

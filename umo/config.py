@@ -263,6 +263,30 @@ class TrainConfig:
 
 
 @dataclass
+class VideoConfig:
+    """Videos in the raw collection (umo.data.video): each video is a group, each of its shots a clip."""
+
+    extensions: list[str] = field(default_factory=lambda: [".mp4", ".mov", ".mkv", ".webm"])
+    fps: float = 2.0
+    """Candidate frames per second of video (by each frame's timestamp)."""
+    max_frames_per_shot: int = 4
+    """At most this many frames of a shot are kept, spread over it."""
+    min_sharpness: float = 20.0
+    """Candidates whose variance of the Laplacian is lower are blurry: dropped (counted)."""
+    cut_threshold: float = 0.5
+    """A cut lies between two candidates whose HSV histograms differ by this much (L1 / 2, 0..1)."""
+    seek_seconds: float = 4.0
+    """The reader seeks instead of decoding when the next candidate is this far ahead."""
+    frame_cache: str = "artifacts/frame_cache"
+    """Kept frames as PNG files, by video content hash and these settings; safe to delete."""
+
+    def __post_init__(self) -> None:
+        if self.fps <= 0 or self.max_frames_per_shot < 1 or self.seek_seconds <= 0:
+            raise ConfigError("video: fps and seek_seconds must be > 0, max_frames_per_shot >= 1")
+        _check_unit("cut_threshold", self.cut_threshold)
+
+
+@dataclass
 class SyntheticConfig:
     """The synthetic part: multi-person images generated from single-identity references, kept only when every
     reference is assigned (Hungarian) to a generated face with similarity >= min_similarity."""
@@ -290,7 +314,8 @@ class PrepareConfig:
     """Data prep: raw collection -> face index -> identities -> samples -> manifests."""
 
     raw: str = "data"
-    """The raw collection: one folder per group (video, album, event) of images, captions optional."""
+    """The raw collection: one folder per group (album, event) of images, captions optional; each video in it
+    is a group of its own."""
     out: str = "artifacts/prepared"
     extensions: list[str] = field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp"])
     max_image_pixels: int = 40_000_000
@@ -330,6 +355,7 @@ class PrepareConfig:
     contact_sheet: int = 8
     """Random samples drawn on contact_sheet.png (references beside the target)."""
     synthetic: SyntheticConfig = field(default_factory=lambda: SyntheticConfig(count=0))
+    video: VideoConfig = field(default_factory=VideoConfig)
 
     def __post_init__(self) -> None:
         _check_unit("cluster_threshold", self.cluster_threshold)

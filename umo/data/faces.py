@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from umo.config import VideoConfig
 from umo.data.ingest import DEFAULT_MAX_CAPTION_CHARS, scan_collection
 from umo.faces.align import similarity_transforms
 from umo.faces.types import Detections
@@ -139,7 +140,8 @@ class FaceEmbedder:
 
 
 def index_collection(raw: str | Path, *, extensions: list[str], max_pixels: int, min_side: int, cache: FaceCache,
-                     embedder: FaceEmbedder, max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS):
+                     embedder: FaceEmbedder, max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS,
+                     video: VideoConfig | None = None):
     """Scan the raw collection and index its faces: (ScanResult, {sha256: ImageFaces}, {"computed", "cached"}).
 
     Each new image is decoded once (by the scan) and handed to the detector in batches; cached ones are neither
@@ -177,7 +179,7 @@ def index_collection(raw: str | Path, *, extensions: list[str], max_pixels: int,
         return entry.width, entry.height, entry.conversions
 
     scan = scan_collection(raw, extensions=extensions, max_pixels=max_pixels, min_side=min_side, known=known,
-                           on_decoded=on_decoded, max_caption_chars=max_caption_chars)
+                           on_decoded=on_decoded, max_caption_chars=max_caption_chars, video=video)
     flush()
     bar.close()
     log.info("face index: %d images computed, %d from the cache, %d faces", counts["computed"], counts["cached"],

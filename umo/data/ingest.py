@@ -25,6 +25,7 @@ Configuration mistakes (no raw folder, no group in it) raise `ValueError` naming
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -34,9 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+from PIL import Image
 
+from umo.config import VideoConfig
+from umo.data.video import BadVideo, VideoSampling, read_video
 from umo.images import BadImage, decode_rgb
-from umo.io import sha256_file
+from umo.io import atomic_dir, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +51,14 @@ SKIP_LIST_LIMIT = 10_000  # skipped files listed by name (all are counted): a bo
 @dataclass(frozen=True)
 class RawImage:
     group: str
-    path: str  # relative to the raw folder, POSIX
-    sha256: str
+    path: str  # relative to the raw folder, POSIX; a video's frame: "<video path>#<frame index>"
+    sha256: str  # the file's; a video frame's: of (the video's sha256, its index, the sampling settings)
     width: int
     height: int
     caption: str | None = None
     conversions: tuple[str, ...] = ()
+    clip: str | None = None  # a video frame's shot ("shot3"); references never come from the target's clip
+    frame_file: str | None = None  # a video frame's pixels: its PNG in the frame cache
 
 
 @dataclass
@@ -60,6 +66,7 @@ class ScanResult:
     images: list[RawImage]
     skipped: Counter = field(default_factory=Counter)
     converted: Counter = field(default_factory=Counter)
+    video: Counter = field(default_factory=Counter)  # videos, shots, candidates, frames, blurry_frame, ...
     examples: dict[str, str] = field(default_factory=dict)  # reason -> first file it happened to
     skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (reason, where), the first SKIP_LIST_LIMIT
 
@@ -176,12 +183,14 @@ def _resolved(path: Path) -> Path | None:
 def scan_collection(raw: str | Path, *, extensions: list[str], max_pixels: int, min_side: int,
                     known: Callable[[str], tuple[int, int, list[str]] | None] | None = None,
                     on_decoded: Callable[[RawImage, np.ndarray], None] | None = None,
-                    max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS) -> ScanResult:
+                    max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS, video: VideoConfig | None = None) -> ScanResult:
     """Every usable image of the raw collection, sorted by (group, file name); see the module docstring.
 
     known(sha256) -> (width, height, conversions) of an image validated before (a cache): it is not decoded
     again. on_decoded(image, rgb) receives every image that was decoded (to index it without a second decode).
+    video: how videos are read (umo.data.video); None = videos are unsupported files.
     """
+    video_ext = [e.lower() for e in video.extensions] if video is not None else []
     raw = Path(raw)
     if not raw.is_dir():
         raise ValueError(f"raw collection {raw}: no such folder (put one folder per group of images there)")
@@ -208,10 +217,14 @@ def scan_collection(raw: str | Path, *, extensions: list[str], max_pixels: int, 
         for path in files:
             if path.name.startswith("."):
                 continue
+            if path.suffix.lower() in video_ext:
+                _add_video(path, raw, root, video, max_pixels, result, seen, known, on_decoded, max_caption_chars)
+                continue
             if path.suffix.lower() not in extensions:
                 if path.name != CAPTIONS_FILE and path.name not in sidecars:  # .gif, .avif, .heic, notes ...
                     result.skip("unsupported_format", f"{path}: {path.suffix or 'no extension'} is not in "
-                                                      f"prepare.extensions {list(extensions)}")
+                                                      f"prepare.extensions {list(extensions)} nor "
+                                                      f"prepare.video.extensions {video_ext}")
                 continue
             names.add(path.name)
             where = str(path)
@@ -256,6 +269,81 @@ def scan_collection(raw: str | Path, *, extensions: list[str], max_pixels: int, 
                 on_decoded(image, rgb)
         for name in sorted(set(captions) - names):
             result.skip("caption_for_missing_image", f"{group_dir / CAPTIONS_FILE}: {name}")
-    log.info("raw collection %s: %d images in %d groups; skipped %s; converted %s", raw, len(result.images),
-             len({i.group for i in result.images}), dict(result.skipped) or "none", dict(result.converted) or "none")
+    log.info("raw collection %s: %d images in %d groups; skipped %s; converted %s; videos %s", raw,
+             len(result.images), len({i.group for i in result.images}), dict(result.skipped) or "none",
+             dict(result.converted) or "none", dict(result.video) or "none")
     return result
+
+
+FRAMES_FILE = "frames.json"
+
+
+def _add_video(path: Path, raw: Path, root: Path, video: VideoConfig, max_pixels: int, result: ScanResult,
+               seen: dict[str, str], known, on_decoded, max_caption_chars: int) -> None:
+    """A video's kept frames as images of its own group, `<folder>/<video stem>`, each frame's shot its clip.
+
+    The frames are read once (umo.data.video) into the frame cache, by the video's content hash and the sampling
+    settings; a later scan reads that cache and never opens the video again. A video that cannot be used is
+    skipped and counted by its reason (umo.data.video.BadVideo)."""
+    where = str(path)
+    resolved = _resolved(path)
+    if resolved is None or not resolved.is_relative_to(root) or not path.is_file():
+        result.skip("outside_root" if resolved is not None and not resolved.is_relative_to(root) else "unreadable",
+                    where)
+        return
+    try:
+        digest = sha256_file(path)
+    except OSError as err:
+        result.skip("unreadable", f"{where}: {err.strerror or err}")
+        return
+    if digest in seen:
+        result.skip("duplicate", f"{where} (same bytes as {seen[digest]})")
+        return
+    seen[digest] = path.name
+    sampling = VideoSampling(fps=video.fps, max_frames_per_shot=video.max_frames_per_shot,
+                             min_sharpness=video.min_sharpness, cut_threshold=video.cut_threshold,
+                             seek_seconds=video.seek_seconds)
+    settings = hashlib.sha256(sampling.key().encode()).hexdigest()[:16]
+    folder = Path(video.frame_cache) / digest[:2] / digest / settings
+    record = _cached_frames(folder)
+    decoded: dict[int, np.ndarray] = {}
+    if record is None:
+        try:
+            read = read_video(path, sampling, max_pixels=max_pixels)
+        except BadVideo as err:
+            result.skip(err.reason, f"{where}: {err}")
+            return
+        record = {"video": path.relative_to(raw).as_posix(), "sha256": digest, "sampling": sampling.key(),
+                  "shots": read.shots, "candidates": read.candidates, "rotation": read.rotation, "stats": read.stats,
+                  "frames": [{"index": f.index, "time": round(f.time, 6), "shot": f.shot, "file": f"{f.index:08d}.png",
+                              "width": int(f.rgb.shape[1]), "height": int(f.rgb.shape[0])} for f in read.frames]}
+        with atomic_dir(folder) as tmp:
+            for f, entry in zip(read.frames, record["frames"]):
+                Image.fromarray(f.rgb).save(tmp / entry["file"], format="PNG", compress_level=1)
+            atomic_write_json(tmp / FRAMES_FILE, record)
+        decoded = {f.index: f.rgb for f in read.frames}
+    result.video.update({"videos": 1, "shots": record["shots"], "candidates": record["candidates"],
+                         "frames": len(record["frames"]), **record["stats"]})
+    sidecar = path.with_suffix(".txt")
+    caption = _read_sidecar(sidecar, result, max_caption_chars) if sidecar.is_file() else None
+    group = f"{path.parent.name}/{path.stem}"
+    rel = path.relative_to(raw).as_posix()
+    for entry in record["frames"]:
+        key = hashlib.sha256(f"{digest}:{entry['index']}:{sampling.key()}".encode()).hexdigest()
+        image = RawImage(group, f"{rel}#{entry['index']:08d}", key, entry["width"], entry["height"], caption, (),
+                         clip=f"shot{entry['shot']}", frame_file=str(folder / entry["file"]))
+        result.images.append(image)
+        if on_decoded is not None and (known is None or known(key) is None):  # its faces are not indexed yet
+            rgb = decoded.get(entry["index"])
+            on_decoded(image, rgb if rgb is not None else decode_rgb(image.frame_file, max_pixels=None)[0])
+
+
+def _cached_frames(folder: Path) -> dict | None:
+    """The frame cache's record of a video (its frames' files all present), or None."""
+    try:
+        record = json.loads((folder / FRAMES_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not all((folder / f["file"]).is_file() for f in record.get("frames", [])):
+        return None
+    return record

@@ -238,7 +238,8 @@ class _Images:
         if image.path not in self.cache:
             if len(self.cache) > 64:
                 self.cache.clear()
-            rgb, _ = decode_rgb(self.raw / image.path, max_pixels=self.max_pixels)
+            source = Path(image.frame_file) if image.frame_file else self.raw / image.path  # a video frame: its PNG
+            rgb, _ = decode_rgb(source, max_pixels=self.max_pixels)
             self.cache[image.path] = rgb
         return self.cache[image.path]
 
@@ -274,7 +275,8 @@ def prepare(settings: PrepareConfig, *, faces: FacesConfig, generator: Generator
     embedder, key = _load_models(faces, p.index_batch, device)
     scan, index, index_counts = index_collection(raw, extensions=p.extensions, max_pixels=p.max_image_pixels,
                                                  min_side=p.min_image_side, cache=FaceCache(Path(p.face_cache), key),
-                                                 embedder=embedder, max_caption_chars=p.max_caption_chars)
+                                                 embedder=embedder, max_caption_chars=p.max_caption_chars,
+                                                 video=p.video)
     t_index = time.perf_counter() - t0
     ids = sample_ids(scan.images)  # before anything is written: a collision names both files
 
@@ -284,7 +286,7 @@ def prepare(settings: PrepareConfig, *, faces: FacesConfig, generator: Generator
     for g in groups:
         g.samples = compose_group(g.faces, g.labels, max_identities=p.max_identities, min_face_size=p.min_face_size,
                                   min_det_score=p.min_det_score, near_duplicate_threshold=p.near_duplicate_threshold,
-                                  stats=rejects)
+                                  stats=rejects, clips=[image.clip for image in g.images])
     with_samples = [g.name for g in groups if g.samples]
     if not with_samples:
         raise ValueError(f"raw collection {raw}: no image makes a sample ({len(scan.images)} usable images, "
@@ -343,6 +345,7 @@ def prepare(settings: PrepareConfig, *, faces: FacesConfig, generator: Generator
                     f"({len(scan.skipped_files)} of {sum(scan.skipped.values())})", "samples": dict(sorted(rejects.items())),
                     "synthetic": dict(sorted((k, v) for k, v in synthetic_stats.items() if k not in ("attempted", "kept")))},
         "converted": dict(sorted(scan.converted.items())),
+        "video": dict(sorted(scan.video.items())),
         "synthetic": {"attempted": synthetic_stats["attempted"], "kept": synthetic_stats["kept"],
                       "min_similarity": p.synthetic.min_similarity},
         "seconds": {"face_index": round(t_index, 2), "total": round(time.perf_counter() - t0, 2)},

@@ -7,7 +7,8 @@ of the same group. Rules, each rejection counted by reason:
 - a target needs every detected face usable (an unusable stranger would be drawn but never rewarded):
   else `target_unusable_face`; no face: `target_no_face`; more than N: `target_too_many_faces`; two faces
   clustered as one identity: `target_identity_conflict`;
-- a reference candidate is a usable face of the identity in another image; one whose similarity to the target's
+- a reference candidate is a usable face of the identity in another image, and for a video frame in another
+  shot of its video (never the target's own shot: its pose, light and expression); one whose similarity to the target's
   face is >= near_duplicate_threshold is a near-duplicate frame (`reference_near_duplicate`, candidate
   dropped); among the rest the largest face wins (ties: the earliest image); an identity left with none
   rejects the target (`target_no_reference`).
@@ -40,9 +41,12 @@ def usable(sizes: np.ndarray, scores: np.ndarray, *, min_face_size: float, min_d
 
 
 def compose_group(faces: list, labels: list[np.ndarray], *, max_identities: int, min_face_size: float,
-                  min_det_score: float, near_duplicate_threshold: float, stats: Counter) -> list[Composed]:
+                  min_det_score: float, near_duplicate_threshold: float, stats: Counter,
+                  clips: list | None = None) -> list[Composed]:
     """faces: per image an object with boxes (K, 4), scores (K,), embeddings (K, D) and sizes() (K,);
-    labels: per image (K,) identity cluster labels. Returns the group's samples, in image order."""
+    labels: per image (K,) identity cluster labels; clips: per image its clip (a video frame's shot), None = each
+    image its own. A reference never comes from the target's clip. Returns the group's samples, in image order."""
+    clips = [c if c is not None else ("image", i) for i, c in enumerate(clips or [None] * len(faces))]
     ok = [usable(f.sizes(), f.scores, min_face_size=min_face_size, min_det_score=min_det_score) for f in faces]
     by_identity: dict[int, list[FaceKey]] = {}
     for i, (lab, good) in enumerate(zip(labels, ok)):
@@ -70,7 +74,7 @@ def compose_group(faces: list, labels: list[np.ndarray], *, max_identities: int,
         for k in order:
             best, best_size = None, -1.0
             for cand in by_identity.get(ids[k], []):
-                if cand.image == i:
+                if clips[cand.image] == clips[i]:  # the target itself, or another frame of its shot
                     continue
                 sim = float(np.dot(faces[cand.image].embeddings[cand.face], f.embeddings[k]))
                 if sim >= near_duplicate_threshold:
