@@ -4,10 +4,14 @@ floor, flat memory, seeking, upright frames, and every kind of bad file skipped 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from servers import free_port
 from videokit import audio_only, display_rotated, shot_frame, shots_video, unknown_codec, write_video
 
 from umo.data.video import BadVideo, VideoSampling, read_video
@@ -110,57 +114,95 @@ def test_a_bad_video_is_refused_with_its_reason_and_its_name(tmp_path, case):
     assert err.value.reason == reason
 
 
-def test_prepare_takes_each_video_as_a_group_and_references_from_other_shots(toy_world, tmp_path):
-    """Three videos of two held-out people each, three shots apiece (another setting and pose per shot, the
-    people moving within it), plus a broken video: `umo prepare` finds the shots, samples their frames and builds
-    samples whose references all come from another shot of the target's video; a rerun reads no video again."""
-    from test_prepare import run_prepare
-
-    from umo.data.ingest import RawImage
-    from umo.data.manifest import read_manifest
-    from umo.data.prepare import SAMPLES_DIR, sample_ids
+def toy_videos(toy_world, folder: Path, videos=range(3)) -> None:
+    """Videos of two held-out people each, three shots apiece (another setting and pose per shot, the people
+    moving within it), 2 s a shot."""
     from umo.toy.world.identity import make_identity
     from umo.toy.world.render import render_scene
 
     seed, first = toy_world.config.world_seed, toy_world.config.n_train_identities
-    folder = tmp_path / "data" / "clips"
-    folder.mkdir(parents=True)
-    for v in range(3):
+    folder.mkdir(parents=True, exist_ok=True)
+    for v in videos:
         people = [make_identity(seed, first + 2 * v), make_identity(seed, first + 2 * v + 1)]
         frames = []
         for shot in range(3):
             scene = render_scene(seed, people, np.random.default_rng(100 * v + shot), (192, 256)).image
-            frames += [np.ascontiguousarray(np.roll(scene, 2 * i, axis=1)) for i in range(8)]  # 2 s a shot
+            frames += [np.ascontiguousarray(np.roll(scene, 2 * i, axis=1)) for i in range(8)]
         write_video(folder / f"v{v}.mp4", frames, fps=4)
-    (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
+
+
+def prepare_videos(toy_world, tmp: Path, run: str, processes: int = 1) -> dict:
+    """`umo prepare` of tmp/data with its own output and caches (tmp/<run>-*): in this process, or on several
+    (torchrun, the CLI); returns its stats."""
+    from test_prepare import prepare_args
+
+    from umo.config import load_config
+    from umo.data.prepare import prepare
+
     settings = ["prepare.truth=null", "prepare.synthetic.count=0", "prepare.test_fraction=0.34",
                 "prepare.video.fps=2", "prepare.video.max_frames_per_shot=2",
-                f"prepare.video.frame_cache={tmp_path / 'frames'}"]
-    run_prepare(toy_world, tmp_path, *settings)
-    stats = json.loads((tmp_path / "prepared" / "stats.json").read_text())
-    assert stats["video"]["videos"] == 3 and stats["video"]["shots"] == 9 and stats["video"]["frames"] == 18
-    assert stats["rejects"]["files"] == {"truncated": 1} and stats["images"]["usable"] == 18
+                f"prepare.video.frame_cache={tmp / (run + '-frames')}", f"prepare.out={tmp / (run + '-prepared')}",
+                f"prepare.face_cache={tmp / (run + '-faces')}"]
+    cmd = prepare_args(toy_world, tmp, *settings)
+    if processes == 1:
+        config = load_config(cmd[3], [a for a in cmd[4:] if a != "-S"])
+        return prepare(config.prepare, faces=config.faces, generator=config.generator, seed=config.seed).stats
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), "-m", "umo.cli", *cmd[1:]]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((tmp / f"{run}-prepared" / "stats.json").read_text())
 
-    shot_of = {}  # sample id of each kept frame -> (video, shot), from the frame cache's records
-    for record in map(json.loads, map(Path.read_text, (tmp_path / "frames").rglob("frames.json"))):
+
+def shots_by_sample(frames: Path) -> dict[str, tuple[str, int]]:
+    """sample id of each kept frame -> (video, shot), from the frame cache's records."""
+    from umo.data.ingest import RawImage
+    from umo.data.prepare import sample_ids
+
+    out = {}
+    for record in map(json.loads, map(Path.read_text, frames.rglob("frames.json"))):
         images = [RawImage("clips/" + Path(record["video"]).stem, f"{record['video']}#{f['index']:08d}", "", 1, 1)
                   for f in record["frames"]]
-        for (path, sid), f in zip(sample_ids(images).items(), record["frames"]):
-            shot_of[sid] = (record["video"], f["shot"])
-    out = tmp_path / "prepared" / SAMPLES_DIR
-    samples = [s for split in ("train", "test") for s in read_manifest(out / f"{split}.json").samples]
-    assert len(samples) >= 9 and {s.group for s in samples} == {"clips/v0", "clips/v1", "clips/v2"}
-    for s in samples:
-        video, shot = shot_of[s.id]
-        assert len(s.references) == 2
-        for ref in s.references:
-            ref_video, ref_shot = shot_of[Path(ref.path).stem.rsplit("-f", 1)[0]]
-            assert ref_video == video and ref_shot != shot, (s.id, ref.path)
+        for sid, f in zip(sample_ids(images).values(), record["frames"]):
+            out[sid] = (record["video"], f["shot"])
+    return out
 
-    first_run = sorted(p.stat().st_mtime_ns for p in (tmp_path / "frames").rglob("*.png"))
-    (tmp_path / "prepared").rename(tmp_path / "prepared-1")
-    run_prepare(toy_world, tmp_path, *settings)
-    again = json.loads((tmp_path / "prepared" / "stats.json").read_text())
-    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "frames").rglob("*.png")) == first_run
-    assert again["images"]["index_cached"] == 18 and again["images"]["index_computed"] == 0
-    assert (out / "train.json").read_bytes() == (tmp_path / "prepared-1" / SAMPLES_DIR / "train.json").read_bytes()
+
+def test_prepare_takes_each_video_as_a_group_and_references_from_other_shots(toy_world, tmp_path):
+    """Two videos and a broken one, then a third video added: `umo prepare` finds the shots, samples their frames
+    and builds samples whose references all come from another shot of the target's video. The added video is the
+    only one read and indexed on the rerun, which runs on 2 processes (sharded indexing) and gives the manifests
+    that 1 process gives from scratch."""
+    from umo.data.manifest import load_embeddings, read_manifest
+    from umo.data.prepare import SAMPLES_DIR
+
+    folder = tmp_path / "data" / "clips"
+    toy_videos(toy_world, folder, videos=range(2))
+    (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
+    first = prepare_videos(toy_world, tmp_path, "a")
+    assert first["video"]["videos"] == 2 and first["video"]["shots"] == 6 and first["video"]["frames"] == 12
+    assert first["rejects"]["files"] == {"truncated": 1} and first["images"]["usable"] == 12
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "a-frames").rglob("*.png")}
+
+    toy_videos(toy_world, folder, videos=[2])  # one more video: only it is read and indexed
+    sharded = prepare_videos(toy_world, tmp_path, "a", processes=2)
+    assert sharded["video"] == {**sharded["video"], "videos": 3, "shots": 9, "frames": 18}
+    assert sharded["images"]["index_cached"] == 18 and sharded["images"]["usable"] == 18
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # the first two videos' frames were not written again
+    scratch = prepare_videos(toy_world, tmp_path, "b")  # 1 process, nothing cached
+    assert scratch["images"]["index_computed"] == 18
+
+    shot_of = shots_by_sample(tmp_path / "a-frames")
+    for split in ("train", "test"):
+        ours, theirs = (read_manifest(tmp_path / f"{r}-prepared" / SAMPLES_DIR / f"{split}.json") for r in "ab")
+        assert ours.samples == theirs.samples
+        a, b = load_embeddings(ours), load_embeddings(theirs)
+        assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-5) for k in a)
+        for s in ours.samples:
+            video, shot = shot_of[s.id]
+            assert len(s.references) == 2
+            for ref in s.references:
+                ref_video, ref_shot = shot_of[Path(ref.path).stem.rsplit("-f", 1)[0]]
+                assert ref_video == video and ref_shot != shot, (s.id, ref.path)
+    assert len(ours.samples) + len(read_manifest(tmp_path / "a-prepared" / SAMPLES_DIR / "train.json").samples) >= 9

@@ -66,13 +66,16 @@ def cmd_faces_detect(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    """Data prep: raw collection -> face index -> identities -> samples -> manifests, stats.json, contact sheet."""
+    """Data prep: raw collection -> face index -> identities -> samples -> manifests, stats.json, contact sheet
+    (under `accelerate launch` or `torchrun`, the face index is sharded across the processes)."""
     # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
     from umo.data.prepare import prepare
 
     config = load_config(args.params, args.overrides)
     result = prepare(config.prepare, faces=config.faces, generator=config.generator, seed=config.seed,
                      device=args.device)
+    if result is None:  # a sharded run's other process: it indexed its share, the main process wrote the rest
+        return 0
     print(json.dumps({"samples": result.stats["samples"], "rejects": result.stats["rejects"],
                       "identities": result.stats["identities"], "synthetic": result.stats["synthetic"]}, indent=2))
     for split, path in result.manifests.items():

@@ -141,11 +141,11 @@ class FaceEmbedder:
 
 def index_collection(raw: str | Path, *, extensions: list[str], max_pixels: int, min_side: int, cache: FaceCache,
                      embedder: FaceEmbedder, max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS,
-                     video: VideoConfig | None = None):
+                     video: VideoConfig | None = None, shard: tuple[int, int] | None = None):
     """Scan the raw collection and index its faces: (ScanResult, {sha256: ImageFaces}, {"computed", "cached"}).
 
     Each new image is decoded once (by the scan) and handed to the detector in batches; cached ones are neither
-    decoded nor detected.
+    decoded nor detected. shard (rank, world): this process's share of the files only (`scan_collection`).
     """
     faces: dict[str, ImageFaces] = {}
     pending: list[tuple] = []
@@ -179,7 +179,7 @@ def index_collection(raw: str | Path, *, extensions: list[str], max_pixels: int,
         return entry.width, entry.height, entry.conversions
 
     scan = scan_collection(raw, extensions=extensions, max_pixels=max_pixels, min_side=min_side, known=known,
-                           on_decoded=on_decoded, max_caption_chars=max_caption_chars, video=video)
+                           on_decoded=on_decoded, max_caption_chars=max_caption_chars, video=video, shard=shard)
     flush()
     bar.close()
     log.info("face index: %d images computed, %d from the cache, %d faces", counts["computed"], counts["cached"],

@@ -183,12 +183,15 @@ def _resolved(path: Path) -> Path | None:
 def scan_collection(raw: str | Path, *, extensions: list[str], max_pixels: int, min_side: int,
                     known: Callable[[str], tuple[int, int, list[str]] | None] | None = None,
                     on_decoded: Callable[[RawImage, np.ndarray], None] | None = None,
-                    max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS, video: VideoConfig | None = None) -> ScanResult:
+                    max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS, video: VideoConfig | None = None,
+                    shard: tuple[int, int] | None = None) -> ScanResult:
     """Every usable image of the raw collection, sorted by (group, file name); see the module docstring.
 
     known(sha256) -> (width, height, conversions) of an image validated before (a cache): it is not decoded
     again. on_decoded(image, rgb) receives every image that was decoded (to index it without a second decode).
     video: how videos are read (umo.data.video); None = videos are unsupported files.
+    shard: (rank, world): only every world-th image or video file of the collection (sorted by group and name),
+    starting at the rank-th, is read; the others are passed over uncounted (another process reads them).
     """
     video_ext = [e.lower() for e in video.extensions] if video is not None else []
     raw = Path(raw)
@@ -202,6 +205,7 @@ def scan_collection(raw: str | Path, *, extensions: list[str], max_pixels: int, 
     if not groups:
         raise ValueError(f"raw collection {raw}: no group folders (expected {raw}/<group>/<images>)")
     result = ScanResult([])
+    position = -1  # of the image or video file in the whole collection's order (sharding)
     for link in broken:
         result.skip("unreadable", f"{link}: a symlink to no readable folder")
     for group_dir in groups:
@@ -217,6 +221,10 @@ def scan_collection(raw: str | Path, *, extensions: list[str], max_pixels: int, 
         for path in files:
             if path.name.startswith("."):
                 continue
+            if shard is not None and path.suffix.lower() in (*extensions, *video_ext):
+                position += 1
+                if position % shard[1] != shard[0]:
+                    continue
             if path.suffix.lower() in video_ext:
                 _add_video(path, raw, root, video, max_pixels, result, seen, known, on_decoded, max_caption_chars)
                 continue
@@ -267,7 +275,7 @@ def scan_collection(raw: str | Path, *, extensions: list[str], max_pixels: int, 
             result.images.append(image)
             if rgb is not None and on_decoded is not None:
                 on_decoded(image, rgb)
-        for name in sorted(set(captions) - names):
+        for name in sorted(set(captions) - names) if shard is None else ():
             result.skip("caption_for_missing_image", f"{group_dir / CAPTIONS_FILE}: {name}")
     log.info("raw collection %s: %d images in %d groups; skipped %s; converted %s; videos %s", raw,
              len(result.images), len({i.group for i in result.images}), dict(result.skipped) or "none",

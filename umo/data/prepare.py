@@ -30,6 +30,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import time
 from collections import Counter
@@ -99,6 +100,16 @@ class PrepareResult:
     out: Path
     manifests: dict[str, Path]
     stats: dict[str, Any]
+
+
+def _processes():
+    """accelerate's PartialState where several processes run the stage (gloo on the CPU), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    # lazy: accelerate (and torch.distributed) only for a sharded run
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def _png(rgb: np.ndarray) -> bytes:
@@ -262,10 +273,14 @@ def _load_models(faces: FacesConfig, batch: int, device: str):
 
 
 def prepare(settings: PrepareConfig, *, faces: FacesConfig, generator: GeneratorConfig, seed: int,
-            device: str = "cpu") -> PrepareResult:
+            device: str = "cpu") -> PrepareResult | None:
     """Run the stage; see the module docstring. faces: the detector and the reward's embedder (the references'
     embeddings are the reward's); generator: draws the synthetic part (prepare.synthetic); seed: the split,
-    the synthetic picks and the contact sheet."""
+    the synthetic picks and the contact sheet.
+
+    Several processes (`accelerate launch`, `torchrun`): each indexes its share of the files (every world-th, in
+    the collection's order) into the face index and the frame cache, then, after a barrier, the main process
+    runs the whole stage from those caches, the one deterministic merge, and returns; the others return None."""
     p = settings
     t0 = time.perf_counter()
     raw, out = Path(p.raw), Path(p.out)
@@ -273,6 +288,17 @@ def prepare(settings: PrepareConfig, *, faces: FacesConfig, generator: Generator
     if p.truth and not truth:
         raise ValueError(f"{p.truth}: ground-truth file is empty")
     embedder, key = _load_models(faces, p.index_batch, device)
+    state = _processes()
+    if state is not None:
+        _, _, counts = index_collection(raw, extensions=p.extensions, max_pixels=p.max_image_pixels,
+                                        min_side=p.min_image_side, cache=FaceCache(Path(p.face_cache), key),
+                                        embedder=embedder, max_caption_chars=p.max_caption_chars, video=p.video,
+                                        shard=(state.process_index, state.num_processes))
+        log.info("face index, process %d of %d: %d images computed, %d cached", state.process_index,
+                 state.num_processes, counts["computed"], counts["cached"])
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return None
     scan, index, index_counts = index_collection(raw, extensions=p.extensions, max_pixels=p.max_image_pixels,
                                                  min_side=p.min_image_side, cache=FaceCache(Path(p.face_cache), key),
                                                  embedder=embedder, max_caption_chars=p.max_caption_chars,
