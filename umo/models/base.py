@@ -95,6 +95,20 @@ class Generator(Protocol):
         ...
 
 
+def check_references(references: Sequence[Sequence[torch.Tensor]], scale: int) -> None:
+    """Raise ValueError unless every sample of a batch has the same number and sizes of references (the data loader
+    buckets by that), each (3, h, w) with h and w multiples of `scale` px (a family's pixels per token side)."""
+    counts = {len(r) for r in references}
+    shapes = {tuple(tuple(img.shape) for img in r) for r in references}
+    if len(counts) != 1 or len(shapes) != 1:
+        raise ValueError(f"references: every sample of a batch needs the same number and sizes of references "
+                         f"(bucket the batch), got counts {sorted(counts)} and {len(shapes)} size layouts")
+    for img in references[0]:
+        if img.ndim != 3 or img.shape[0] != 3 or img.shape[1] % scale or img.shape[2] % scale:
+            raise ValueError(f"reference image: expected (3, h, w) with h, w multiples of {scale}, "
+                             f"got {tuple(img.shape)}")
+
+
 def predict_x0(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
     """x0_hat = x_t - sigma * v (rectified flow).
 

@@ -47,7 +47,7 @@ from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu,
 from transformers import AutoTokenizer
 from transformers.utils import is_torchvision_available
 
-from umo.models.base import Conditioning
+from umo.models.base import Conditioning, check_references
 
 log = logging.getLogger(__name__)
 TINY_MARKER = "umo_tiny.json"
@@ -202,15 +202,7 @@ class Flux2KleinGenerator:
         All samples of a batch must have the same number of references with the same sizes (the data
         loader buckets by that); sizes must be multiples of 16 px.
         """
-        counts = {len(r) for r in references}
-        shapes = {tuple(tuple(img.shape) for img in r) for r in references}
-        if len(counts) != 1 or len(shapes) != 1:
-            raise ValueError(f"references: every sample of a batch needs the same number and sizes of references "
-                             f"(bucket the batch), got counts {sorted(counts)} and {len(shapes)} size layouts")
-        for img in references[0]:
-            if img.ndim != 3 or img.shape[0] != 3 or img.shape[1] % self.scale or img.shape[2] % self.scale:
-                raise ValueError(f"reference image: expected (3, h, w) with h, w multiples of {self.scale}, "
-                                 f"got {tuple(img.shape)}")
+        check_references(references, self.scale)
         n_ref = len(references[0])
         flat = torch.stack([img for r in references for img in r])  # (B * M, 3, h, w); same size by the check
         latents = self.encode_images(flat)

@@ -42,7 +42,7 @@ from transformers import Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor
 from transformers.utils import is_torchvision_available
 
 from umo.images import signed_to_rgb
-from umo.models.base import Conditioning
+from umo.models.base import Conditioning, check_references
 from umo.models.flux2 import TINY_MARKER, check_safetensors
 
 log = logging.getLogger(__name__)
@@ -185,15 +185,7 @@ class QwenImageEditGenerator:
         """Per sample, its reference images (3, h, w) in [-1, 1] -> (B, R, 4C) tokens and their (1, h, w) token
         grids. Every sample of a batch needs the same number and sizes of references (the loader buckets);
         sizes must be multiples of 16 px."""
-        counts = {len(r) for r in references}
-        shapes = {tuple(tuple(img.shape) for img in r) for r in references}
-        if len(counts) != 1 or len(shapes) != 1:
-            raise ValueError(f"references: every sample of a batch needs the same number and sizes of references "
-                             f"(bucket the batch), got counts {sorted(counts)} and {len(shapes)} size layouts")
-        for img in references[0]:
-            if img.ndim != 3 or img.shape[0] != 3 or img.shape[1] % self.scale or img.shape[2] % self.scale:
-                raise ValueError(f"reference image: expected (3, h, w) with h, w multiples of {self.scale}, "
-                                 f"got {tuple(img.shape)}")
+        check_references(references, self.scale)
         n_ref = len(references[0])
         tokens = self.encode_images(torch.stack([img for r in references for img in r]))  # (B * R, n, 4C)
         tokens = tokens.reshape(len(references), n_ref * tokens.shape[1], tokens.shape[2])

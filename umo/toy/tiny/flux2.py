@@ -77,6 +77,12 @@ def tiny_components(config: TinyFlux2Config = TinyFlux2Config()) -> dict:
         num_hidden_layers=c.text_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
         max_position_embeddings=1024, tie_word_embeddings=True,
     )).eval()
+    return {"text_encoder": text_encoder, "tokenizer": tokenizer, **image_parts(c, guidance_embeds=False)}
+
+
+def image_parts(c, *, guidance_embeds: bool) -> dict:
+    """The seeded tiny VAE, transformer and scheduler of a FLUX.2 folder ([klein] and [dev] alike; c: a config
+    with the sizes of TinyFlux2Config). guidance_embeds: the guidance-distilled [dev] transformer."""
     torch.manual_seed(c.seed + 1)
     n_levels = len(c.vae_channels)
     vae = AutoencoderKLFlux2(
@@ -90,11 +96,10 @@ def tiny_components(config: TinyFlux2Config = TinyFlux2Config()) -> dict:
         patch_size=1, in_channels=4 * c.latent_channels, num_layers=c.double_blocks,
         num_single_layers=c.single_blocks, attention_head_dim=c.head_dim, num_attention_heads=c.heads,
         joint_attention_dim=len(TINY_TEXT_LAYERS) * c.hidden, timestep_guidance_channels=32,
-        axes_dims_rope=axes, guidance_embeds=False,
+        axes_dims_rope=axes, guidance_embeds=guidance_embeds,
     ).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
-    return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-            "scheduler": scheduler}
+    return {"transformer": transformer, "vae": vae,
+            "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)}
 
 
 def write_tiny_flux2(out_dir: str | Path, config: TinyFlux2Config = TinyFlux2Config(), *, kv: bool = False) -> Path:

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+from diffusers import Flux2Pipeline
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     Mistral3Config,
@@ -41,8 +41,8 @@ from transformers import (
 
 from umo.io import atomic_dir
 from umo.models.flux2 import TINY_MARKER
+from umo.toy.tiny.flux2 import TINY_TEXT_LAYERS, TinyFlux2Config, image_parts
 
-TINY_TEXT_LAYERS = (1, 2, 3)  # hidden-state indices stacked as the prompt embedding (real [dev]: 10, 20, 30)
 
 # Mistral Small 3.1's control tokens, in the order of their ids 0.. (its tokenizer's first entries)
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
@@ -70,20 +70,11 @@ PROCESSOR_CONFIG = {"processor_class": "PixtralProcessor", "patch_size": PATCH_S
 
 
 @dataclass(frozen=True)
-class TinyFlux2DevConfig:
-    """Sizes of the tiny components (see the module docstring)."""
+class TinyFlux2DevConfig(TinyFlux2Config):
+    """Sizes of the tiny components (see the module docstring): [klein]'s, plus the vision tower's."""
 
-    hidden: int = 32  # text encoder width
-    text_layers: int = 3
     vision_hidden: int = 32
     vision_layers: int = 1
-    heads: int = 2
-    head_dim: int = 16
-    double_blocks: int = 2
-    single_blocks: int = 2
-    latent_channels: int = 8
-    vae_channels: tuple[int, ...] = (16, 32, 32, 32)  # 4 levels = 3 halvings = 8x, like the real VAE
-    seed: int = 0
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -121,24 +112,7 @@ def tiny_components(config: TinyFlux2DevConfig = TinyFlux2DevConfig()) -> dict:
                            image_size=8 * PATCH_SIZE, patch_size=PATCH_SIZE),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), spatial_merge_size=SPATIAL_MERGE,
     )).eval()
-    torch.manual_seed(c.seed + 1)
-    n_levels = len(c.vae_channels)
-    vae = AutoencoderKLFlux2(
-        block_out_channels=c.vae_channels, down_block_types=("DownEncoderBlock2D",) * n_levels,
-        up_block_types=("UpDecoderBlock2D",) * n_levels, layers_per_block=1, latent_channels=c.latent_channels,
-        norm_num_groups=8, sample_size=64,
-    ).eval()
-    torch.manual_seed(c.seed + 2)
-    axes = (c.head_dim // 4,) * 4
-    transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=4 * c.latent_channels, num_layers=c.double_blocks,
-        num_single_layers=c.single_blocks, attention_head_dim=c.head_dim, num_attention_heads=c.heads,
-        joint_attention_dim=len(TINY_TEXT_LAYERS) * c.hidden, timestep_guidance_channels=32,
-        axes_dims_rope=axes, guidance_embeds=True,
-    ).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
-    return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-            "scheduler": scheduler}
+    return {"text_encoder": text_encoder, "tokenizer": tokenizer, **image_parts(c, guidance_embeds=True)}
 
 
 def write_tiny_flux2_dev(out_dir: str | Path, config: TinyFlux2DevConfig = TinyFlux2DevConfig()) -> Path:
