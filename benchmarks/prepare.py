@@ -68,7 +68,7 @@ def main() -> None:
     base_cfg = load_config(ROOT / "params.yaml")
     world = build_toyworld(args.world, base_cfg.section("toyworld")).world
     config = load_config(ROOT / "params.yaml", world.faces_overrides())
-    embedder, key = _load_models(config, "cpu")
+    embedder, key = _load_models(config.faces, config.prepare.index_batch, "cpu")
     p = config.prepare
     first, incremental, sizes = [], [], {}
     for r in range(args.repeats):

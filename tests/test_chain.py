@@ -111,6 +111,9 @@ def project(tmp_path_factory, toy_world):
     return root
 
 
+# pytest-timeout counts fixture setup too: this test's setup waits for the small world's background build (3 to 7
+# minutes on a fresh clone of 2 cores), then the chain runs (2 to 3 minutes)
+@pytest.mark.timeout(1200)
 def test_dvc_repro_runs_the_chain_then_is_a_noop(project):
     out = run([sys.executable, "-m", "dvc", "repro"], project).stdout
     for stage in STAGES:
