@@ -6,8 +6,13 @@ again (incremental: only the new images are decoded, detected and embedded; the 
 from the cache). Model loading is outside both timings; each run is repeated on fresh copies and the median is
 reported. Target: incremental <= 15% of the first run.
 
-Prints a table and writes JSON (benchmarks/results/prepare.json).
-Run: `.venv/bin/python benchmarks/prepare.py [--world artifacts/toyworld] [--repeats 3]`.
+Videos (`--videos N`): N videos of toy-world people (3 shots of 3 s at 10 fps each, another setting per shot,
+the people moving) are prepared by `umo prepare` (the CLI, so process start and model loading are counted) on 1
+process and on 2 (torchrun), each from empty caches: frames kept per second of the run. Then one more video is
+added and the 1-process run repeated on its caches: the incremental run against the first.
+
+Prints a table and writes JSON (benchmarks/results/prepare.json, or prepare_videos.json).
+Run: `.venv/bin/python benchmarks/prepare.py [--world artifacts/toyworld] [--repeats 3] [--videos 6]`.
 """
 
 from __future__ import annotations
@@ -54,19 +59,26 @@ def add_back(base: Path, new: Path) -> int:
     return moved
 
 
-def main() -> None:
+def main() -> int | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world", type=Path, default=ROOT / "artifacts" / "toyworld")
     parser.add_argument("--fraction", type=float, default=0.10)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prepare.json")
+    parser.add_argument("--videos", type=int, default=0, help="benchmark video ingest with this many videos")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from umo.toy.world.build import build_toyworld
+    from umo.toy.world.build import build_toyworld, load_toyworld
 
     base_cfg = load_config(ROOT / "params.yaml")
-    world = build_toyworld(args.world, base_cfg.section("toyworld")).world
+    if (args.world / "toyworld_build.json").is_file():  # any built world, as it is
+        world = load_toyworld(args.world)
+    else:
+        world = build_toyworld(args.world, base_cfg.section("toyworld")).world
+    if args.videos:
+        return videos(world, args)
+    args.out = args.out or ROOT / "benchmarks" / "results" / "prepare.json"
     config = load_config(ROOT / "params.yaml", world.faces_overrides())
     embedder, key = _load_models(config.faces, config.prepare.index_batch, "cpu")
     p = config.prepare
@@ -107,5 +119,89 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
+def write_videos(world, folder: Path, which) -> None:
+    """Toy-world videos: two held-out people each, 3 shots of 3 s at 10 fps (another setting and pose per shot)."""
+    import av
+
+    from umo.toy.world.identity import make_identity
+    from umo.toy.world.render import render_scene
+
+    seed, first = world.config.world_seed, world.config.n_train_identities
+    folder.mkdir(parents=True, exist_ok=True)
+    for v in which:
+        people = [make_identity(seed, first + 2 * v), make_identity(seed, first + 2 * v + 1)]
+        with av.open(str(folder / f"v{v}.mp4"), "w") as out:
+            stream = out.add_stream("libx264", rate=10)
+            stream.height, stream.width, stream.pix_fmt = 256, 384, "yuv420p"
+            for shot in range(3):
+                scene = render_scene(seed, people, np.random.default_rng(100 * v + shot), (256, 384)).image
+                for i in range(30):
+                    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.roll(scene, i, axis=1)), format="rgb24")
+                    for packet in stream.encode(frame):
+                        out.mux(packet)
+            for packet in stream.encode():
+                out.mux(packet)
+
+
+def videos(world, args) -> int:
+    import subprocess
+    import sys
+
+    out = args.out or ROOT / "benchmarks" / "results" / "prepare_videos.json"
+    umo = Path(sys.executable).parent / "umo"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_videos(world, tmp / "data" / "clips", range(args.videos))
+
+        def run(name: str, processes: int) -> tuple[float, dict]:
+            sets = [*world.faces_overrides(), f"prepare.raw={tmp / 'data'}", f"prepare.out={tmp / name / 'out'}",
+                    f"prepare.face_cache={tmp / name / 'faces'}", f"prepare.video.frame_cache={tmp / name / 'frames'}",
+                    "prepare.truth=null", "prepare.synthetic.count=0", "prepare.contact_sheet=0"]
+            cmd = [str(umo), "prepare", "--params", str(ROOT / "params.yaml"), *[a for s in sets for a in ("-S", s)]]
+            if processes > 1:
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                       "--master_addr", "127.0.0.1", "--master_port", "29531", "-m", "umo.cli", *cmd[1:]]
+            env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
+            t = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=tmp)
+            return time.perf_counter() - t, json.loads((tmp / name / "out" / "stats.json").read_text())
+
+        one_s, one = run("one", 1)
+        two_s, two = run("two", 2)
+        write_videos(world, tmp / "data" / "clips", [args.videos])
+        inc_s, inc = run("one", 1)
+    frames, candidates = one["video"]["frames"], one["video"]["candidates"]
+    result = {
+        "machine": {"cpus": os.cpu_count(), "processor": platform.machine()}, "world": str(world.root),
+        "videos": args.videos, "video": one["video"], "runs": {
+            "first_1_process": {"seconds": round(one_s, 2), "frames_per_s": round(frames / one_s, 2),
+                                "candidates_per_s": round(candidates / one_s, 2),
+                                "face_index_s": one["seconds"]["face_index"],
+                                "indexed_frames_per_s": round(frames / one["seconds"]["face_index"], 2)},
+            "first_2_processes": {"seconds": round(two_s, 2), "frames_per_s": round(frames / two_s, 2),
+                                  "candidates_per_s": round(candidates / two_s, 2),
+                                  "face_index_s": two["seconds"]["face_index"],
+                                  "indexed_frames_per_s": round(frames / two["seconds"]["face_index"], 2)},
+            "incremental_1_process": {"seconds": round(inc_s, 2), "added_videos": 1,
+                                      "face_index_s": inc["seconds"]["face_index"],
+                                      "index_computed": inc["images"]["index_computed"],
+                                      "index_cached": inc["images"]["index_cached"],
+                                      "over_first": round(inc_s / one_s, 3)}},
+        "same_samples_1_and_2": one["samples"] == two["samples"]}
+    print(f"{frames} frames kept of {candidates} candidates, {one['video']['shots']} shots, {args.videos} videos")
+    print(f"{'run':<24}{'CLI wall s':>11}{'frames/s':>10}{'index s':>9}{'frames/s':>10}")
+    for name in ("first_1_process", "first_2_processes"):
+        r = result["runs"][name]
+        print(f"{name:<24}{r['seconds']:>11.2f}{r['frames_per_s']:>10.2f}{r['face_index_s']:>9.2f}"
+              f"{r['indexed_frames_per_s']:>10.2f}")
+    r = result["runs"]["incremental_1_process"]
+    print(f"{'incremental (+1 video)':<24}{r['seconds']:>11.2f}{'':>10}{r['face_index_s']:>9.2f}   computed "
+          f"{r['index_computed']}, cached {r['index_cached']}: wall {r['over_first']:.0%} of the first run")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
