@@ -14,10 +14,11 @@ import pytest
 from servers import free_port
 from videokit import audio_only, display_rotated, shot_frame, shots_video, unknown_codec, write_video
 
-from umo.data.video import BadVideo, VideoSampling, read_video
+from umo.config import VideoConfig
+from umo.data.video import BadVideo, read_video
 
 RED, GREEN, BLUE = (200, 30, 30), (30, 200, 30), (30, 30, 200)
-EVERY = VideoSampling(fps=2.0, max_frames_per_shot=3, min_sharpness=5.0)
+EVERY = VideoConfig(fps=2.0, max_frames_per_shot=3, min_sharpness=5.0)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_shots_are_found_at_their_cuts_and_each_keeps_at_most_its_cap_spread_ove
 
 def test_a_long_shot_is_thinned_as_it_arrives_and_its_frames_spread_over_it(tmp_path):
     video = shots_video(tmp_path / "long.mp4", [(RED, 200)], fps=20)  # 10 s, one shot: 40 candidates at 4 fps
-    read = read_video(video, VideoSampling(fps=4.0, max_frames_per_shot=3, min_sharpness=5.0), max_pixels=None)
+    read = read_video(video, VideoConfig(fps=4.0, max_frames_per_shot=3, min_sharpness=5.0), max_pixels=None)
     assert read.shots == 1 and read.candidates == 40 and len(read.frames) == 3
     times = [f.time for f in read.frames]
     assert times[0] == 0.0 and times[-1] >= 7.0 and read.stats["thinned_frame"] == 37
@@ -48,7 +49,7 @@ def test_a_long_shot_is_thinned_as_it_arrives_and_its_frames_spread_over_it(tmp_
 def test_frames_are_sampled_by_their_own_timestamps_at_a_variable_frame_rate(tmp_path):
     durations = np.random.default_rng(0).integers(40, 160, size=60).tolist()  # 25 to 10 fps, shuffled
     video = shots_video(tmp_path / "vfr.mp4", [(RED, 30), (GREEN, 30)], durations_ms=durations)
-    read = read_video(video, VideoSampling(fps=1.0, max_frames_per_shot=10, min_sharpness=5.0), max_pixels=None)
+    read = read_video(video, VideoConfig(fps=1.0, max_frames_per_shot=10, min_sharpness=5.0), max_pixels=None)
     cut = sum(durations[:30]) / 1000
     starts = [np.cumsum([0, *durations])[i] / 1000 for i in range(60)]
     assert read.shots == 2
@@ -73,8 +74,8 @@ def test_a_rotated_phone_video_comes_out_upright(tmp_path):
 def test_seeking_over_long_gaps_keeps_exactly_the_frames_of_a_full_decode(tmp_path):
     video = shots_video(tmp_path / "gaps.mp4", [(RED, 150), (BLUE, 150)], fps=10)  # 30 s, keyframe every 25
     sparse = dict(fps=0.2, max_frames_per_shot=10, min_sharpness=5.0)  # one candidate every 5 s
-    seeking = read_video(video, VideoSampling(**sparse, seek_seconds=2.0), max_pixels=None)
-    decoding = read_video(video, VideoSampling(**sparse, seek_seconds=1e9), max_pixels=None)
+    seeking = read_video(video, VideoConfig(**sparse, seek_seconds=2.0), max_pixels=None)
+    decoding = read_video(video, VideoConfig(**sparse, seek_seconds=1e9), max_pixels=None)
     assert [f.time for f in seeking.frames] == [f.time for f in decoding.frames] == [0, 5, 10, 15, 20, 25]
     assert all(np.array_equal(a.rgb, b.rgb) for a, b in zip(seeking.frames, decoding.frames))
     assert [f.shot for f in seeking.frames] == [0, 0, 0, 1, 1, 1]

@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from umo.config import VideoConfig
-from umo.data.video import BadVideo, VideoSampling, read_video
+from umo.data.video import BadVideo, read_video, sampling_key
 from umo.images import BadImage, decode_rgb
 from umo.io import atomic_dir, atomic_write_json, sha256_file
 
@@ -308,20 +308,18 @@ def _add_video(path: Path, raw: Path, root: Path, video: VideoConfig, max_pixels
         result.skip("duplicate", f"{where} (same bytes as {seen[digest]})")
         return
     seen[digest] = path.name
-    sampling = VideoSampling(fps=video.fps, max_frames_per_shot=video.max_frames_per_shot,
-                             min_sharpness=video.min_sharpness, cut_threshold=video.cut_threshold,
-                             seek_seconds=video.seek_seconds)
-    settings = hashlib.sha256(sampling.key().encode()).hexdigest()[:16]
+    key = sampling_key(video)
+    settings = hashlib.sha256(key.encode()).hexdigest()[:16]
     folder = Path(video.frame_cache) / digest[:2] / digest / settings
     record = _cached_frames(folder)
     decoded: dict[int, np.ndarray] = {}
     if record is None:
         try:
-            read = read_video(path, sampling, max_pixels=max_pixels)
+            read = read_video(path, video, max_pixels=max_pixels)
         except BadVideo as err:
             result.skip(err.reason, f"{where}: {err}")
             return
-        record = {"video": path.relative_to(raw).as_posix(), "sha256": digest, "sampling": sampling.key(),
+        record = {"video": path.relative_to(raw).as_posix(), "sha256": digest, "sampling": key,
                   "shots": read.shots, "candidates": read.candidates, "rotation": read.rotation, "stats": read.stats,
                   "frames": [{"index": f.index, "time": round(f.time, 6), "shot": f.shot, "file": f"{f.index:08d}.png",
                               "width": int(f.rgb.shape[1]), "height": int(f.rgb.shape[0])} for f in read.frames]}
@@ -337,11 +335,11 @@ def _add_video(path: Path, raw: Path, root: Path, video: VideoConfig, max_pixels
     group = f"{path.parent.name}/{path.stem}"
     rel = path.relative_to(raw).as_posix()
     for entry in record["frames"]:
-        key = hashlib.sha256(f"{digest}:{entry['index']}:{sampling.key()}".encode()).hexdigest()
-        image = RawImage(group, f"{rel}#{entry['index']:08d}", key, entry["width"], entry["height"], caption, (),
+        sha = hashlib.sha256(f"{digest}:{entry['index']}:{key}".encode()).hexdigest()
+        image = RawImage(group, f"{rel}#{entry['index']:08d}", sha, entry["width"], entry["height"], caption, (),
                          clip=f"shot{entry['shot']}", frame_file=str(folder / entry["file"]))
         result.images.append(image)
-        if on_decoded is not None and (known is None or known(key) is None):  # its faces are not indexed yet
+        if on_decoded is not None and (known is None or known(sha) is None):  # its faces are not indexed yet
             rgb = decoded.get(entry["index"])
             on_decoded(image, rgb if rgb is not None else decode_rgb(image.frame_file, max_pixels=None)[0])
 

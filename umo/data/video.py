@@ -32,6 +32,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from umo.config import VideoConfig
+
 log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm")
@@ -46,20 +48,11 @@ class BadVideo(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class VideoSampling:
-    """How frames are taken from a video (`prepare.video` in params.yaml)."""
-
-    fps: float = 2.0
-    max_frames_per_shot: int = 4
-    min_sharpness: float = 20.0
-    cut_threshold: float = 0.5
-    seek_seconds: float = 4.0
-
-    def key(self) -> str:
-        """The settings as text, part of each frame's cache key."""
-        return (f"fps={self.fps:g},max={self.max_frames_per_shot},sharp={self.min_sharpness:g},"
-                f"cut={self.cut_threshold:g}")
+def sampling_key(sampling: VideoConfig) -> str:
+    """The settings that decide which frames are kept, as text: part of each frame's cache key (seek_seconds
+    only changes how they are reached)."""
+    return (f"fps={sampling.fps:g},max={sampling.max_frames_per_shot},sharp={sampling.min_sharpness:g},"
+            f"cut={sampling.cut_threshold:g}")
 
 
 @dataclass
@@ -82,7 +75,7 @@ class VideoRead:
     stats: dict[str, int] = field(default_factory=dict)  # blurry_frame, thinned_frame
 
 
-def read_video(path: str | Path, sampling: VideoSampling, *, max_pixels: int | None) -> VideoRead:
+def read_video(path: str | Path, sampling: VideoConfig, *, max_pixels: int | None) -> VideoRead:
     """The kept frames of one video (see the module docstring); raises BadVideo."""
     path = Path(path)
     if path.stat().st_size == 0:
@@ -136,7 +129,7 @@ def _looks_like_video(path: Path) -> bool:
     return head[4:8] == b"ftyp" or head[:4] == b"\x1a\x45\xdf\xa3"
 
 
-def _candidates(container, stream, sampling: VideoSampling, seen: dict) -> Iterator:
+def _candidates(container, stream, sampling: VideoConfig, seen: dict) -> Iterator:
     """The first decoded frame at or after each sampling time, in order; seeks over long gaps. seen["last"]: the
     time of the last frame decoded."""
     step = 1.0 / sampling.fps
@@ -190,7 +183,7 @@ def sharpness(rgb: np.ndarray) -> float:
 class _ShotReader:
     """Cuts candidates into shots and keeps at most max_frames_per_shot sharp ones per shot, spread out."""
 
-    def __init__(self, sampling: VideoSampling) -> None:
+    def __init__(self, sampling: VideoConfig) -> None:
         self.s = sampling
         self.frames: list[VideoFrame] = []
         self.stats = {"blurry_frame": 0, "thinned_frame": 0}
