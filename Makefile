@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # fresh clone's make test: 12.8 min of pytest instead of 7.1).
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup run ablation test test-fast bench lock clean
+.PHONY: setup run ablation test test-fast test-world bench lock clean
 
 setup:
 	bash scripts/setup.sh
@@ -30,6 +30,11 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
+
+# Train the tests' small toy world from scratch and keep its models in tests/fixtures (after a change to the toy
+# world's or the face pipeline's sources; test_toyworld_build says when). Commit what it writes.
+test-world: setup
+	$(PY) tests/toyworlds.py --refresh
 
 bench: setup
 	$(PY) benchmarks/reward.py

@@ -46,6 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -55,6 +56,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET_DECODE_REWARD = 0.25
 TARGET_KV_SPEEDUP = 1.3
 PHASES = ("condition", "diff_loss", "sampling", "grad_step", "decode", "reward", "backward")
+SUB_PHASES = {"reward": ("detection", "embedding")}  # timed inside their phase (and counted in it)
+CLOCK: list = [None]  # the step's Clock, for the reward's sub-phases
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}  # dense
 
 
@@ -65,8 +68,20 @@ class DetectThenFixed:
         self.detector, self.fixed = detector, fixed
 
     def detect_tensor(self, images: torch.Tensor):
-        self.detector.detect_tensor(images)
+        with CLOCK[0]("detection") if CLOCK[0] else nullcontext():
+            self.detector.detect_tensor(images)
         return self.fixed.detect_tensor(images)
+
+
+def timed_reward(base):
+    """A MatchingReward subclass whose embedding of the generated faces is a timed sub-phase (`CLOCK`)."""
+
+    class TimedReward(base):
+        def embed(self, faces: torch.Tensor) -> torch.Tensor:
+            with CLOCK[0]("embedding") if CLOCK[0] else nullcontext():
+                return super().embed(faces)
+
+    return TimedReward
 
 
 def fixed_faces(height: int, width: int):
@@ -228,8 +243,8 @@ def make_reward(args, height: int, width: int, device: torch.device):
         world = build_toyworld(args.toy_world, load_config(ROOT / "params.yaml").section("toyworld")).world
     faces = load_config(ROOT / "params.yaml", world.faces_overrides())
     real = MatchingReward.from_config(faces.faces, faces.reward)
-    reward = MatchingReward(DetectThenFixed(real.detector, fixed_faces(height, width)), real.embedder,
-                            kind=faces.reward.kind)
+    reward = timed_reward(MatchingReward)(DetectThenFixed(real.detector, fixed_faces(height, width)), real.embedder,
+                                          kind=faces.reward.kind)
     return reward.to(device), world
 
 
@@ -255,7 +270,7 @@ def time_steps(gen, reward, batch, args, tc, height, width, device, autocast) ->
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for i in range(args.warmup + args.steps):
-        timer = Clock(device)
+        timer = CLOCK[0] = Clock(device)
         t0 = time.perf_counter()
         with autocast():
             out = rerefl_step(gen, reward, batch, sampler_steps=tc.sampler_steps, grad_step_range=[mid, mid],
@@ -268,7 +283,9 @@ def time_steps(gen, reward, batch, args, tc, height, width, device, autocast) ->
         timer.times["step"] = time.perf_counter() - t0
         if i >= args.warmup:
             runs.append(dict(timer.times))
-    med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in (*PHASES, "step")}
+    CLOCK[0] = None
+    names = (*PHASES, *(n for subs in SUB_PHASES.values() for n in subs), "step")
+    med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in names}
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else _rss_gib()
     return med, peak
 
@@ -458,9 +475,13 @@ def table(report: dict) -> str:
              f"{'phase':<11} {'plain s':>9} {'share':>6} {'kv s':>9}"]
     step = r["plain"]["phases_s"]["step"]
     kv = r.get("kv", {"phases_s": {}, "peak_memory_gib": float("nan")})
-    for name in (*PHASES, "step"):
-        a, b = r["plain"]["phases_s"][name], kv["phases_s"].get(name, float("nan"))
-        lines.append(f"{name:<11} {a:9.4f} {a / step:6.1%} {b:9.4f}")
+    rows = [(n, n) for n in PHASES] + [("step", "step")]
+    for parent, subs in SUB_PHASES.items():
+        at = rows.index((parent, parent)) + 1
+        rows[at:at] = [(n, f"  {n}") for n in subs]
+    for name, label in rows:
+        a, b = r["plain"]["phases_s"].get(name, float("nan")), kv["phases_s"].get(name, float("nan"))
+        lines.append(f"{label:<11} {a:9.4f} {a / step:6.1%} {b:9.4f}")
     lines.append(f"{'peak GiB':<11} {r['plain']['peak_memory_gib']:9.2f} {'':>6} {kv['peak_memory_gib']:9.2f}")
     s = r["decode_reward_share"]
     lines += ["", f"decode + reward share of the step: {s['value']:.1%} (target <= {s['target']:.0%}: "

@@ -32,9 +32,12 @@ def test_config_parses_with_accelerate(name):
     cpu = name == "cpu.yaml"
     assert (config.mixed_precision, config.use_cpu) == (("no", True) if cpu else ("bf16", False))
     if kind == DistributedType.FSDP:
-        layers = config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")
-        import diffusers.models.transformers.transformer_flux2 as flux2
+        # FSDP2, each family's blocks from the model's own _no_split_modules (no class list that fits one family)
+        assert config.fsdp_config["fsdp_version"] == 2 and config.fsdp_config["fsdp_auto_wrap_policy"] == \
+            "TRANSFORMER_BASED_WRAP" and "fsdp_transformer_layer_cls_to_wrap" not in config.fsdp_config
+        from diffusers import Flux2Transformer2DModel, QwenImageTransformer2DModel
 
-        assert all(hasattr(flux2, cls) for cls in layers)  # the wrap classes exist in diffusers
+        for model in (Flux2Transformer2DModel, QwenImageTransformer2DModel):
+            assert model._no_split_modules, model
     if machines > 1:
         assert config.main_process_port and config.rdzv_backend == "c10d"

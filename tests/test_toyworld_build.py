@@ -256,3 +256,18 @@ def test_cli_build_prints_the_quality_table(tmp_path, capsys):
     params.write_text(json.dumps(data | {"toyworld": to_dict(tiny(quality__min_precision=1.01))}))
     assert main(["toyworld", "build", "--params", str(params), "--out", str(tmp_path / "w")]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_the_kept_small_world_matches_the_sources():
+    """tests/fixtures/toy-world-small holds the small world's trained models, so that a fresh clone does not train
+    them (tests/toyworlds.py). A change to the sources, settings or library versions they depend on makes the
+    build train them again, correctly but for minutes: refresh them then."""
+    from toyworlds import FIXTURE, KEPT, stale_parts
+
+    stale = stale_parts()
+    assert not stale, (f"{FIXTURE}: the kept {', '.join(stale)} no longer match this checkout's toy world (sources, "
+                       "settings or library versions): run `make test-world` and commit tests/fixtures")
+    kept = json.loads((FIXTURE / "toyworld_build.json").read_text())
+    for name in KEPT:  # every kept file is there, as the manifest hashed it
+        for rel, digest in kept["parts"][name]["files"].items():
+            assert hashlib.sha256((FIXTURE / rel).read_bytes()).hexdigest() == digest, rel

@@ -5,7 +5,8 @@ places of every generated image); everything after detection is the real reward.
 portraits of held-out identities, embedded once by the toy world's real detector and reward embedder, as data
 prep does.
 
-    python tests/trainkit.py TOY_WORLD GENERATOR MANIFEST OUT [key=value ...]   # one training process
+    python tests/trainkit.py TOY_WORLD GENERATOR MANIFEST OUT [key=value ...] [resume=auto|latest]
+                                                                    # one training process
 """
 
 from __future__ import annotations
@@ -77,21 +78,35 @@ def make_manifest(root: Path, toy_world, n_samples: int = 4) -> Path:
 
 
 def main(argv: list[str]) -> None:
-    """One process of a distributed test run; writes its own LoRA tensors to OUT/rank<r>.safetensors."""
+    """One process of a distributed test run; writes its own LoRA tensors to OUT/rank<r>.safetensors (a sharded
+    run: the whole LoRA, gathered, from rank 0). An argument resume=auto|latest is `train`'s resume."""
     from accelerate import PartialState
 
     from umo.io import save_safetensors
     from umo.models.lora import lora_state_dict
     from umo.toy.world.build import load_toyworld
-    world_dir, generator_dir, manifest, out, *overrides = argv
+    from umo.train.sharded import gathered_lora, is_sharded
+
+    world_dir, generator_dir, manifest, out, *rest = argv
+    resume = next((a.split("=", 1)[1] for a in rest if a.startswith("resume=")), None)
+    overrides = [a for a in rest if not a.startswith("resume=")]
     world = load_toyworld(Path(world_dir))
-    result = train_with(train_config(world, generator_dir, *overrides), manifest=manifest, out=out,
+    result = train_with(train_config(world, generator_dir, *overrides), manifest=manifest, out=out, resume=resume,
                         reward_model=fixed_reward(world))
     state = PartialState()
     state.wait_for_everyone()
-    save_safetensors(lora_state_dict(result.transformer), Path(out) / f"rank{state.process_index}.safetensors")
+    if is_sharded(result.transformer):
+        whole = gathered_lora(result.transformer)  # every process takes part; rank 0 receives it
+        if state.is_main_process:
+            save_safetensors(whole, Path(out) / "rank0.safetensors")
+    else:
+        save_safetensors(lora_state_dict(result.transformer), Path(out) / f"rank{state.process_index}.safetensors")
+    state.wait_for_everyone()
     state.destroy_process_group()
 
 
 if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main(sys.argv[1:])

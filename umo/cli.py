@@ -107,6 +107,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
+    """A sharded (FSDP2) training checkpoint's LoRA as the diffusers LoRA file that registration reads."""
+    # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
+    from umo.train.loop import find_checkpoint
+    from umo.train.sharded import convert_checkpoint
+
+    checkpoint = args.checkpoint
+    if (checkpoint / "checkpoints").is_dir():  # a run folder: its `latest`
+        checkpoint = find_checkpoint(checkpoint, "latest")
+        if checkpoint is None:
+            raise FileNotFoundError(f"{args.checkpoint}: no checkpoint (no checkpoints/latest)")
+    print(convert_checkpoint(checkpoint, args.out, ema=args.ema))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Base vs candidate LoRA (vs champion) on eval.benchmark, scored by the judge; writes the report folder."""
     # lazy: a command loads its stage only when it runs (`umo --help` stays fast)
@@ -293,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "DVC stage's); latest: continue the newest checkpoint in --out; or a checkpoint folder")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("convert-checkpoint", help="a sharded (FSDP2) checkpoint's LoRA -> the diffusers LoRA file")
+    p.add_argument("checkpoint", type=Path, help="a checkpoint-<step> folder, or a run folder (its latest)")
+    p.add_argument("--out", type=Path, required=True, help="folder for pytorch_lora_weights.safetensors")
+    p.add_argument("--ema", action="store_true", help="the EMA's weights (what the run exports when the EMA is on)")
+    p.set_defaults(func=cmd_convert_checkpoint)
 
     p = sub.add_parser("evaluate", help="benchmark evaluation: base vs a LoRA, same seeds, judge scores, report")
     add_config_args(p)

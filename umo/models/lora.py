@@ -137,8 +137,28 @@ def fold_scales(state: dict[str, torch.Tensor], scales: dict[str, float]) -> dic
     return out
 
 
-def save_lora(model: nn.Module, out_dir: str | Path, *, pipeline_cls=None, fold: bool = True) -> Path:
-    """Write the adapter to out_dir/pytorch_lora_weights.safetensors in the diffusers LoRA format.
+def adapter_description(model: nn.Module, *, adapter_name: str = ADAPTER) -> dict:
+    """What a LoRA file says beside its tensors, as plain data (JSON): {"config": the adapter's peft config
+    (targets sorted), "scales": {module: alpha / rank}}. A sharded checkpoint keeps it, so that its tensors become
+    a LoRA file without the model (`write_lora_file`)."""
+    config = model.peft_config[adapter_name].to_dict()
+    config["target_modules"] = sorted(config["target_modules"])
+    return {"config": json.loads(json.dumps(config, default=str)), "scales": lora_scales(model, adapter_name=adapter_name)}
+
+
+def save_lora(model: nn.Module, out_dir: str | Path, *, pipeline_cls=None, fold: bool = True,
+              state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter to out_dir/pytorch_lora_weights.safetensors in the diffusers LoRA format
+    (`write_lora_file`). state: the adapter's tensors in peft naming when `model` holds only its shards (a
+    sharded run gathers them first, umo.train.sharded); default `lora_state_dict(model)`."""
+    return write_lora_file(lora_state_dict(model) if state is None else state, adapter_description(model), out_dir,
+                           pipeline_cls=pipeline_cls, fold=fold)
+
+
+def write_lora_file(state: dict[str, torch.Tensor], description: dict, out_dir: str | Path, *, pipeline_cls=None,
+                    fold: bool = True) -> Path:
+    """Write LoRA tensors (peft naming, `<module>.lora_A.weight`) and their `adapter_description` to
+    out_dir/pytorch_lora_weights.safetensors in the diffusers LoRA format.
 
     fold: write each module's scale into its B and alpha = rank into the metadata (the module docstring: the
     file means the same to diffusers, ComfyUI and kohya-style loaders). `load_lora` takes either form back.
@@ -154,13 +174,11 @@ def save_lora(model: nn.Module, out_dir: str | Path, *, pipeline_cls=None, fold:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    config = model.peft_config[ADAPTER]
-    metadata = config.to_dict()
-    metadata["target_modules"] = sorted(metadata["target_modules"])
-    state, scales = lora_state_dict(model), lora_scales(model)
+    metadata, scales = dict(description["config"]), description["scales"]
     if fold and any(s != 1.0 for s in scales.values()):  # alpha = rank: nothing to fold, the file as it always was
         state = fold_scales(state, scales)
-        metadata |= {"lora_alpha": float(config.r), "use_rslora": False, "alpha_pattern": dict(config.rank_pattern)}
+        metadata |= {"lora_alpha": float(metadata["r"]), "use_rslora": False,
+                     "alpha_pattern": dict(metadata.get("rank_pattern") or {})}
     pipeline_cls.save_lora_weights(tmp, transformer_lora_layers=state, weight_name=LORA_FILE,
                                    safe_serialization=True, transformer_lora_adapter_metadata=metadata)
     canonical_safetensors(tmp / LORA_FILE)  # the same weights, the same bytes (registration keys on the sha256)

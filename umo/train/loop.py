@@ -10,8 +10,11 @@
     export          `export`: the final LoRA, history.json and train_metrics.json.
 
 One process per device (`accelerate launch` or `torchrun`; a plain `python` call is one process). Each process
-holds the whole generator, trains the same LoRA, and takes its own shard of every epoch's batches
-(`umo.train.data`); gradients are averaged across processes by DDP at the last micro-batch of a step.
+trains the same LoRA and takes its own shard of every epoch's batches (`umo.train.data`). Under DDP each holds
+the whole generator and gradients are averaged at the last micro-batch of a step. Under FSDP2 (accelerate's FSDP
+plugin, `fsdp_version: 2`) the transformer's weights, the LoRA and AdamW's state are sharded across the
+processes; each call of the transformer gathers a block's shards, so every process draws the gradient step t
+alike, and checkpoints are DCP shards of the LoRA and the optimizer (`umo.train.sharded`).
 
 One optimizer step = `gradient_accumulation_steps` micro-batches of `batch_size` samples per process, each a
 `rerefl_step`; then clipping, AdamW, the LR schedule and the optional EMA of the LoRA.
@@ -30,6 +33,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -41,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 
 import umo
 from umo.config import (
@@ -64,7 +69,8 @@ from umo.reward import MatchingReward
 from umo.tracking import Tracker, flatten, source_tags, tracking_uri
 from umo.train.data import TrainData, epoch_batches, manifest_fingerprint, shard
 from umo.train.guard import JudgeCheck, matching_pictures
-from umo.train.rerefl import METRICS, SUMMARY_METRICS, Batch, StepOutput, rerefl_step
+from umo.train import sharded
+from umo.train.rerefl import METRICS, SUMMARY_METRICS, Batch, StepOutput, draw_grad_step, rerefl_step
 
 if TYPE_CHECKING:  # type hints only: accelerate is imported lazily, by setup_accelerator
     from accelerate import Accelerator
@@ -197,10 +203,17 @@ class Run:
     def world(self) -> int:
         return self.accelerator.num_processes
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP2: the transformer's parameters are sharded across the processes (umo.train.sharded)."""
+        return self.accelerator.is_fsdp2
 
-def draw_seed(seed: int, step: int, micro: int, rank: int) -> int:
-    """The seed of one micro-batch's random draws: independent of everything that happened before it."""
-    return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
+
+def draw_seed(seed: int, step: int, micro: int, rank: int | None) -> int:
+    """The seed of one micro-batch's random draws: independent of everything that happened before it. rank None:
+    the seed of a draw that every process makes alike."""
+    entropy = [seed, step, micro] if rank is None else [seed, step, micro, rank]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 TRACKED = ("seed", "generator", "lora", "reward", "train")  # the sections training reads (and faces' models)
@@ -294,17 +307,36 @@ def setup_accelerator(config: Sections) -> tuple[Accelerator, str]:
     precision = tc.mixed_precision if use_cuda else "no"
     accelerator = Accelerator(cpu=not use_cuda, mixed_precision=precision, step_scheduler_with_optimizer=False,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        # Their save_state writes the whole sharded model before any hook can keep it to the LoRA.
-        raise NotImplementedError(f"{accelerator.distributed_type.name}: LoRA-only checkpoints are implemented for "
-                                  "one process and DDP; klein-4B with a LoRA fits one GPU per process, so use "
-                                  "infra/accelerate/ddp_8gpu.yaml")
+    shard_on_cpu(accelerator)
+    kind = accelerator.distributed_type.name
+    if kind in ("DEEPSPEED", "MEGATRON_LM") or (kind == "FSDP" and not accelerator.is_fsdp2):
+        # Their save_state writes the whole sharded model before any hook can keep it to the LoRA; FSDP2's
+        # checkpoints are umo's own (umo.train.sharded).
+        raise NotImplementedError(f"{kind}{'' if kind != 'FSDP' else ' version 1'}: umo trains on one process, "
+                                  "DDP or FSDP2 (fsdp_version: 2, infra/accelerate/fsdp_8gpu.yaml)")
     if not accelerator.is_main_process:
         logging.getLogger("umo").setLevel(logging.WARNING)
     set_seed(config.seed, device_specific=True)  # only LoRA dropout draws from the global RNG
     if precision != tc.mixed_precision:
         log.info("mixed_precision %s needs a GPU: training in fp32 on the CPU", tc.mixed_precision)
     return accelerator, precision
+
+
+def shard_on_cpu(accelerator: Accelerator) -> None:
+    """FSDP2 on the CPU (gloo), for tests and debugging: accelerate runs FSDP on accelerators only and falls back
+    to plain multi-process CPU when `accelerate launch` asks for FSDP without one (ACCELERATE_USE_FSDP). The
+    launch's FSDP settings (the FSDP_* variables) then shard the model as they would on GPUs."""
+    # lazy: accelerate is heavy (the distributed stack) and only the trainer needs it
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        # both shared states: each new AcceleratorState() copies the process state's over its own
+        PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
+        log.info("FSDP%s on the CPU (gloo): %d processes", accelerator.state.fsdp_plugin.fsdp_version,
+                 accelerator.num_processes)
 
 
 def setup_data(config: Sections, manifest: str | Path, world: int) -> TrainData:
@@ -352,8 +384,11 @@ def setup_model(config: Sections, accelerator: Accelerator, precision: str):
                               num_training_steps=tc.max_steps)
     model, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
     gen.denoiser = model
-    accelerator.register_save_state_pre_hook(partial(_save_lora_only, accelerator))
-    accelerator.register_load_state_pre_hook(partial(_load_lora_only, accelerator))
+    if accelerator.is_fsdp2:  # fully_shard replaced every parameter by a DTensor (the optimizer holds those)
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    else:  # checkpoints are accelerate's save_state, kept to the LoRA (sharded ones: umo.train.sharded)
+        accelerator.register_save_state_pre_hook(partial(_save_lora_only, accelerator))
+        accelerator.register_load_state_pre_hook(partial(_load_lora_only, accelerator))
     return gen, model, params, optimizer, scheduler
 
 
@@ -506,9 +541,18 @@ def resume_run(run: Run, resume: str | None) -> Path | None:
     if changed:  # "auto" never gets here with a change
         log.warning("%s: trained on other inputs (%s) than this run's; resuming as asked, a later "
                     "resume='auto' starts over", checkpoint, ", ".join(changed))
-    run.accelerator.load_state(str(checkpoint))
-    if run.ema is not None:
-        run.ema.shadow = load_file(str(checkpoint / EMA_FILE))
+    if run.sharded:
+        if not sharded.is_sharded_checkpoint(checkpoint):
+            raise ResumeError(f"{checkpoint}: not a sharded checkpoint; an FSDP run resumes only its own kind")
+        sharded.load_sharded(checkpoint, run.model, run.optimizer, run.scheduler,
+                             ema=None if run.ema is None else run.ema.shadow, rank=run.rank)
+    else:
+        if sharded.is_sharded_checkpoint(checkpoint):
+            raise ResumeError(f"{checkpoint}: a sharded (FSDP2) checkpoint; resume it under FSDP, or convert its "
+                              "LoRA with `umo convert-checkpoint`")
+        run.accelerator.load_state(str(checkpoint))
+        if run.ema is not None:
+            run.ema.shadow = load_file(str(checkpoint / EMA_FILE))
     run.state = TrainState(**{**asdict(saved), "world_size": run.world, "settings": run.state.settings,
                               "inputs": run.state.inputs if changed == [] else None})
     run.history = read_history(checkpoint, out, run.state.step)
@@ -639,7 +683,7 @@ def train_loop(run: Run) -> None:
                 check_with_judge(run, *last)
             if state.step % tc.checkpoint_every == 0 or state.step == tc.max_steps:
                 save_checkpoint(run.accelerator, run.out, state, run.ema, keep=tc.checkpoints_total_limit,
-                                history=run.history)
+                                history=run.history, run=run if run.sharded else None)
         status = "FINISHED"
     finally:
         progress.close()
@@ -681,7 +725,8 @@ def optimizer_step(run: Run) -> tuple[list[dict[str, float]], tuple[Batch, StepO
     parts, last, ok = accumulate(run)
     grad_norm = math.nan
     if ok:
-        grad_norm = float(run.accelerator.clip_grad_norm_(list(run.params.values()), tc.max_grad_norm or math.inf))
+        norm = run.accelerator.clip_grad_norm_(list(run.params.values()), tc.max_grad_norm or math.inf)
+        grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # FSDP2: a DTensor
         ok = math.isfinite(grad_norm)
     if ok:
         run.optimizer.step()
@@ -710,12 +755,16 @@ def accumulate(run: Run) -> tuple[list[dict[str, float]], tuple[Batch, StepOutpu
     for micro in range(accum):
         batch = run.data.batch(next_batch(run)).to(acc.device)
         rng = torch.Generator().manual_seed(draw_seed(config.seed, run.state.step, micro, run.rank))
+        # Sharded, every process must run the transformer as many times (each call gathers the shards): the
+        # gradient step t is then drawn alike on all of them
+        t = draw_grad_step(tc.grad_step_range, torch.Generator().manual_seed(
+            draw_seed(config.seed, run.state.step, micro, None))) if run.sharded else None
         sync = micro == accum - 1
         with (nullcontext() if sync else acc.no_sync(run.model)), acc.autocast():
             output = rerefl_step(run.gen, run.reward, batch, sampler_steps=tc.sampler_steps,
                                  grad_step_range=tc.grad_step_range, diff_weight=tc.diff_weight,
                                  reward_weight=tc.reward_weight, anchor_weight=tc.anchor_weight, height=height,
-                                 width=width, generator=rng)
+                                 width=width, generator=rng, grad_step=t)
             finite = torch.isfinite(output.loss.detach()).float().reshape(1)
             if acc.reduce(finite, reduction="sum").item() < run.world:
                 return parts, last, False
@@ -769,14 +818,15 @@ def reduce_metrics(accelerator: Accelerator, parts: list[dict[str, float]]) -> d
 
 
 def save_checkpoint(accelerator, out: Path, state: TrainState, ema: LoraEMA | None, *, keep: int,
-                    history: list[dict[str, float]] | None = None) -> Path:
+                    history: list[dict[str, float]] | None = None, run: Run | None = None) -> Path:
     """Write out/checkpoints/checkpoint-<step> atomically, then the `latest` pointer, then prune all but the
     newest `keep` checkpoints. accelerate's save_state writes into a temporary folder, renamed when complete.
 
     A checkpoint holds ONLY: the LoRA (pytorch_lora_weights.safetensors, diffusers format; the base model is
     never saved), the optimizer and LR-scheduler states and every process's RNG states (accelerate's files),
     train_state.json (`TrainState`), history.json (the metric history up to the step) and, when the EMA is on,
-    ema.safetensors. `resume_run` restores it.
+    ema.safetensors. `resume_run` restores it. A sharded run (`run` given: FSDP2) writes the LoRA, the
+    optimizer's and the EMA's states as DCP shards instead, every process its own (umo.train.sharded).
     """
     root = out / "checkpoints"
     name = f"checkpoint-{state.step:06d}"
@@ -786,9 +836,14 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, ema: LoraEMA | No
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    if run is not None:
+        sharded.save_sharded(tmp, run.model, run.optimizer, run.scheduler,
+                             ema=None if ema is None else ema.shadow, pipeline=type(run.gen.pipe).__name__,
+                             rank=run.rank, world=run.world)
+    else:
+        accelerator.save_state(str(tmp))
     if main:
-        if ema is not None:
+        if ema is not None and run is None:
             save_safetensors(ema.shadow, tmp / EMA_FILE)
         atomic_write_json(tmp / STATE_FILE, asdict(state))
         atomic_write_json(tmp / HISTORY_FILE, history or [])
@@ -816,8 +871,9 @@ def export(run: Run, started: float) -> TrainResult:
     if ema is not None:
         ema.swap()
     lora_dir = run.out / "lora"
+    whole = sharded.gathered_lora(run.model) if run.sharded else None  # a collective: every process
     if run.main:
-        save_lora(acc.unwrap_model(run.model), lora_dir, pipeline_cls=type(run.gen.pipe))
+        save_lora(acc.unwrap_model(run.model), lora_dir, pipeline_cls=type(run.gen.pipe), state=whole)
     if ema is not None:
         ema.swap()
     tail = run.history[-10:]

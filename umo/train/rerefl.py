@@ -101,13 +101,14 @@ def draw_grad_step(grad_step_range: Sequence[int], generator: torch.Generator) -
 
 def rerefl_step(model: Generator, reward, batch: Batch, *, sampler_steps: int, grad_step_range: Sequence[int],
                 diff_weight: float, height: int, width: int, generator: torch.Generator,
-                reward_weight: float = 1.0, anchor_weight: float = 0.0,
+                reward_weight: float = 1.0, anchor_weight: float = 0.0, grad_step: int | None = None,
                 timer: Callable[[str], AbstractContextManager] | None = None) -> StepOutput:
     """Compute the ReReFL loss of one batch (see the module docstring); call .backward() on `.loss`.
 
     reward: a `umo.reward.MatchingReward` (or anything with its `compute(images, references)`).
     generator: the torch RNG for every random draw of the step (noise, t, L_diff time), so a resumed run
     replays the same draws.
+    grad_step: t, when the caller drew it (a sharded run draws it alike on every process); else from `generator`.
     timer: phase(name) context manager for benchmarks; phases: condition, diff_loss, sampling, grad_step,
     decode, reward, anchor.
     """
@@ -128,7 +129,7 @@ def rerefl_step(model: Generator, reward, batch: Batch, *, sampler_steps: int, g
             diff_loss = F.mse_loss(model.velocity(x_t, s, cond).float(), (noise - x0).float())
 
     # 2-3. t and the no-grad approach to it
-    t = draw_grad_step(grad_step_range, generator)
+    t = draw_grad_step(grad_step_range, generator) if grad_step is None else int(grad_step)
     sigmas = model.sigmas(sampler_steps, cond)
     k = sampler_steps - t  # sampler steps taken before the gradient step
     x = model.initial_latents(cond, generator)
