@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv=${UMO_VENV:-.venv}
+UV_VERSION=0.13.9  # the installer of the lock (below); not part of the lock: nothing imports it
 extras=${UMO_EXTRAS:-test}
 py=${PYTHON:-}
 if [ -z "$py" ]; then
@@ -37,7 +38,18 @@ if ! { [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; }; then
   # installed as it is, without resolving it again (--no-deps: 2.5 min instead of 3.7 on 2 cores), then umo
   # itself; `pip check` then proves the set consistent: a requirement of pyproject.toml that the lock lacks or
   # contradicts stops the set-up here, not at an import later.
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile --no-deps -r constraints.txt
+  # uv installs the same pinned wheels in seconds where pip takes minutes (measured on 2 cores: 9 s against
+  # about 150 s); it ignores pip's configuration, so pip's find-links (where a local torch build may lie) are
+  # passed on. pip installs them itself where uv cannot be had.
+  if "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile "uv==$UV_VERSION" \
+      >/dev/null 2>&1; then
+    links=()
+    while read -r link; do [ -n "$link" ] && links+=(--find-links "$link"); done \
+      < <("$venv/bin/python" -m pip config get global.find-links 2>/dev/null | tr ' ' '\n')
+    "$venv/bin/uv" pip install --quiet --python "$venv/bin/python" --no-deps "${links[@]}" -r constraints.txt
+  else
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile --no-deps -r constraints.txt
+  fi
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile --no-deps \
     --no-build-isolation -e .
   "$venv/bin/python" -m pip check >/dev/null || { "$venv/bin/python" -m pip check >&2; exit 1; }

@@ -34,8 +34,10 @@ from umo.deploy import (MANIFEST, POINTER, READ_BACK, S3_CHECKSUM, Conflict, Dep
                         composite_sha256, deploy, parse_target, publish, read_pointer, rollback, verify,
                         verify_current)
 
-SECRET = "umo-s3-secret-marker-never-written"
-WRONG_SECRET = "umo-s3-wrong-secret-marker-never-written"
+# Joined at run time, so that no file holds a marker but what leaked it (the chain's tests copy this repository,
+# this file included, into the same temporary folders that the scan below reads)
+SECRET = "-".join(("umo-s3-secret", "marker-never-written"))
+WRONG_SECRET = "-".join(("umo-s3-wrong-secret", "marker-never-written"))
 BUCKET = "models"
 SMALL = DeployConfig(multipart_threshold_mb=5, multipart_chunk_mb=5)  # a 12 MiB file goes in 3 parts
 ROOT = Path(__file__).resolve().parents[1]

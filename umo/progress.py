@@ -93,11 +93,13 @@ class LoggedProgress:
         self.close()
 
 
-def progress(*, total: int | None, desc: str, unit: str = "it", initial: int = 0, disable: bool = False):
-    """tqdm at a terminal; a LoggedProgress elsewhere or when an orchestrator asked for a progress file."""
+def progress(*, total: int | None, desc: str, unit: str = "it", initial: int = 0, disable: bool = False,
+             stage: bool = True):
+    """tqdm at a terminal; a LoggedProgress elsewhere or when an orchestrator asked for a progress file.
+    stage=False: a bar within the stage's own (one per video, say) that never writes the orchestrator's file."""
     if disable:
         return tqdm(total=total, desc=desc, unit=unit, initial=initial, disable=True)
-    file = os.environ.get(PROGRESS_FILE_ENV)
+    file = os.environ.get(PROGRESS_FILE_ENV) if stage else None
     if sys.stderr.isatty() and not file:
         return tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True)
     return LoggedProgress(total=total, desc=desc, unit=unit, initial=initial, file=file)

@@ -25,6 +25,7 @@ truncated video are not used: a video is used whole or not at all.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ import cv2
 import numpy as np
 
 from umo.config import VideoConfig
+from umo.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -105,16 +107,23 @@ def read_video(path: str | Path, sampling: VideoConfig, *, max_pixels: int | Non
         stream.thread_type = "AUTO"
         reader = _ShotReader(sampling)
         rotation, seen = 0, {"last": None}
+        duration = container.duration / 1e6 if container.duration else None  # the container's own claim, s
+        # a bar per video over its seconds (a line every 30 s away from a terminal: umo.progress)
+        bar = progress(total=math.ceil(duration) if duration else None, desc=f"video {path.name}", unit="s",
+                       stage=False)
         try:
             for frame in _candidates(container, stream, sampling, seen):
                 rotation = int(getattr(frame, "rotation", 0) or 0)
                 reader.add(frame.time, _upright(frame.to_ndarray(format="rgb24"), rotation))
+                if int(frame.time) > bar.n:
+                    bar.update(int(frame.time) - bar.n)
         except av.error.FFmpegError as err:
             raise BadVideo("truncated", f"{path}: decoding failed ({err})") from err
         except (av.codec.codec.UnknownCodecError, NotImplementedError) as err:
             raise BadVideo("unsupported_codec", f"{path}: {err}") from err
+        finally:
+            bar.close()
         reader.close()
-        duration = container.duration / 1e6 if container.duration else None  # the container's own claim, s
     if reader.candidates == 0:
         raise BadVideo("truncated", f"{path}: no decodable frame")
     if duration is not None and seen["last"] is not None and duration - seen["last"] > max(2.0 / sampling.fps, 1.0):
