@@ -34,7 +34,9 @@ def main(out: Path) -> int:
         os.environ["LOCAL_RANK"] = "0"  # every process on the one GPU (accelerate places rank r on cuda:r)
     from accelerate import PartialState
 
-    state = PartialState(backend="gloo")
+    state = PartialState(cpu=not torch.cuda.is_available(), backend="gloo")
+    if state.num_processes != 2:
+        raise SystemExit(f"ddp_smoke: {state.num_processes} process(es) ({state.distributed_type}); launch 2")
     from safetensors.torch import load_file
     from toyworlds import build_small_world
     from trainkit import fixed_reward, make_manifest, train_config, train_with

@@ -46,7 +46,8 @@ part() {  # part NAME SECONDS COMMAND...: run one part with a limit; its log and
   local rc=$?
   echo "{\"rc\": $rc, \"seconds\": $(( $(date +%s) - t0 ))}" > "$PARTS/$name.status.json"
   tail -n 25 "$PARTS/$name.log"
-  [ $rc = 0 ] || echo "== $name: exit $rc (124: past its ${limit} s)"
+  if [ $rc = 124 ]; then echo "== $name: stopped, past its ${limit} s"; elif [ $rc != 0 ]; then
+    echo "== $name: exit $rc (log: $PARTS/$name.log)"; fi
 }
 
 # the tests' small toy world, from its kept models (seconds): the reward's embedder and the detector below
