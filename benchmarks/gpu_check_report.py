@@ -15,7 +15,9 @@ import subprocess
 from pathlib import Path
 
 GOALS = {"kv_speedup": 1.3, "reward_over_loop": 5.0}
-PHASE_ROWS = ("sampling", "grad_step", "decode", "reward", "detection", "embedding", "backward")
+PHASE_ROWS = ("condition", "diff_loss", "sampling", "grad_step", "decode", "reward", "detection", "embedding",
+              "backward", "other")
+SUB_PHASES = ("detection", "embedding")  # inside reward
 
 
 def _read(path: Path) -> dict | None:
@@ -54,7 +56,8 @@ def collect(parts: Path, seconds: int, dry_run: bool) -> dict:
     entry = {"status": _status(parts, "train_step")}
     if step:
         plain = step["results"]["plain"]
-        phases = plain["phases_s"]
+        phases = dict(plain["phases_s"])
+        phases["other"] = phases["step"] - sum(v for k, v in phases.items() if k not in (*SUB_PHASES, "step"))
         entry |= {"size": step["size"], "device": step["device"], "settings": step["settings"],
                   "seconds_per_step": phases["step"], "peak_memory_gib": plain["peak_memory_gib"],
                   "phases_s": {k: phases.get(k) for k in PHASE_ROWS},
@@ -66,7 +69,7 @@ def collect(parts: Path, seconds: int, dry_run: bool) -> dict:
         entry["kv_cache"] = None if real is None else {
             "scenario": real["scenario"], "speedup": real["speedup"], "goal": GOALS["kv_speedup"],
             "passed": real["speedup"] >= GOALS["kv_speedup"]}
-        share = {k: v for k, v in entry["phase_share"].items() if k not in ("detection", "embedding")}
+        share = {k: v for k, v in entry["phase_share"].items() if k not in (*SUB_PHASES, "other")}
         entry["dominant_phase"] = max(share, key=share.get)
     report["parts"]["train_step"] = entry
 
@@ -109,7 +112,7 @@ def table(report: dict) -> str:
                      f"{s['peak_memory_gib']:.2f} GiB, MFU {mfu}; dominant phase: {s['dominant_phase']}")
         for k in PHASE_ROWS:
             if s["phases_s"].get(k) is not None:
-                indent = "    " if k in ("detection", "embedding") else "  "
+                indent = "    " if k in SUB_PHASES else "  "
                 lines.append(f"{indent}{k:<12}{s['phases_s'][k]:9.4f} s {s['phase_share'][k]:6.1%}")
         kv = s.get("kv_cache")
         if kv:

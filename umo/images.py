@@ -125,7 +125,8 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def rgb_to_signed(rgb: np.ndarray) -> torch.Tensor:
     """(H, W, 3) or (N, H, W, 3) uint8 RGB -> (3, H, W) or (N, 3, H, W) float32 in [-1, 1]."""
-    return to_signed(torch.from_numpy(np.ascontiguousarray(rgb)).movedim(-1, -3))
+    floats = np.asarray(rgb, dtype=np.float32)  # a new, writable array (decoded images are often read-only)
+    return torch.from_numpy(floats).movedim(-1, -3) / 127.5 - 1.0
 
 
 def signed_to_rgb(x: torch.Tensor) -> np.ndarray:
