@@ -6,13 +6,14 @@ again (incremental: only the new images are decoded, detected and embedded; the 
 from the cache). Model loading is outside both timings; each run is repeated on fresh copies and the median is
 reported. Target: incremental <= 15% of the first run.
 
-Videos (`--videos N`): N videos of toy-world people (3 shots of 3 s at 10 fps each, another setting per shot,
-the people moving) are prepared by `umo prepare` (the CLI, so process start and model loading are counted) on 1
+Videos (`--videos N`): N videos of toy-world people (3 shots of `--shot-seconds` s (3) at 10 fps each, another
+setting per shot, the people moving) are prepared by `umo prepare` (the CLI, so process start and model loading are counted) on 1
 process and on 2 (torchrun), each from empty caches: frames kept per second of the run. Then one more video is
 added and the 1-process run repeated on its caches: the incremental run against the first.
 
 Prints a table and writes JSON (benchmarks/results/prepare.json, or prepare_videos.json).
-Run: `.venv/bin/python benchmarks/prepare.py [--world artifacts/toyworld] [--repeats 3] [--videos 6]`.
+Run: `.venv/bin/python benchmarks/prepare.py [--world artifacts/toyworld] [--repeats 3] [--videos 6]
+[--shot-seconds 3]`.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def main() -> int | None:
     parser.add_argument("--fraction", type=float, default=0.10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--videos", type=int, default=0, help="benchmark video ingest with this many videos")
+    parser.add_argument("--shot-seconds", type=float, default=3.0, help="videos: the length of each of 3 shots")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -119,8 +121,9 @@ def main() -> int | None:
     print(f"wrote {args.out}")
 
 
-def write_videos(world, folder: Path, which) -> None:
-    """Toy-world videos: two held-out people each, 3 shots of 3 s at 10 fps (another setting and pose per shot)."""
+def write_videos(world, folder: Path, which, shot_seconds: float = 3.0) -> None:
+    """Toy-world videos: two held-out people each, 3 shots of `shot_seconds` at 10 fps (another setting and pose
+    per shot)."""
     import av
 
     from umo.toy.world.identity import make_identity
@@ -135,8 +138,10 @@ def write_videos(world, folder: Path, which) -> None:
             stream.height, stream.width, stream.pix_fmt = 256, 384, "yuv420p"
             for shot in range(3):
                 scene = render_scene(seed, people, np.random.default_rng(100 * v + shot), (256, 384)).image
-                for i in range(30):
-                    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.roll(scene, i, axis=1)), format="rgb24")
+                for i in range(round(10 * shot_seconds)):
+                    shift = 30 - abs(30 - i % 60)  # the people drift right and back, 1 px a frame
+                    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.roll(scene, shift, axis=1)),
+                                                       format="rgb24")
                     for packet in stream.encode(frame):
                         out.mux(packet)
             for packet in stream.encode():
@@ -151,7 +156,7 @@ def videos(world, args) -> int:
     umo = Path(sys.executable).parent / "umo"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_videos(world, tmp / "data" / "clips", range(args.videos))
+        write_videos(world, tmp / "data" / "clips", range(args.videos), args.shot_seconds)
 
         def run(name: str, processes: int) -> tuple[float, dict]:
             sets = [*world.faces_overrides(), f"prepare.raw={tmp / 'data'}", f"prepare.out={tmp / name / 'out'}",
@@ -168,12 +173,12 @@ def videos(world, args) -> int:
 
         one_s, one = run("one", 1)
         two_s, two = run("two", 2)
-        write_videos(world, tmp / "data" / "clips", [args.videos])
+        write_videos(world, tmp / "data" / "clips", [args.videos], args.shot_seconds)
         inc_s, inc = run("one", 1)
     frames, candidates = one["video"]["frames"], one["video"]["candidates"]
     result = {
         "machine": {"cpus": os.cpu_count(), "processor": platform.machine()}, "world": str(world.root),
-        "videos": args.videos, "video": one["video"], "runs": {
+        "videos": args.videos, "shot_seconds": args.shot_seconds, "video": one["video"], "runs": {
             "first_1_process": {"seconds": round(one_s, 2), "frames_per_s": round(frames / one_s, 2),
                                 "candidates_per_s": round(candidates / one_s, 2),
                                 "face_index_s": one["seconds"]["face_index"],

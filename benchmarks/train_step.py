@@ -30,7 +30,9 @@ Qwen-Image-Edit's shape (60 blocks, 24 heads x 128, text width 3584: 20.4B param
 
 `--memory-plan` (any machine, no GPU): the weights each family needs in bf16 at real size (the transformer's
 parameters counted from its real shape on the meta device; the text encoders' published sizes), the LoRA and its
-AdamW state, and what fits on one 141 GB H200 with gradient checkpointing.
+AdamW state, and what fits on one 141 GB H200 with gradient checkpointing. `--flop-plan` (any machine): the
+klein-4B transformer's FLOPs in one step at 512 px with 3 references, counted on the meta device, and the least
+time a step can take at each GPU's dense bf16 peak (benchmarks/results/flop_plan.json).
 
 Prints a table and writes JSON (benchmarks/results/train_step[_<family>][_<size>].json).
 Run: `.venv/bin/python benchmarks/train_step.py [--size tiny|klein-4b|qwen-image-edit] [--family F] [--steps 10]`.
@@ -176,6 +178,56 @@ def memory_plan(rank: int = 16) -> dict:
                          "fits only with the text encoder offloaded or the prompts encoded ahead"
                          if H200_GB - 2 * n / 1e9 - trainable > 40 else "needs sharding (FSDP2)")}
     return plans
+
+
+def flop_plan(sampler_steps: int, grad_step: int, side: int = 512, references: int = 3,
+              text_tokens: tuple[int, ...] = (4, 512)) -> dict:
+    """The klein-4B transformer's FLOPs in one ReReFL step, counted by torch's FlopCounterMode on the meta device
+    (no weights, no GPU): a no-grad forward F, and a forward with the input's backward FB (the base is frozen: no
+    weight gradients; the rank-16 LoRA's own are left out, under 1%). A step takes T - t no-grad forwards (the
+    sampling) and two FB (L_diff and the gradient step); at a GPU's dense bf16 peak that is the least time a step
+    can take, before the VAE, the text encoder and the reward, and before gradient checkpointing's second
+    forward. Image and references at `side` px are (side / 16)^2 tokens each."""
+    from diffusers import Flux2Transformer2DModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel(**FLUX2_KLEIN_4B).requires_grad_(False)
+    image_tokens = (side // 16) ** 2
+    seq = image_tokens * (1 + references)
+    sampled = sampler_steps - grad_step
+    plans = []
+    for text in text_tokens:
+        with torch.device("meta"):
+            x = torch.empty(1, seq, FLUX2_KLEIN_4B["in_channels"], requires_grad=True)
+            context = torch.empty(1, text, FLUX2_KLEIN_4B["joint_attention_dim"])
+            img_ids, txt_ids = torch.zeros(1, seq, 4), torch.zeros(1, text, 4)
+            timestep = torch.full((1,), 0.5)
+        counts = []
+        for length, backward in ((seq, False), (seq, True), (image_tokens, False)):
+            counter = FlopCounterMode(display=False)
+            with counter, torch.set_grad_enabled(backward):
+                hidden = x[:, :length] if backward else x[:, :length].detach()
+                out = model(hidden, context, timestep, img_ids[:, :length], txt_ids, return_dict=False)[0]
+                if backward:
+                    out.sum().backward()
+            counts.append(float(counter.get_total_flops()))
+        forward, forward_backward, image_only = counts
+        step = sampled * forward + 2 * forward_backward
+        # the reference KV cache: the first no-grad forward reads the references, the others only the image and
+        # text (less the cached keys' and values' share of attention, which this leaves out: a lower bound)
+        cached = forward + (sampled - 1) * image_only + 2 * forward_backward
+        plans.append({"text_tokens": text, "tokens": seq + text, "forward_tflop": forward / 1e12,
+                      "forward_backward_tflop": forward_backward / 1e12,
+                      "forward_without_references_tflop": image_only / 1e12, "step_tflop": step / 1e12,
+                      "step_tflop_reference_cache": cached / 1e12,
+                      "floor_s": {gpu: step / (peak * 1e12) for gpu, peak in PEAK_BF16_TFLOPS.items()},
+                      "floor_s_reference_cache": {gpu: cached / (peak * 1e12)
+                                                  for gpu, peak in PEAK_BF16_TFLOPS.items()}})
+    return {"model": "FLUX.2 [klein] 4B transformer", "params_b": sum(p.numel() for p in model.parameters()) / 1e9,
+            "side": side, "references": references, "image_tokens": image_tokens, "sampler_steps": sampler_steps,
+            "grad_step": grad_step, "no_grad_forwards": sampled, "forward_backwards": 2,
+            "peak_bf16_tflops": PEAK_BF16_TFLOPS, "plans": plans}
 
 
 def klein_4b_pipeline(kv: bool, depth: int | None):
@@ -343,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--family", choices=["flux2_klein", "flux2_dev", "qwen_image_edit"], default="flux2_klein",
                         help="tiny size: the family's tiny folder")
     parser.add_argument("--memory-plan", action="store_true", help="print the real-size memory plan and stop")
+    parser.add_argument("--flop-plan", action="store_true",
+                        help="count the klein-4B transformer's FLOPs per step (meta device) and stop")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
@@ -361,6 +415,16 @@ def main(argv: list[str] | None = None) -> int:
         print(plan_table(plans))
         out = args.out or ROOT / "benchmarks" / "results" / "memory_plan.json"
         out.write_text(json.dumps({"benchmark": "memory_plan", "gpu_gb": H200_GB, "families": plans}, indent=2) + "\n")
+        print(f"\nwritten {out}")
+        return 0
+    if args.flop_plan:
+        from umo.config import load_config
+
+        tc = load_config(ROOT / "params.yaml").train
+        plan = flop_plan(tc.sampler_steps, (tc.grad_step_range[0] + tc.grad_step_range[1] + 1) // 2)
+        print(flop_table(plan))
+        out = args.out or ROOT / "benchmarks" / "results" / "flop_plan.json"
+        out.write_text(json.dumps({"benchmark": "flop_plan"} | plan, indent=2) + "\n")
         print(f"\nwritten {out}")
         return 0
     if args.size == "qwen-image-edit":
@@ -498,6 +562,23 @@ def table(report: dict) -> str:
         f = r["flops"]
         mfu = f"{f['mfu']:.1%}" if f["mfu"] is not None else "n/a (unknown GPU peak)"
         lines.append(f"model FLOPs/step {f['model_flops_per_step'] / 1e12:.1f} TFLOP on {f['gpu']}: MFU {mfu}")
+    return "\n".join(lines)
+
+
+def flop_table(plan: dict) -> str:
+    lines = [f"{plan['model']} ({plan['params_b']:.2f}B), {plan['side']} px with {plan['references']} references of "
+             f"{plan['side']} px ({plan['image_tokens']} tokens each); a step: {plan['no_grad_forwards']} no-grad "
+             f"forwards (T={plan['sampler_steps']}, t={plan['grad_step']}) + {plan['forward_backwards']} forward-"
+             "backwards", "",
+             f"{'text':>5} {'tokens':>7} {'fwd TFLOP':>10} {'fwd+bwd':>8} {'no refs':>8} {'step':>7} {'cached':>7}  "
+             + "  ".join(f"{gpu + ' floor':>12}" for gpu in plan["peak_bf16_tflops"])]
+    for p in plan["plans"]:
+        lines.append(f"{p['text_tokens']:5d} {p['tokens']:7d} {p['forward_tflop']:10.1f} "
+                     f"{p['forward_backward_tflop']:8.1f} {p['forward_without_references_tflop']:8.1f} "
+                     f"{p['step_tflop']:7.1f} {p['step_tflop_reference_cache']:7.1f}  "
+                     + "  ".join(f"{p['floor_s'][gpu]:11.3f}s" for gpu in plan["peak_bf16_tflops"]))
+    lines.append("(TFLOP; step: every forward reads the references; cached: the reference KV cache, a lower bound; "
+                 "floor: the step at the GPU's dense bf16 peak)")
     return "\n".join(lines)
 
 
