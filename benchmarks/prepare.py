@@ -9,7 +9,9 @@ reported. Target: incremental <= 15% of the first run.
 Videos (`--videos N`): N videos of toy-world people (3 shots of `--shot-seconds` s (3) at 10 fps each, another
 setting per shot, the people moving) are prepared by `umo prepare` (the CLI, so process start and model loading are counted) on 1
 process and on 2 (torchrun), each from empty caches: frames kept per second of the run. Then one more video is
-added and the 1-process run repeated on its caches: the incremental run against the first.
+added and the 1-process run repeated on its caches: the incremental run against the first. Peak memory is the
+largest resident set of the run's processes (with 2, of the launcher's children): with `--shot-seconds` it shows
+whether memory grows with a video's length.
 
 Prints a table and writes JSON (benchmarks/results/prepare.json, or prepare_videos.json).
 Run: `.venv/bin/python benchmarks/prepare.py [--world artifacts/toyworld] [--repeats 3] [--videos 6]
@@ -168,10 +170,19 @@ def videos(world, args) -> int:
                        "--master_addr", "127.0.0.1", "--master_port", "29531", "-m", "umo.cli", *cmd[1:]]
             env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
             t = time.perf_counter()
-            subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=tmp)
-            return time.perf_counter() - t, json.loads((tmp / name / "out" / "stats.json").read_text())
+            with open(tmp / f"{name}.log", "wb") as log:
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
+                _, status, usage = os.wait4(proc.pid, 0)  # this run's own peak memory (and its children's)
+            seconds = time.perf_counter() - t
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise SystemExit(f"{' '.join(cmd)} failed:\n{(tmp / f'{name}.log').read_text()[-3000:]}")
+            peak_rss_mib[name] = max(peak_rss_mib.get(name, 0.0), usage.ru_maxrss / 1024)
+            return seconds, json.loads((tmp / name / "out" / "stats.json").read_text())
+
+        peak_rss_mib: dict[str, float] = {}
 
         one_s, one = run("one", 1)
+        first_peak = peak_rss_mib["one"]
         two_s, two = run("two", 2)
         write_videos(world, tmp / "data" / "clips", [args.videos], args.shot_seconds)
         inc_s, inc = run("one", 1)
@@ -182,11 +193,13 @@ def videos(world, args) -> int:
             "first_1_process": {"seconds": round(one_s, 2), "frames_per_s": round(frames / one_s, 2),
                                 "candidates_per_s": round(candidates / one_s, 2),
                                 "face_index_s": one["seconds"]["face_index"],
-                                "indexed_frames_per_s": round(frames / one["seconds"]["face_index"], 2)},
+                                "indexed_frames_per_s": round(frames / one["seconds"]["face_index"], 2),
+                                "peak_rss_mib": round(first_peak)},
             "first_2_processes": {"seconds": round(two_s, 2), "frames_per_s": round(frames / two_s, 2),
                                   "candidates_per_s": round(candidates / two_s, 2),
                                   "face_index_s": two["seconds"]["face_index"],
-                                  "indexed_frames_per_s": round(frames / two["seconds"]["face_index"], 2)},
+                                  "indexed_frames_per_s": round(frames / two["seconds"]["face_index"], 2),
+                                  "peak_rss_mib": round(peak_rss_mib["two"])},
             "incremental_1_process": {"seconds": round(inc_s, 2), "added_videos": 1,
                                       "face_index_s": inc["seconds"]["face_index"],
                                       "index_computed": inc["images"]["index_computed"],
@@ -194,11 +207,11 @@ def videos(world, args) -> int:
                                       "over_first": round(inc_s / one_s, 3)}},
         "same_samples_1_and_2": one["samples"] == two["samples"]}
     print(f"{frames} frames kept of {candidates} candidates, {one['video']['shots']} shots, {args.videos} videos")
-    print(f"{'run':<24}{'CLI wall s':>11}{'frames/s':>10}{'index s':>9}{'frames/s':>10}")
+    print(f"{'run':<24}{'CLI wall s':>11}{'frames/s':>10}{'index s':>9}{'frames/s':>10}{'peak MiB':>10}")
     for name in ("first_1_process", "first_2_processes"):
         r = result["runs"][name]
         print(f"{name:<24}{r['seconds']:>11.2f}{r['frames_per_s']:>10.2f}{r['face_index_s']:>9.2f}"
-              f"{r['indexed_frames_per_s']:>10.2f}")
+              f"{r['indexed_frames_per_s']:>10.2f}{r['peak_rss_mib']:>10}")
     r = result["runs"]["incremental_1_process"]
     print(f"{'incremental (+1 video)':<24}{r['seconds']:>11.2f}{'':>10}{r['face_index_s']:>9.2f}   computed "
           f"{r['index_computed']}, cached {r['index_cached']}: wall {r['over_first']:.0%} of the first run")
