@@ -104,10 +104,18 @@ def refresh() -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The tests' small toy world: build it into CACHE (from the kept "
+                                                 "models), or --refresh the kept models from scratch.")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("cache", nargs="?", type=Path, help="the folder to build the small world in")
+    group.add_argument("--refresh", action="store_true", help=f"retrain it and keep its trained models in {FIXTURE.relative_to(ROOT)}")
+    args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if sys.argv[1:] == ["--refresh"]:
+    if args.refresh:
         refresh()
         sys.exit(0)
-    result = build_small_world(Path(sys.argv[1]))
+    result = build_small_world(args.cache)
     print(f"small toy world in {result.world.root}: reused {', '.join(result.reused) or 'nothing'}; "
           f"seconds {result.seconds}")
