@@ -13,15 +13,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 from safetensors.torch import load_file
 from servers import free_port
-from trainkit import make_manifest
+from trainkit import kill_after_checkpoint, make_manifest
 
 from umo.models.lora import LORA_FILE
 
@@ -72,22 +70,7 @@ def test_a_killed_sharded_run_resumes_to_the_lora_of_an_uninterrupted_run(launch
 
     split = tmp_path / "split"
     proc = launch(split, "resume=auto", log=tmp_path / "killed.log")
-    pointer, deadline = split / "checkpoints" / "latest", time.monotonic() + 600
-    try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            if pointer.is_file() and int(pointer.read_text().strip().split("-")[1]) >= 2:
-                break
-            time.sleep(0.02)
-    finally:  # SIGKILL the launcher and both training processes, as when a host dies
-        try:
-            parent = psutil.Process(proc.pid)
-            for p in [parent, *parent.children(recursive=True)]:
-                p.kill()
-        except psutil.NoSuchProcess:
-            pass
-        proc.wait(30)
-    assert proc.returncode == -9, f"it ended ({proc.returncode}) before the kill: " \
-                                  f"{(tmp_path / 'killed.log').read_text()[-3000:]}"
+    kill_after_checkpoint(proc, split, 2, tmp_path / "killed.log", timeout=600)
     killed_at = json.loads((latest(split) / "train_state.json").read_text())["step"]
     assert 2 <= killed_at < STEPS and not (split / "lora").exists()
 

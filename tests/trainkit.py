@@ -11,7 +11,9 @@ prep does.
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +77,28 @@ def make_manifest(root: Path, toy_world, n_samples: int = 4) -> Path:
     manifest = Manifest("train", samples, toy_world=True, embedder={"path": str(toy_world.reward_path),
                                                                              "sha256": sha256_file(toy_world.reward_path)})
     return write_manifest(manifest, root / "train.json", embeddings)
+
+
+def kill_after_checkpoint(proc: subprocess.Popen, out: Path, step: int, log: Path, timeout: float) -> None:
+    """Wait until the run writing to `out` points `latest` at a checkpoint of `step` or later, then SIGKILL it and
+    every process it started (no handler runs, as when a host dies). Fails if the run ended before the kill."""
+    import psutil  # why here: only the tests that kill a run need it, not the launched training script
+
+    pointer, deadline = out / "checkpoints" / "latest", time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if pointer.is_file() and int(pointer.read_text().strip().split("-")[1]) >= step:
+                break
+            time.sleep(0.02)
+    finally:
+        try:
+            parent = psutil.Process(proc.pid)
+            for p in [parent, *parent.children(recursive=True)]:
+                p.kill()
+        except psutil.NoSuchProcess:
+            pass
+        proc.wait(30)
+    assert proc.returncode == -9, f"it ended ({proc.returncode}) before the kill: {log.read_text()[-3000:]}"
 
 
 def main(argv: list[str]) -> None:
