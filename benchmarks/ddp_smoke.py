@@ -39,10 +39,9 @@ def main(out: Path) -> int:
         raise SystemExit(f"ddp_smoke: {state.num_processes} process(es) ({state.distributed_type}); launch 2")
     from safetensors.torch import load_file
     from toyworlds import build_small_world
-    from trainkit import fixed_reward, make_manifest, train_config, train_with
+    from trainkit import main as train_process
+    from trainkit import make_manifest
 
-    from umo.io import save_safetensors
-    from umo.models.lora import lora_state_dict
     from umo.toy.tiny.flux2 import write_tiny_flux2
 
     world = build_small_world(ROOT / ".cache").world  # from the kept models (tests/toyworlds.py), under a lock
@@ -51,13 +50,13 @@ def main(out: Path) -> int:
         make_manifest(out / "data", world, n_samples=4)
     state.wait_for_everyone()
     t0 = time.perf_counter()
-    result = train_with(train_config(world, out / "generator", f"train.max_steps={STEPS}"),
-                        manifest=out / "data" / "train.json", out=out / "run", reward_model=fixed_reward(world))
+    # the distributed tests' training process: each rank writes its LoRA to run/rank<r>.safetensors, waits for
+    # the others, then ends the process group
+    train_process([str(world.root), str(out / "generator"), str(out / "data" / "train.json"), str(out / "run"),
+                   f"train.max_steps={STEPS}"])
     seconds = time.perf_counter() - t0
-    save_safetensors(lora_state_dict(result.transformer), out / f"rank{state.process_index}.safetensors")
-    state.wait_for_everyone()
     if state.is_main_process:
-        loras = [load_file(str(out / f"rank{r}.safetensors")) for r in range(state.num_processes)]
+        loras = [load_file(str(out / "run" / f"rank{r}.safetensors")) for r in range(state.num_processes)]
         identical = all(set(a) == set(loras[0]) and all(torch.equal(a[k], loras[0][k]) for k in a) for a in loras)
         report = {"processes": state.num_processes, "backend": state.backend, "device": str(state.device),
                   "shared_gpu": shared_gpu, "steps": STEPS, "seconds": round(seconds, 2), "identical": identical,
@@ -65,7 +64,6 @@ def main(out: Path) -> int:
         (out / "ddp_smoke.json").write_text(json.dumps(report, indent=2) + "\n")
         print(f"DDP smoke: {state.num_processes} processes ({state.backend}) on {state.device}, {STEPS} steps in "
               f"{seconds:.1f} s, LoRAs {'identical' if identical else 'DIFFER'}")
-    state.destroy_process_group()
     return 0
 
 
