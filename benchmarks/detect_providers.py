@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"{name:<10}  not available: {r['why']}")
     print(f"\nCUDA / CPU speed-up: {f'{speedup:.1f}x' if speedup else 'not measured'}")
-    report = {"benchmark": "detect_providers", "detector": str(args.detector.relative_to(ROOT)
-                                                               if args.detector.is_relative_to(ROOT) else args.detector),
+    detector = args.detector.relative_to(ROOT) if args.detector.is_relative_to(ROOT) else args.detector
+    report = {"benchmark": "detect_providers", "detector": str(detector),
               "batch": args.batch, "size": args.size, "repeats": args.repeats, "results": results,
               "cuda_speedup": speedup,
               "environment": {"onnxruntime": ort.__version__, "machine": platform.machine(),

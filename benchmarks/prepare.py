@@ -7,8 +7,8 @@ from the cache). Model loading is outside both timings; each run is repeated on 
 reported. Target: incremental <= 15% of the first run.
 
 Videos (`--videos N`): N videos of toy-world people (3 shots of `--shot-seconds` s (3) at 10 fps each, another
-setting per shot, the people moving) are prepared by `umo prepare` (the CLI, so process start and model loading are counted) on 1
-process and on 2 (torchrun), each from empty caches: frames kept per second of the run. Then one more video is
+setting per shot, the people moving) are prepared by `umo prepare` (the CLI, so process start and model loading
+are counted) on 1 process and on 2 (torchrun), each from empty caches: frames kept per second of the run. Then one more video is
 added and the 1-process run repeated on its caches: the incremental run against the first. Peak memory is the
 largest resident set of the run's processes (with 2, of the launcher's children): with `--shot-seconds` it shows
 whether memory grows with a video's length.

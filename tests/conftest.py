@@ -31,8 +31,8 @@ FIRST = ("tests/test_chain.py",)  # the longest modules (minutes): first, to run
 # last ends with a short module, not with a minute of one while the other worker idles.
 LONGER = ("tests/test_flows.py", "tests/test_registry_deploy.py", "tests/test_prepare.py", "tests/test_train_loop.py",
           "tests/test_toyworld_build.py", "tests/test_eval_run.py", "tests/test_qwen_image.py", "tests/test_video.py",
-          "tests/test_train_sharded.py", "tests/test_train_resume.py", "tests/test_deploy_s3.py", "tests/test_gate_evidence.py",
-          "tests/test_default_data.py", "tests/test_flux2_dev.py")
+          "tests/test_train_sharded.py", "tests/test_train_resume.py", "tests/test_deploy_s3.py",
+          "tests/test_gate_evidence.py", "tests/test_default_data.py", "tests/test_flux2_dev.py")
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ... under pytest-xdist; None in a plain session
 if WORKER is not None:
     _share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))

@@ -110,7 +110,8 @@ if __name__ == "__main__":
                                                  "models), or --refresh the kept models from scratch.")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("cache", nargs="?", type=Path, help="the folder to build the small world in")
-    group.add_argument("--refresh", action="store_true", help=f"retrain it and keep its trained models in {FIXTURE.relative_to(ROOT)}")
+    group.add_argument("--refresh", action="store_true",
+                       help=f"retrain it and keep its trained models in {FIXTURE.relative_to(ROOT)}")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.refresh:

@@ -143,7 +143,8 @@ def adapter_description(model: nn.Module, *, adapter_name: str = ADAPTER) -> dic
     a LoRA file without the model (`write_lora_file`)."""
     config = model.peft_config[adapter_name].to_dict()
     config["target_modules"] = sorted(config["target_modules"])
-    return {"config": json.loads(json.dumps(config, default=str)), "scales": lora_scales(model, adapter_name=adapter_name)}
+    return {"config": json.loads(json.dumps(config, default=str)),
+            "scales": lora_scales(model, adapter_name=adapter_name)}
 
 
 def save_lora(model: nn.Module, out_dir: str | Path, *, pipeline_cls=None, fold: bool = True,
