@@ -160,7 +160,8 @@ def videos(world, args) -> int:
         tmp = Path(tmp)
         write_videos(world, tmp / "data" / "clips", range(args.videos), args.shot_seconds)
 
-        def run(name: str, processes: int) -> tuple[float, dict]:
+        def run(name: str, processes: int) -> tuple[float, dict, float]:
+            """Seconds, stats.json and peak resident MiB (of the run and its children) of one `umo prepare`."""
             sets = [*world.faces_overrides(), f"prepare.raw={tmp / 'data'}", f"prepare.out={tmp / name / 'out'}",
                     f"prepare.face_cache={tmp / name / 'faces'}", f"prepare.video.frame_cache={tmp / name / 'frames'}",
                     "prepare.truth=null", "prepare.synthetic.count=0", "prepare.contact_sheet=0"]
@@ -176,16 +177,12 @@ def videos(world, args) -> int:
             seconds = time.perf_counter() - t
             if os.waitstatus_to_exitcode(status) != 0:
                 raise SystemExit(f"{' '.join(cmd)} failed:\n{(tmp / f'{name}.log').read_text()[-3000:]}")
-            peak_rss_mib[name] = max(peak_rss_mib.get(name, 0.0), usage.ru_maxrss / 1024)
-            return seconds, json.loads((tmp / name / "out" / "stats.json").read_text())
+            return seconds, json.loads((tmp / name / "out" / "stats.json").read_text()), usage.ru_maxrss / 1024
 
-        peak_rss_mib: dict[str, float] = {}
-
-        one_s, one = run("one", 1)
-        first_peak = peak_rss_mib["one"]
-        two_s, two = run("two", 2)
+        one_s, one, one_peak = run("one", 1)
+        two_s, two, two_peak = run("two", 2)
         write_videos(world, tmp / "data" / "clips", [args.videos], args.shot_seconds)
-        inc_s, inc = run("one", 1)
+        inc_s, inc, _ = run("one", 1)
     frames, candidates = one["video"]["frames"], one["video"]["candidates"]
     result = {
         "machine": {"cpus": os.cpu_count(), "processor": platform.machine()}, "world": str(world.root),
@@ -194,12 +191,12 @@ def videos(world, args) -> int:
                                 "candidates_per_s": round(candidates / one_s, 2),
                                 "face_index_s": one["seconds"]["face_index"],
                                 "indexed_frames_per_s": round(frames / one["seconds"]["face_index"], 2),
-                                "peak_rss_mib": round(first_peak)},
+                                "peak_rss_mib": round(one_peak)},
             "first_2_processes": {"seconds": round(two_s, 2), "frames_per_s": round(frames / two_s, 2),
                                   "candidates_per_s": round(candidates / two_s, 2),
                                   "face_index_s": two["seconds"]["face_index"],
                                   "indexed_frames_per_s": round(frames / two["seconds"]["face_index"], 2),
-                                  "peak_rss_mib": round(peak_rss_mib["two"])},
+                                  "peak_rss_mib": round(two_peak)},
             "incremental_1_process": {"seconds": round(inc_s, 2), "added_videos": 1,
                                       "face_index_s": inc["seconds"]["face_index"],
                                       "index_computed": inc["images"]["index_computed"],
